@@ -1,0 +1,185 @@
+"""String BPE backends (HF ``tokenizers``, ``sentencepiece``) behind one small interface.
+
+The codec hands each backend *words*: strings of private-use characters (one per code)
+that merges must never cross. A backend learns merges from words, encodes lists of words
+into its own ids, and lists its pieces so the codec can map backend ids to public ids.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from collections.abc import Iterable
+from typing import ClassVar, Protocol
+
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, trainers
+
+MIN_PAIR_COUNT = 2
+"""A pair seen once is noise, not structure: merging it only wastes a vocabulary slot."""
+
+
+class Backend(Protocol):
+    """What the codec needs from a string BPE library."""
+
+    name: ClassVar[str]
+    filename: ClassVar[str]
+
+    @classmethod
+    def train(
+        cls, words: Iterable[str], n_words: int, alphabet: list[str], vocab_size: int, max_token_length: int
+    ) -> Backend:
+        """Learn up to ``vocab_size - len(alphabet)`` merges that never cross a word."""
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Backend:
+        """Load a model written by ``to_bytes``."""
+
+    def encode(self, words_per_sequence: list[list[str]]) -> list[list[int]]:
+        """Encode each sequence (a list of words) into backend ids, all cores."""
+
+    def pieces(self) -> list[str | None]:
+        """Piece string for every backend id; None for ids that are not code strings."""
+
+    def to_bytes(self) -> bytes:
+        """Serialized model, the backend file of a saved codec."""
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+class TokenizersBackend:
+    """HF ``tokenizers`` BPE: no normalizer, no pre-tokenizer, no unk, full base alphabet.
+
+    Giving the trainer every code character as the initial alphabet (and no special
+    tokens) makes base ids equal code ids and merged ids follow merge order.
+    """
+
+    name: ClassVar[str] = "tokenizers"
+    filename: ClassVar[str] = "tokenizer.json"
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def train(
+        cls, words: Iterable[str], n_words: int, alphabet: list[str], vocab_size: int, max_token_length: int
+    ) -> TokenizersBackend:
+        """Learn up to ``vocab_size - len(alphabet)`` merges from ``words``."""
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.decoder = decoders.Fuse()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=MIN_PAIR_COUNT,
+            show_progress=False,
+            special_tokens=[],
+            limit_alphabet=len(alphabet),
+            initial_alphabet=alphabet,
+            max_token_length=max_token_length,
+        )
+        tokenizer.train_from_iterator(words, trainer=trainer, length=n_words)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TokenizersBackend:
+        """Load a model written by :meth:`to_bytes`."""
+        return cls(Tokenizer.from_str(data.decode("utf-8")))
+
+    def encode(self, words_per_sequence: list[list[str]]) -> list[list[int]]:
+        """Pre-tokenized batch encode; each word is merged on its own, in parallel (rayon)."""
+        encodings = self._tokenizer.encode_batch_fast(words_per_sequence, is_pretokenized=True, add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def pieces(self) -> list[str | None]:
+        """Tokens ordered by id; the vocabulary must be contiguous from 0."""
+        vocab = self._tokenizer.get_vocab(with_added_tokens=False)
+        pieces: list[str | None] = [None] * len(vocab)
+        for token, token_id in vocab.items():
+            if not 0 <= token_id < len(vocab) or pieces[token_id] is not None:
+                raise ValueError(f"tokenizers vocabulary is not contiguous at id {token_id}")
+            pieces[token_id] = token
+        return pieces
+
+    def to_bytes(self) -> bytes:
+        """The tokenizer JSON."""
+        return self._tokenizer.to_str().encode("utf-8")
+
+
+class SentencePieceBackend:
+    """SentencePiece BPE with every text-processing feature switched off.
+
+    Identity normalization, no dummy prefix, no whitespace/script/number splitting and no
+    byte fallback keep one code = one character. Each word is a separate sentence, so
+    merges cannot cross words. Every code character is also fed once as its own
+    sentence: with ``character_coverage=1.0`` that puts all K codes in the vocabulary,
+    so codes unseen in training still encode losslessly (instead of to <unk>).
+    """
+
+    name: ClassVar[str] = "sentencepiece"
+    filename: ClassVar[str] = "sentencepiece.model"
+
+    def __init__(self, processor: spm.SentencePieceProcessor) -> None:
+        self._processor = processor
+
+    @classmethod
+    def train(
+        cls, words: Iterable[str], n_words: int, alphabet: list[str], vocab_size: int, max_token_length: int
+    ) -> SentencePieceBackend:
+        """Learn up to ``vocab_size - len(alphabet)`` merges (SentencePiece adds one <unk>)."""
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain(words, alphabet),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size + 1,
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            split_by_unicode_script=False,
+            split_by_number=False,
+            split_by_whitespace=False,
+            split_digits=False,
+            byte_fallback=False,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            max_sentencepiece_length=max_token_length,
+            max_sentence_length=1 << 30,
+            input_sentence_size=0,
+            num_threads=_cores(),
+            minloglevel=2,
+        )
+        return cls.from_bytes(model.getvalue())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SentencePieceBackend:
+        """Load a serialized model proto."""
+        return cls(spm.SentencePieceProcessor(model_proto=data))
+
+    def encode(self, words_per_sequence: list[list[str]]) -> list[list[int]]:
+        """Encode all words in one multi-threaded call, then regroup them per sequence."""
+        flat = self._processor.encode(list(itertools.chain.from_iterable(words_per_sequence)), num_threads=_cores())
+        it = iter(flat)
+        return [list(itertools.chain.from_iterable(itertools.islice(it, len(words)))) for words in words_per_sequence]
+
+    def pieces(self) -> list[str | None]:
+        """Pieces by id; <unk> and control pieces are not code strings."""
+        sp = self._processor
+        return [
+            None if sp.is_unknown(i) or sp.is_control(i) else sp.id_to_piece(i) for i in range(sp.get_piece_size())
+        ]
+
+    def to_bytes(self) -> bytes:
+        """The model proto."""
+        return self._processor.serialized_model_proto()
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    TokenizersBackend.name: TokenizersBackend,
+    SentencePieceBackend.name: SentencePieceBackend,
+}

@@ -1,0 +1,86 @@
+"""Bottlenecks: a diagonal Gaussian (KL) and one wrapper over vector-quantize-pytorch's VQ / FSQ / LFQ."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DiagonalGaussian(nn.Module):
+    """Splits [B, 2c, h, w] into mean and log-variance; returns (latents, KL per image)."""
+
+    def forward(self, moments: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        latents = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+        return latents, kl
+
+
+class Quantizer(nn.Module):
+    """Sequences [B, N, dim] -> (quantized [B, N, dim], indices [B, N] long, auxiliary loss scalar).
+
+    One interface over the three vector-quantize-pytorch quantizers, so models never branch on the kind.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        dim: int,
+        fsq_levels: list[int],
+        codebook_size: int,
+        codebook_dim: int,
+        commitment_weight: float,
+        decay: float = 0.99,
+        entropy_weight: float = 0.1,
+    ):
+        super().__init__()
+        from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+        self.kind = kind
+        if kind == "fsq":
+            self.impl = FSQ(levels=list(fsq_levels), dim=dim)
+            self.codebook_size = self.impl.codebook_size
+        elif kind == "vq":
+            # sync_codebook=False: codebook all-reduce can hang outside DDP (DESIGN.md §5)
+            self.impl = VectorQuantize(
+                dim=dim, codebook_size=codebook_size, codebook_dim=codebook_dim, decay=decay,
+                commitment_weight=commitment_weight, threshold_ema_dead_code=2, kmeans_init=True,
+                sync_codebook=False,
+            )
+            self.codebook_size = codebook_size
+        elif kind == "lfq":
+            if codebook_size & (codebook_size - 1):
+                raise ValueError(f"lfq needs a power-of-two codebook_size, got {codebook_size}")
+            self.impl = LFQ(
+                dim=dim, codebook_size=codebook_size, entropy_loss_weight=entropy_weight,
+                commitment_loss_weight=commitment_weight,
+            )
+            self.codebook_size = codebook_size
+        else:
+            raise ValueError(f"unknown quantizer '{kind}' (use fsq, vq or lfq)")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.kind == "fsq":
+            quantized, indices = self.impl(x)
+            aux = x.new_zeros(())
+        else:
+            quantized, indices, aux = self.impl(x)
+        indices = indices.long()
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise RuntimeError(f"{self.kind} produced indices outside [0, {self.codebook_size})")
+        return quantized, indices, aux.sum()
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices [B, N] -> the quantized vectors [B, N, dim] the decoder consumes."""
+        if self.kind == "vq":
+            return self.impl.get_output_from_indices(indices)
+        return self.impl.indices_to_codes(indices)
+
+
+def build_quantizer(kind: str, dim: int, cfg) -> Quantizer:
+    """Build from any config section with fsq_levels / codebook_size / codebook_dim / commitment_weight."""
+    return Quantizer(
+        kind, dim, cfg.fsq_levels, cfg.codebook_size, cfg.codebook_dim, cfg.commitment_weight,
+        decay=getattr(cfg, "vq_decay", 0.99), entropy_weight=getattr(cfg, "entropy_weight", 0.1),
+    )

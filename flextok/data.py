@@ -1,0 +1,378 @@
+"""Image data on top of Hugging Face `datasets`: one source string -> images in [-1, 1] with labels.
+
+Sources: `hf:<hub id>`, `imagefolder:<dir>`, `parquet:<glob>`, `fashion_mnist:<dir>`, `builtin:skimage`.
+Images are decoded by us (not by `datasets`) so that a corrupt file is skipped and counted rather than
+crashing a run. Batches are addressed by step (see `StepBatchSampler`), which makes `--resume` exact.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from .cli import UserError
+from .config import DataConfig
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail loudly and be skipped
+
+SKIMAGE_TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
+SKIMAGE_EVAL_PHOTOS = ("chelsea", "coffee")  # held out: different photographs, never cropped for training
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel transforms
+# ----------------------------------------------------------------------------------------------
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (1, L, LA, P, RGBA, I;16, I, F, CMYK...) to 8-bit RGB; alpha is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, resolution: int, train: bool, rng: random.Random, hflip: bool) -> Image.Image:
+    """Resize the shorter side to `resolution`, then crop a square (random in training, center in eval)."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None if scale > 0.5 else 3.0)
+    if train:
+        left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
+    else:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if train and hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode a `datasets` image cell (PIL image, {'bytes','path'} dict, path or raw bytes)."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict):
+        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") is not None else Image.open(value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, Path)):
+        img = Image.open(value)
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind in "iu" and value.dtype != np.uint16 and 0 <= value.min() and value.max() <= 255:
+            value = value.astype(np.uint8)  # `datasets` numpy formatting widens uint8 arrays to int64
+        img = Image.fromarray(value)
+    else:
+        raise TypeError(f"unsupported image value of type {type(value).__name__}")
+    img.load()
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+
+
+def load_source(cfg: DataConfig, split: str, seed: int = 0):
+    """Return a `datasets.Dataset` (or `IterableDataset` when streaming) with 'image' and 'label' columns.
+
+    Sources without the requested split (imagefolder, parquet, hub sets with only 'train') get a seeded
+    held-out slice of `eval_images` examples carved from 'train', disjoint from the training part.
+    """
+    kind, _, arg = cfg.source.partition(":")
+    if kind == "builtin" and arg == "skimage":
+        return _skimage_dataset(cfg, split, seed)
+    if kind == "fashion_mnist":
+        return _fashion_mnist_dataset(arg or FASHION_MNIST_DIR, split)
+    if kind == "hf":
+        return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict(arg, streaming=cfg.streaming))
+    if kind == "imagefolder":
+        if not Path(arg).is_dir():
+            raise UserError(f"data.source: image folder not found: {arg}")
+        return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict("imagefolder", data_dir=arg))
+    if kind == "parquet":
+        return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict("parquet", data_files=arg))
+    raise UserError(
+        f"data.source: unknown source '{cfg.source}' "
+        "(use hf:<id>, imagefolder:<dir>, parquet:<glob>, fashion_mnist:<dir> or builtin:skimage)"
+    )
+
+
+def _load_dataset_dict(*args, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except FileNotFoundError as err:
+        raise UserError(f"data.source: {err}") from None
+    except Exception as err:  # datasets raises many types for a missing or offline hub id
+        raise UserError(f"data.source: cannot load {args[0]!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
+
+
+def _hf_dataset(cfg: DataConfig, name: str, split: str, seed: int, load):
+    import datasets
+
+    dsets = load()
+    if cfg.image_column not in dsets[next(iter(dsets))].column_names:
+        raise UserError(f"data.image_column: '{cfg.image_column}' is not a column of {name}")
+    if split in dsets:
+        ds = dsets[split]
+    elif "train" in dsets and split in (cfg.train_split, cfg.eval_split):
+        ds = _carve_split(dsets["train"], split == cfg.eval_split, cfg.eval_images, seed)
+    else:
+        raise UserError(f"data: split '{split}' not in {name} (available: {', '.join(dsets)})")
+    ds = ds.rename_column(cfg.image_column, "image") if cfg.image_column != "image" else ds
+    label = cfg.label_column
+    has_label = label is not None and label in (ds.column_names or [])
+    if has_label and label != "label":
+        ds = ds.rename_column(label, "label")
+    keep = ["image", "label"] if has_label else ["image"]
+    ds = ds.select_columns(keep)
+    if not cfg.streaming:
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    return ds
+
+
+def _carve_split(train, held_out: bool, n_eval: int, seed: int):
+    if not hasattr(train, "select"):
+        raise UserError("data: a streaming source needs its own eval split")
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_eval = min(n_eval, len(train) // 2)
+    return train.select(np.sort(order[:n_eval] if held_out else order[n_eval:]))
+
+
+def _fashion_mnist_dataset(directory: str, split: str):
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise UserError(f"data: fashion_mnist has splits 'train' and 'test', not '{split}'")
+    images = _read_idx(Path(directory), f"{prefix}-images-idx3-ubyte")
+    labels = _read_idx(Path(directory), f"{prefix}-labels-idx1-ubyte")
+    return _array_dataset(images, labels)
+
+
+def _array_dataset(images: np.ndarray, labels: np.ndarray):
+    """In-memory uint8 images as a `datasets.Dataset` that yields numpy arrays (no PNG round trip)."""
+    import datasets
+
+    array = datasets.Array3D if images.ndim == 4 else datasets.Array2D
+    features = datasets.Features(
+        {"image": array(shape=images.shape[1:], dtype="uint8"), "label": datasets.Value("int64")}
+    )
+    ds = datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
+    return ds.with_format("numpy")
+
+
+def _read_idx(directory: Path, stem: str) -> np.ndarray:
+    """Read an IDX file (optionally .gz), the format of (Fashion-)MNIST."""
+    for path in (directory / f"{stem}.gz", directory / stem):
+        if path.is_file():
+            raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+            ndim = raw[3]
+            shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+            return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    raise UserError(
+        f"data.source: {directory / stem}[.gz] not found (install with `apt-get install dataset-fashion-mnist` "
+        "or pass fashion_mnist:<dir>)"
+    )
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]
+    return getattr(skimage.data, name)()
+
+
+def _skimage_dataset(cfg: DataConfig, split: str, seed: int):
+    """Crops of scikit-image's colour photographs: downscaled at random scales, deterministic per seed.
+
+    The label is the photograph's id, which the dataset-classifier FID backbone uses as its class.
+    """
+    if split == cfg.train_split:
+        photos, per_photo = SKIMAGE_TRAIN_PHOTOS, cfg.crops_per_photo
+    elif split == cfg.eval_split:
+        photos, per_photo = SKIMAGE_EVAL_PHOTOS, cfg.eval_crops_per_photo
+    else:
+        raise UserError(f"data: builtin:skimage has splits '{cfg.train_split}' and '{cfg.eval_split}', not '{split}'")
+    all_photos = SKIMAGE_TRAIN_PHOTOS + SKIMAGE_EVAL_PHOTOS
+    rng = np.random.default_rng([seed, cfg.resolution, len(split)])
+    crops, labels = [], []
+    for name in photos:
+        photo = Image.fromarray(skimage_photo(name))
+        for _ in range(per_photo):
+            crops.append(_random_scaled_crop(photo, cfg.resolution, rng))
+            labels.append(all_photos.index(name))
+    return _array_dataset(np.stack(crops), np.asarray(labels))
+
+
+def _random_scaled_crop(photo: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """A square window between 1/8 and 1/2 of the photo's short side, resized to `resolution`."""
+    w, h = photo.size
+    side = int(min(w, h) * rng.uniform(0.125, 0.5))
+    side = max(side, resolution)
+    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    crop = photo.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(crop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch side
+# ----------------------------------------------------------------------------------------------
+
+
+def example_from_row(row: dict, index: int, resolution: int, train: bool, hflip: bool, aug_seed: int) -> dict:
+    """Decode and transform one dataset row; an unreadable image becomes {'skipped': index}."""
+    try:
+        img = to_rgb(decode_image(row["image"]))
+    except Exception:  # noqa: BLE001 - any decode failure means "skip and count"
+        return {"skipped": index}
+    img = resize_crop(img, resolution, train, random.Random(aug_seed), hflip)
+    label = row.get("label")
+    return {"image": pil_to_tensor(img), "label": -1 if label is None else int(label)}
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style view over a `datasets.Dataset`; items are addressed by `(index, augmentation_seed)`
+    so that augmentation is a function of the training step."""
+
+    def __init__(self, hf_dataset, resolution: int, train: bool, hflip: bool = True):
+        self.ds = hf_dataset
+        self.resolution, self.train, self.hflip = resolution, train, hflip
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item: tuple[int, int] | int) -> dict:
+        index, aug_seed = item if isinstance(item, tuple) else (item, 0)
+        return example_from_row(self.ds[int(index)], int(index), self.resolution, self.train, self.hflip, aug_seed)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[int] = field(default_factory=list)
+
+
+def collate(items: list[dict]) -> Batch:
+    good = [it for it in items if "image" in it]
+    skipped = [it["skipped"] for it in items if "skipped" in it]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    return Batch(
+        torch.stack([it["image"] for it in good]), torch.tensor([it["label"] for it in good]), skipped
+    )
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields the batches for steps [start, end): epoch-wise permutations seeded by (seed, epoch).
+
+    Batch contents depend only on (seed, step), so a resumed run sees exactly the data it would have.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int):
+        if num_items == 0:
+            raise UserError("data: the training source has no images")
+        self.n, self.bs, self.seed = num_items, batch_size, seed
+        self.start, self.end = start_step, end_step
+        self.per_epoch = max(1, num_items // batch_size)
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def batch_for_step(self, step: int) -> list[tuple[int, int]]:
+        epoch, pos = divmod(step, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        idx = perm.repeat((self.bs + self.n - 1) // self.n)[pos * self.bs : (pos + 1) * self.bs]
+        if len(idx) < self.bs:  # dataset smaller than one batch: wrap around
+            idx = perm.repeat(self.bs // self.n + 1)[: self.bs]
+        return [(int(i), hash((self.seed, epoch, int(i))) & 0x7FFFFFFF) for i in idx]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.end):
+            yield self.batch_for_step(step)
+
+
+class StreamingImages(torch.utils.data.IterableDataset):
+    """A streamed hub dataset, shuffled per epoch with a buffer; resuming skips what was consumed."""
+
+    def __init__(self, hf_iterable, resolution: int, hflip: bool, seed: int, skip: int):
+        self.ds, self.resolution, self.hflip, self.seed, self.skip = hf_iterable, resolution, hflip, seed, skip
+
+    def __iter__(self):
+        consumed, epoch = 0, 0
+        while True:
+            stream = self.ds.shuffle(seed=self.seed + epoch, buffer_size=1000)
+            got_any = False
+            for row in stream:
+                got_any = True
+                if consumed >= self.skip:
+                    aug_seed = hash((self.seed, consumed)) & 0x7FFFFFFF
+                    yield example_from_row(row, consumed, self.resolution, True, self.hflip, aug_seed)
+                consumed += 1
+            if not got_any:
+                raise UserError("data: the streamed training source has no images")
+            epoch += 1
+
+
+def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, end_step: int):
+    if cfg.streaming:
+        stream = StreamingImages(
+            load_source(cfg, cfg.train_split, seed), cfg.resolution, cfg.hflip, seed, skip=start_step * batch_size
+        )
+        return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate)
+    ds = ImageDataset(load_source(cfg, cfg.train_split, seed), cfg.resolution, train=True, hflip=cfg.hflip)
+    sampler = StepBatchSampler(len(ds), batch_size, seed, start_step, end_step)
+    return torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+
+def load_images(cfg: DataConfig, split: str, limit: int | None = None, seed: int = 0) -> Batch:
+    """Materialize up to `limit` center-cropped images of `split` (held-out sets for metrics and grids)."""
+    ds = ImageDataset(load_source(cfg, split, seed), cfg.resolution, train=False)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    batch = collate([ds[i] for i in range(n)])
+    report_skipped(batch.skipped, f"{cfg.source} [{split}]")
+    if batch.images.numel() == 0:
+        raise UserError(f"data: {cfg.source} [{split}] yielded no usable image")
+    return batch
+
+
+def report_skipped(skipped: list[int], where: str) -> None:
+    if skipped:
+        warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s), first ids: {skipped[:5]}", stacklevel=2)

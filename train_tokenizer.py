@@ -1,0 +1,28 @@
+"""Train a tokenizer (grid KL/VQ autoencoder or FlexTok-style 1D tokenizer) from a YAML config.
+
+    python train_tokenizer.py --config configs/grid_kl.yaml [train.steps=500 ...] [--resume]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from flextok.cli import config_parser, exits_cleanly, load_from_args
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.pt")
+    args = parser.parse_args(argv)
+    cfg = load_from_args(args)
+    from flextok.training import TokenizerTrainer  # after config validation: bad configs fail fast
+
+    trainer = TokenizerTrainer(cfg, resume=args.resume)
+    final = trainer.train()
+    print(f"saved {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
