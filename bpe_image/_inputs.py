@@ -50,6 +50,9 @@ def split_batch(batch: ArrayLike, item_ndim: int, what: str) -> tuple[list[np.nd
     if not isinstance(batch, Sequence):
         raise ValueError(f"{what} must be an array, a tensor or a sequence of them")
     items = [to_int_array(item, f"{what}[{i}]") for i, item in enumerate(batch)]
+    for i, item in enumerate(items):
+        if item.ndim != item_ndim:
+            raise ValueError(f"{what}[{i}] must be {item_ndim}-dimensional, got shape {tuple(item.shape)}")
     return items, any(is_torch(item) for item in batch)
 
 
@@ -59,19 +62,14 @@ def _describe(arr_shape: tuple[int, ...], flat_index: int, labels: Sequence[str]
     return ", ".join(f"{label} {int(i)}" for label, i in zip(labels, index))
 
 
-def check_range(arr: np.ndarray, upper: int, labels: Sequence[str], noun: str) -> None:
-    """Raise ValueError naming the first element of ``arr`` outside [0, upper)."""
-    bad = np.flatnonzero((arr < 0) | (arr >= upper))
-    if bad.size:
-        value = int(arr.reshape(-1)[bad[0]])
-        raise ValueError(f"{noun} {value} at {_describe(arr.shape, int(bad[0]), labels)} is outside [0, {upper})")
-
-
-def concat_checked(items: list[np.ndarray], upper: int, labels: Sequence[str], noun: str, item_name: str) -> np.ndarray:
+def concat_checked(
+    items: list[np.ndarray], upper: int, labels: Sequence[str], noun: str, item_name: str | None
+) -> np.ndarray:
     """Concatenate a batch into one flat array, checking every value is in [0, upper).
 
     One vectorized check over the whole batch; on failure the message names the item
-    (``item_name`` i) and the position inside it.
+    (``item_name`` i, left out when None: a lone item the caller passed unbatched) and
+    the position inside it.
     """
     flat = np.concatenate([item.reshape(-1) for item in items]) if items else np.zeros(0, np.int64)
     bad = np.flatnonzero((flat < 0) | (flat >= upper))
@@ -80,5 +78,7 @@ def concat_checked(items: list[np.ndarray], upper: int, labels: Sequence[str], n
         n = int(np.searchsorted(ends, bad[0], side="right"))
         local = int(bad[0] - (ends[n] - items[n].size))
         where = _describe(items[n].shape, local, labels)
-        raise ValueError(f"{noun} {int(flat[bad[0]])} at {item_name} {n}, {where} is outside [0, {upper})")
+        if item_name is not None:
+            where = f"{item_name} {n}, {where}"
+        raise ValueError(f"{noun} {int(flat[bad[0]])} at {where} is outside [0, {upper})")
     return flat

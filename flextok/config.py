@@ -98,8 +98,6 @@ class FlexTokConfig:
     cond_dropout: float = 0.1  # null-condition probability, for classifier-free guidance
     sample_steps: int = 8
     guidance: float = 1.0
-    # an auxiliary deterministic readout, so register codes get a direct reconstruction signal
-    aux_recon_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.num_registers > 0, "num_registers' must be positive", self.num_registers)

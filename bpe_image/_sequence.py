@@ -1,0 +1,167 @@
+"""1D and flat BPE: merges learned and applied by a string BPE backend.
+
+Codes become private-use characters. In ``1d`` mode each sequence is cut into position
+blocks ([0,1), [1,2), [2,4), ... by default) and every block is a separate word for the
+backend, so no merged token crosses a block edge: truncating the codes at an edge is a
+prefix of the token sequence. ``flat`` mode passes whole sequences as one word.
+
+Public ids are code ids for base tokens and K, K+1, ... for merged tokens in the
+backend's order; a lookup table translates when the backend numbers them differently.
+Decoding never calls the backend: it is one gather through a table of token codes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ._arrays import ranges, split_by_counts
+from ._backends import BACKENDS, Backend
+from ._inputs import concat_checked
+from ._text import alphabet, codes_to_text, text_to_codes
+
+
+@lru_cache(maxsize=1024)
+def block_edges(length: int, cuts: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Block edges [0, ..., length] of a sequence; ``cuts=None`` means powers of two."""
+    if cuts is None:
+        inner = itertools.takewhile(lambda c: c < length, (1 << i for i in itertools.count()))
+    else:
+        inner = (c for c in cuts if c < length)
+    return (0, *inner, length) if length else (0,)
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Codes of every public id, concatenated, so decoding is a single gather."""
+
+    lengths: np.ndarray
+    starts: np.ndarray
+    codes: np.ndarray
+
+    @classmethod
+    def build(cls, codebook_size: int, merged: list[np.ndarray]) -> TokenTable:
+        """Base tokens 0..K-1 followed by the merged tokens, in public id order."""
+        pieces = [np.arange(codebook_size, dtype=np.int64), *merged]
+        lengths = np.concatenate([np.ones(codebook_size, np.int64), np.array([len(m) for m in merged], np.int64)])
+        return cls(lengths, np.cumsum(lengths) - lengths, np.concatenate(pieces))
+
+    def expand(self, ids: np.ndarray) -> np.ndarray:
+        """Concatenated codes of ``ids``."""
+        return self.codes[ranges(self.starts[ids], self.lengths[ids])]
+
+
+def _public_ids(pieces: list[str | None], codebook_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Backend id -> public id (-1 for non-code pieces) and the merged tokens' codes."""
+    to_public = np.full(len(pieces), -1, np.int64)
+    merged: list[np.ndarray] = []
+    for backend_id, piece in enumerate(pieces):
+        if piece is None:
+            continue
+        codes = text_to_codes(piece)
+        if codes.size == 0 or codes.min() < 0 or codes.max() >= codebook_size:
+            raise ValueError(f"backend token {backend_id} ({piece!r}) is not made of codes in [0, {codebook_size})")
+        if codes.size == 1:
+            to_public[backend_id] = codes[0]
+        else:
+            to_public[backend_id] = codebook_size + len(merged)
+            merged.append(codes)
+    singles = np.sort(to_public[(to_public >= 0) & (to_public < codebook_size)])
+    if not np.array_equal(singles, np.arange(codebook_size)):
+        raise ValueError(f"backend vocabulary does not hold each of the {codebook_size} codes exactly once")
+    return to_public, merged
+
+
+class SequenceEngine:
+    """Encodes and decodes batches of 1D code sequences through a string backend."""
+
+    def __init__(self, backend: Backend, codebook_size: int, cuts: tuple[int, ...] | None, blocked: bool) -> None:
+        self.backend = backend
+        self.codebook_size = codebook_size
+        self.cuts = cuts
+        self.blocked = blocked
+        to_public, merged = _public_ids(backend.pieces(), codebook_size)
+        identity = np.array_equal(to_public, np.arange(len(to_public)))
+        self._to_public = None if identity else to_public
+        self.table = TokenTable.build(codebook_size, merged)
+
+    @property
+    def vocab_size(self) -> int:
+        """Codes plus merged tokens."""
+        return len(self.table.lengths)
+
+    @property
+    def token_sizes(self) -> np.ndarray:
+        """Number of codes in each token id."""
+        return self.table.lengths
+
+    @property
+    def filename(self) -> str:
+        """Name of the backend file in a saved codec."""
+        return self.backend.filename
+
+    def to_bytes(self) -> bytes:
+        """Backend model, as saved next to the codec config."""
+        return self.backend.to_bytes()
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, backend_name: str, codebook_size: int, cuts: tuple[int, ...] | None, blocked: bool
+    ) -> SequenceEngine:
+        """Rebuild from a saved backend model."""
+        return cls(BACKENDS[backend_name].from_bytes(data), codebook_size, cuts, blocked)
+
+    @classmethod
+    def train(
+        cls,
+        sequences: list[np.ndarray],
+        codebook_size: int,
+        vocab_size: int,
+        backend_name: str,
+        cuts: tuple[int, ...] | None,
+        blocked: bool,
+        max_token_length: int,
+    ) -> SequenceEngine:
+        """Learn merges with the named backend; merges never cross block edges."""
+        flat = concat_checked(sequences, codebook_size, ("position",), "code", "sequence")
+        words = list(itertools.chain.from_iterable(_words(flat, sequences, cuts, blocked)))
+        backend = BACKENDS[backend_name].train(words, len(words), alphabet(codebook_size), vocab_size, max_token_length)
+        return cls(backend, codebook_size, cuts, blocked)
+
+    def encode(self, sequences: list[np.ndarray], item_name: str | None = "sequence") -> list[np.ndarray]:
+        """Token ids per sequence; codes are validated (ValueError naming the position)."""
+        flat = concat_checked(sequences, self.codebook_size, ("position",), "code", item_name)
+        encoded = self.backend.encode(_words(flat, sequences, self.cuts, self.blocked))
+        lengths = [len(ids) for ids in encoded]
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), np.int64, count=sum(lengths))
+        if self._to_public is not None:
+            ids = self._to_public[ids]
+            if (ids < 0).any():
+                raise ValueError("the backend emitted a token that is not made of codes")
+        return split_by_counts(ids, np.array(lengths, np.int64))
+
+    def decode(self, token_lists: list[np.ndarray], item_name: str | None = "sequence") -> list[np.ndarray]:
+        """Codes per token sequence; unknown ids raise ValueError naming the position."""
+        ids = concat_checked(token_lists, self.vocab_size, ("position",), "token id", item_name)
+        code_ends = np.concatenate([[0], np.cumsum(self.table.lengths[ids])])
+        token_ends = np.cumsum([len(t) for t in token_lists], dtype=np.int64)
+        return split_by_counts(self.table.expand(ids), np.diff(code_ends[token_ends], prepend=0))
+
+
+def _words(flat: np.ndarray, sequences: list[np.ndarray], cuts: tuple[int, ...] | None, blocked: bool) -> list[list[str]]:
+    """Backend words of each sequence: its blocks (1d) or the whole sequence (flat)."""
+    text = codes_to_text(flat)
+    words: list[list[str]] = []
+    offset = 0
+    for seq in sequences:
+        n = len(seq)
+        if blocked:
+            edges = block_edges(n, cuts)
+            words.append([text[offset + a : offset + b] for a, b in zip(edges, edges[1:])])
+        else:
+            words.append([text[offset : offset + n]] if n else [])
+        offset += n
+    return words

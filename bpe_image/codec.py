@@ -1,0 +1,370 @@
+"""BPECodec: lossless BPE over VQ codes, in ``1d``, ``2d`` and ``flat`` modes.
+
+Shorter token sequences make priors cheaper, but a prior over image tokens is only useful
+if the tokens decode back to the exact codes. Every mode here is exactly invertible:
+
+* ``1d``: for coarse-to-fine 1D tokenizers. Merges never cross position blocks
+  ([0,1), [1,2), [2,4), ... by default), so cutting the codes at a block edge is a
+  prefix of the token sequence (:meth:`BPECodec.truncate`).
+* ``2d``: for h x w grids. Tokens are rectangles joined horizontally or vertically and
+  emitted in raster order of their top-left cell; decoding rebuilds the grid.
+* ``flat``: plain BPE over the row-major sequence, the baseline.
+
+Base token ids equal code ids (0..K-1); merged tokens get K..V-1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._backends import BACKENDS
+from ._grid import GridEngine
+from ._inputs import ArrayLike, as_output, concat_checked, is_torch, split_batch, to_int_array
+from ._io import sha256, write_atomic
+from ._sequence import SequenceEngine, block_edges
+from ._text import MAX_CODEBOOK_SIZE
+from .stats import BPEStats
+
+MODES = ("1d", "2d", "flat")
+GRID_BACKEND = "grid"
+CONFIG_NAME = "bpe_config.json"
+_FORMAT = "bpe_image.BPECodec"
+_VERSION = 1
+_DEFAULT_BATCH_RATIO = 0.5
+
+Engine = SequenceEngine | GridEngine
+Ids = np.ndarray | torch.Tensor
+
+
+class BPECodec:
+    """Lossless BPE codec over VQ code sequences or grids.
+
+    Build one with :meth:`train` or :meth:`from_pretrained`. Every method accepts numpy
+    arrays, torch tensors or lists, and returns torch tensors when given torch input.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        mode: str,
+        backend: str,
+        max_token_length: int,
+        boundaries: tuple[int, ...] | None = None,
+        grid_shape: tuple[int, int] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._mode = mode
+        self._backend = backend
+        self._max_token_length = max_token_length
+        self._boundaries = boundaries
+        self._grid_shape = grid_shape
+
+    # ----------------------------------------------------------------- training
+
+    @classmethod
+    def train(
+        cls,
+        sequences: ArrayLike,
+        *,
+        codebook_size: int,
+        vocab_size: int,
+        mode: str = "1d",
+        backend: str | None = None,
+        boundaries: Sequence[int] | None = None,
+        max_token_length: int = 16,
+        batch_ratio: float | None = None,
+    ) -> BPECodec:
+        """Learn ``vocab_size - codebook_size`` merges from code sequences.
+
+        Args:
+            sequences: [N, L] array or list of 1D arrays (``1d``/``flat``, lengths may
+                differ), or [N, h, w] array or list of same-shape grids (``2d``).
+            codebook_size: K; codes must lie in [0, K), K <= 65534.
+            vocab_size: V >= K. If the data has too few repeated pairs, training stops
+                early with a warning and ``codec.vocab_size`` is the actual size.
+            mode: ``"1d"``, ``"2d"`` or ``"flat"``.
+            backend: ``"tokenizers"`` (default) or ``"sentencepiece"`` for 1d/flat.
+                2d merges cannot be expressed by a string BPE library; they run in the
+                built-in vectorized grid engine (``backend=None`` or ``"grid"``).
+            boundaries: 1d only; increasing positions where blocks start (merges never
+                cross them). Default: powers of two, 1, 2, 4, 8, ...
+            max_token_length: most codes in one token (cells, in 2d).
+            batch_ratio: 2d only, in (0, 1]; each training round merges, with disjoint
+                token types, every pair whose count is at least this fraction of the
+                round's top count. 1.0 is closest to one-merge-at-a-time greedy BPE;
+                the default 0.5 needs far fewer rounds.
+        """
+        backend_name, cuts, ratio = _check_train_args(
+            mode, codebook_size, vocab_size, backend, boundaries, max_token_length, batch_ratio
+        )
+        items, _ = split_batch(sequences, _item_ndim(mode), "sequences")
+        if not items:
+            raise ValueError("need at least one training sequence")
+        engine: Engine
+        if mode == "2d":
+            engine = GridEngine.train(items, codebook_size, vocab_size, max_token_length, ratio)
+        else:
+            engine = SequenceEngine.train(
+                items, codebook_size, vocab_size, backend_name, cuts, mode == "1d", max_token_length
+            )
+        if engine.vocab_size < vocab_size:
+            warnings.warn(
+                f"learned only {engine.vocab_size - codebook_size} of {vocab_size - codebook_size} merges "
+                f"(too few repeated pairs in the training data); vocab_size is {engine.vocab_size}",
+                stacklevel=2,
+            )
+        grid_shape = (engine.h, engine.w) if isinstance(engine, GridEngine) else None
+        return cls(
+            engine,
+            mode=mode,
+            backend=backend_name,
+            max_token_length=max_token_length,
+            boundaries=cuts,
+            grid_shape=grid_shape,
+        )
+
+    # --------------------------------------------------------------- properties
+
+    @property
+    def mode(self) -> str:
+        """``"1d"``, ``"2d"`` or ``"flat"``."""
+        return self._mode
+
+    @property
+    def backend(self) -> str:
+        """``"tokenizers"``, ``"sentencepiece"`` or ``"grid"`` (2d)."""
+        return self._backend
+
+    @property
+    def codebook_size(self) -> int:
+        """K: base token ids are code ids 0..K-1."""
+        return self._engine.codebook_size
+
+    @property
+    def vocab_size(self) -> int:
+        """V: merged tokens have ids K..V-1 (the size actually learned)."""
+        return self._engine.vocab_size
+
+    @property
+    def num_merges(self) -> int:
+        """V - K."""
+        return self.vocab_size - self.codebook_size
+
+    @property
+    def boundaries(self) -> tuple[int, ...] | None:
+        """1d block starts; None means powers of two (or not 1d)."""
+        return self._boundaries
+
+    @property
+    def grid_shape(self) -> tuple[int, int] | None:
+        """(h, w) of the grids a 2d codec handles; None otherwise."""
+        return self._grid_shape
+
+    @property
+    def max_token_length(self) -> int:
+        """Most codes (2d: cells) a token may hold."""
+        return self._max_token_length
+
+    def token_sizes(self) -> np.ndarray:
+        """Number of codes in each token id, shape [V]."""
+        return self._engine.token_sizes.copy()
+
+    # ------------------------------------------------------------ encode/decode
+
+    def encode(self, codes: ArrayLike) -> Ids:
+        """Token ids of one sequence ([L]) or grid ([h, w]); ValueError names a bad code's position."""
+        arr = self._item(codes, _item_ndim(self._mode), "codes")
+        return as_output(self._engine.encode([arr], item_name=None)[0], is_torch(codes))
+
+    def decode(self, ids: ArrayLike) -> Ids:
+        """Codes ([L], or [h, w] in 2d) of one token sequence; unknown ids raise ValueError."""
+        arr = self._item(ids, 1, "ids")
+        return as_output(self._engine.decode([arr], item_name=None)[0], is_torch(ids))
+
+    def encode_batch(self, batch: ArrayLike) -> list[Ids]:
+        """Token ids of many sequences/grids: a stacked array or a list; uses every core."""
+        items, torch_out = split_batch(batch, _item_ndim(self._mode), "sequences")
+        return [as_output(ids, torch_out) for ids in self._engine.encode(items)]
+
+    def decode_batch(self, batch: ArrayLike) -> list[Ids]:
+        """Codes of many token sequences (list of 1D id arrays, or a stacked [N, T] array)."""
+        items, torch_out = split_batch(batch, 1, "token sequences")
+        return [as_output(codes, torch_out) for codes in self._engine.decode(items)]
+
+    def truncate(self, ids: ArrayLike, num_codes: int) -> Ids:
+        """Prefix of ``ids`` that decodes to the first ``num_codes`` codes.
+
+        In 1d mode, when ``num_codes`` is a block edge (or the sequence length) this
+        equals ``encode(codes[:num_codes])``. Raises ValueError when no token ends at
+        ``num_codes``, and in 2d mode, whose tokens have no 1D code order.
+        """
+        if self._mode == "2d":
+            raise ValueError("truncate needs a 1D code order; 2d tokens are rectangles and have none")
+        arr = self._item(ids, 1, "ids")
+        concat_checked([arr], self.vocab_size, ("position",), "token id", None)
+        ends = np.cumsum(self._engine.token_sizes[arr])
+        cut = int(np.searchsorted(ends, num_codes, side="right"))
+        if (int(ends[cut - 1]) if cut else 0) != num_codes:
+            total = int(ends[-1]) if ends.size else 0
+            hint = f"; token edges always fall on block edges {list(block_edges(total, self._boundaries))}"
+            raise ValueError(
+                f"cannot truncate at {num_codes} codes: no token ends there (the ids cover {total} codes"
+                f"{hint if self._mode == '1d' else ''})"
+            )
+        return as_output(arr[:cut], is_torch(ids))
+
+    def stats(self, sequences: ArrayLike) -> BPEStats:
+        """Compression statistics of this codec on ``sequences`` (same input forms as encode_batch)."""
+        items, _ = split_batch(sequences, _item_ndim(self._mode), "sequences")
+        return BPEStats.measure(self._engine.encode(items), self._engine.token_sizes, self.codebook_size)
+
+    # -------------------------------------------------------------- persistence
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the backend file and ``bpe_config.json`` (atomically, config last)."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        data = self._engine.to_bytes()
+        write_atomic(path / self._engine.filename, data)
+        config = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "mode": self._mode,
+            "backend": self._backend,
+            "codebook_size": self.codebook_size,
+            "vocab_size": self.vocab_size,
+            "boundaries": list(self._boundaries) if self._boundaries is not None else None,
+            "grid_shape": list(self._grid_shape) if self._grid_shape is not None else None,
+            "max_token_length": self._max_token_length,
+            "backend_file": self._engine.filename,
+            "backend_sha256": sha256(data),
+        }
+        write_atomic(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> BPECodec:
+        """Load a codec saved by :meth:`save_pretrained`.
+
+        Raises FileNotFoundError naming a missing file, ValueError naming a file that
+        is corrupt or does not match the config.
+        """
+        path = Path(directory)
+        config = _read_config(path / CONFIG_NAME)
+        backend_path = path / config["backend_file"]
+        if not backend_path.is_file():
+            raise FileNotFoundError(f"{backend_path}: backend file named in {path / CONFIG_NAME} is missing")
+        data = backend_path.read_bytes()
+        if sha256(data) != config["backend_sha256"]:
+            raise ValueError(f"{backend_path} does not match {path / CONFIG_NAME} (checksum differs)")
+        boundaries = tuple(config["boundaries"]) if config["boundaries"] is not None else None
+        grid_shape = tuple(config["grid_shape"]) if config["grid_shape"] is not None else None
+        engine = _load_engine(config, data, boundaries, grid_shape)
+        if (engine.codebook_size, engine.vocab_size) != (config["codebook_size"], config["vocab_size"]):
+            raise ValueError(
+                f"{backend_path} holds K={engine.codebook_size}, V={engine.vocab_size} but "
+                f"{path / CONFIG_NAME} says K={config['codebook_size']}, V={config['vocab_size']}"
+            )
+        return cls(
+            engine,
+            mode=config["mode"],
+            backend=config["backend"],
+            max_token_length=config["max_token_length"],
+            boundaries=boundaries,
+            grid_shape=grid_shape,
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _item(self, x: ArrayLike, ndim: int, what: str) -> np.ndarray:
+        arr = to_int_array(x, what)
+        if arr.ndim != ndim:
+            raise ValueError(f"{what} must be {ndim}-dimensional for mode {self._mode!r}, got shape {arr.shape}")
+        return arr
+
+    def __repr__(self) -> str:
+        return (
+            f"BPECodec(mode={self._mode!r}, backend={self._backend!r}, codebook_size={self.codebook_size}, "
+            f"vocab_size={self.vocab_size})"
+        )
+
+
+def _item_ndim(mode: str) -> int:
+    """Dimensions of one input item: grids are 2D, sequences 1D."""
+    return 2 if mode == "2d" else 1
+
+
+def _check_train_args(
+    mode: str,
+    codebook_size: int,
+    vocab_size: int,
+    backend: str | None,
+    boundaries: Sequence[int] | None,
+    max_token_length: int,
+    batch_ratio: float | None,
+) -> tuple[str, tuple[int, ...] | None, float]:
+    """Validate training options; return (backend name, block cuts, batch ratio)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"codebook_size must be in [1, {MAX_CODEBOOK_SIZE}], got {codebook_size}")
+    if vocab_size < codebook_size:
+        raise ValueError(f"vocab_size ({vocab_size}) must be at least codebook_size ({codebook_size})")
+    if max_token_length < 1:
+        raise ValueError(f"max_token_length must be positive, got {max_token_length}")
+    if mode == "2d":
+        if backend not in (None, GRID_BACKEND):
+            raise ValueError(f"mode '2d' runs in the built-in grid engine; backend must be None or 'grid', got {backend!r}")
+        backend = GRID_BACKEND
+    elif (backend := backend or "tokenizers") not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if boundaries is not None and mode != "1d":
+        raise ValueError("boundaries only apply to mode '1d'")
+    cuts = tuple(int(b) for b in boundaries) if boundaries is not None else None
+    if cuts is not None and (not cuts or cuts[0] < 1 or any(b <= a for a, b in zip(cuts, cuts[1:]))):
+        raise ValueError(f"boundaries must be strictly increasing positive positions, got {list(cuts)}")
+    if batch_ratio is not None and mode != "2d":
+        raise ValueError("batch_ratio only applies to mode '2d'")
+    ratio = _DEFAULT_BATCH_RATIO if batch_ratio is None else float(batch_ratio)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"batch_ratio must be in (0, 1], got {ratio}")
+    return backend, cuts, ratio
+
+
+def _read_config(config_path: Path) -> dict:
+    """Parse and sanity-check ``bpe_config.json``."""
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no saved BPE codec config here")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        raise ValueError(f"{config_path} is not a {_FORMAT} config")
+    if config.get("version") != _VERSION:
+        raise ValueError(f"{config_path} has version {config.get('version')}, this library reads {_VERSION}")
+    if config.get("mode") not in MODES:
+        raise ValueError(f"{config_path} has unknown mode {config.get('mode')!r}")
+    return config
+
+
+def _load_engine(
+    config: dict, data: bytes, boundaries: tuple[int, ...] | None, grid_shape: tuple[int, ...] | None
+) -> Engine:
+    """Rebuild the mode's engine from the backend file contents."""
+    if config["mode"] == "2d":
+        if grid_shape is None or len(grid_shape) != 2:
+            raise ValueError("a 2d codec config needs grid_shape [h, w]")
+        return GridEngine.from_bytes(data, (int(grid_shape[0]), int(grid_shape[1])))
+    if config["backend"] not in BACKENDS:
+        raise ValueError(f"unknown backend {config['backend']!r} in config")
+    return SequenceEngine.from_bytes(
+        data, config["backend"], int(config["codebook_size"]), boundaries, config["mode"] == "1d"
+    )

@@ -1,0 +1,130 @@
+"""Generative decoders conditioned on (masked) register tokens: rectified flow and cosine-schedule diffusion.
+
+Both share one trunk, a transformer over [noised patches | condition tokens] with AdaLN time conditioning
+and adaptive layer-scale gating (DiT's adaLN-zero, as x-transformers implements it). Both expose
+`loss(x0, cond)` and `sample(cond, null, steps, guidance, generator)`; classifier-free guidance runs the
+conditional and null rows in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from x_transformers import Encoder
+
+from .patching import sincos_2d, timestep_embedding
+
+
+class DecoderTrunk(nn.Module):
+    """Predicts a per-patch target [B, N, patch_dim] from noised patches, time t [B] and condition tokens."""
+
+    def __init__(self, patch_dim: int, grid: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.proj_in = nn.Linear(patch_dim, dim)
+        self.register_buffer("pos", sincos_2d(grid, dim), persistent=False)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.trunk = Encoder(
+            dim=dim, depth=depth, heads=heads, attn_flash=True, ff_glu=True, ff_mult=4,
+            use_adaptive_layernorm=True, use_adaptive_layerscale=False, dim_condition=dim,
+        )
+        self.norm_out = nn.LayerNorm(dim)
+        self.proj_out = nn.Linear(dim, patch_dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        self.num_patches = grid * grid
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x_t) + self.pos
+        c = self.time_mlp(timestep_embedding(t, self.pos.shape[1]))
+        out = self.trunk(torch.cat([h, cond], dim=1), condition=c)
+        return self.proj_out(self.norm_out(out[:, : self.num_patches]))
+
+
+def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
+           guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: null + g * (cond - null), with both rows in a single forward pass."""
+    if guidance == 1.0:
+        return trunk(x, t, cond)
+    both = trunk(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+    pred_cond, pred_null = both.chunk(2)
+    return pred_null + guidance * (pred_cond - pred_null)
+
+
+class RectifiedFlowDecoder(nn.Module):
+    """x_t = t*eps + (1-t)*x0 with logit-normal t; the trunk predicts the velocity eps - x0; Euler from t=1 to 0."""
+
+    def __init__(self, trunk: DecoderTrunk):
+        super().__init__()
+        self.trunk = trunk
+
+    def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = torch.sigmoid(torch.randn(len(x0), device=x0.device))
+        eps = torch.randn_like(x0)
+        x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * x0
+        return F.mse_loss(self.trunk(x_t, t, cond), eps - x0)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance: float,
+               generator: torch.Generator) -> torch.Tensor:
+        x = torch.randn(shape, generator=generator, device=cond.device)
+        times = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
+        for i in range(steps):
+            t = times[i].expand(shape[0])
+            v = guided(self.trunk, x, t, cond, null, guidance)
+            x = x + (times[i + 1] - times[i]) * v
+        return x
+
+
+def cosine_alpha_bar(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+    """Cosine schedule (Nichol & Dhariwal) in continuous time, clipped away from 0 at t=1."""
+    return (torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2).clamp(1e-5, 1.0)
+
+
+class DiffusionDecoder(nn.Module):
+    """Continuous-time DDPM with a cosine schedule and v- or eps-prediction; deterministic DDIM sampling."""
+
+    def __init__(self, trunk: DecoderTrunk, prediction: str = "v"):
+        super().__init__()
+        if prediction not in ("v", "eps"):
+            raise ValueError(f"prediction must be 'v' or 'eps', got {prediction!r}")
+        self.trunk, self.prediction = trunk, prediction
+
+    def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = torch.rand(len(x0), device=x0.device)
+        a = cosine_alpha_bar(t)[:, None, None]
+        eps = torch.randn_like(x0)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction == "v" else eps
+        return F.mse_loss(self.trunk(x_t, t, cond), target)
+
+    def _x0_eps(self, x_t: torch.Tensor, a: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prediction == "v":
+            x0 = a.sqrt() * x_t - (1 - a).sqrt() * pred
+            eps = (1 - a).sqrt() * x_t + a.sqrt() * pred
+        else:
+            eps = pred
+            x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        return x0, eps
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance: float,
+               generator: torch.Generator) -> torch.Tensor:
+        x = torch.randn(shape, generator=generator, device=cond.device)
+        times = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
+        for i in range(steps):
+            t = times[i].expand(shape[0])
+            a, a_next = cosine_alpha_bar(times[i]), cosine_alpha_bar(times[i + 1])
+            x0, eps = self._x0_eps(x, a, guided(self.trunk, x, t, cond, null, guidance))
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps if i + 1 < steps else x0
+        return x
+
+
+def build_decoder(kind: str, trunk: DecoderTrunk, prediction: str) -> nn.Module:
+    if kind == "rectified_flow":
+        return RectifiedFlowDecoder(trunk)
+    if kind == "diffusion":
+        return DiffusionDecoder(trunk, prediction)
+    raise ValueError(f"unknown decoder '{kind}' (use rectified_flow or diffusion)")

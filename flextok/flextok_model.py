@@ -1,0 +1,276 @@
+"""FlexTok-style adaptive 1D tokenizer: images -> R coarse-to-fine register tokens -> images from any prefix.
+
+Input is the latent grid of a frozen grid KL autoencoder (embedded, so a saved tokenizer is self-contained)
+or raw pixels. Encoder: `RegisterEncoder` (causal over registers). Codes: a linear map then FSQ / VQ / LFQ.
+Decoder: rectified flow or diffusion over the same patches, conditioned on the registers, of which
+nested dropout keeps a random prefix in training (the rest become a learned mask token; all-mask is the
+null condition for classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bottlenecks import build_quantizer
+from .cli import UserError
+from .config import FlexTokConfig, GridConfig, from_dict
+from .decoders import DecoderTrunk, build_decoder
+from .grid_autoencoder import GridAutoencoder
+from .hub import HubMixin, register_model
+from .metrics import psnr
+from .nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
+from .patching import patchify, unpatchify
+from .register_encoder import RegisterEncoder
+
+
+def _quantizer_dim(cfg: FlexTokConfig) -> int:
+    if cfg.quantizer == "fsq":
+        return len(cfg.fsq_levels)
+    if cfg.quantizer == "lfq":
+        return int(math.log2(cfg.codebook_size))
+    return cfg.codebook_dim
+
+
+@register_model("flextok")
+class FlexTok(HubMixin, nn.Module):
+    config_class = FlexTokConfig
+
+    def __init__(self, config: FlexTokConfig, resolution: int = 32, autoencoder_config: dict | None = None):
+        nn.Module.__init__(self)
+        HubMixin.__init__(self, config)
+        self.resolution = resolution
+        if config.input == "latents":
+            if autoencoder_config is None:
+                raise ValueError("input 'latents' needs the grid autoencoder's config")
+            self.autoencoder = GridAutoencoder(from_dict(GridConfig, autoencoder_config), resolution)
+            self.autoencoder.requires_grad_(False).eval()
+            channels, side = self.autoencoder.config.latent_channels, self.autoencoder.grid_size
+        else:
+            self.autoencoder = None
+            channels, side = 3, resolution
+        p = config.patch_size
+        if side % p:
+            raise ValueError(f"patch_size {p} does not divide the {side}x{side} input grid")
+        self.channels, self.grid, r = channels, side // p, config.num_registers
+        patch_dim = channels * p * p
+        q_dim = _quantizer_dim(config)
+        self.encoder = RegisterEncoder(
+            patch_dim, self.grid, r, config.dim, config.depth, config.heads, causal_registers=not config.token_set
+        )
+        self.to_code = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, q_dim))
+        self.quantizer = build_quantizer(config.quantizer, q_dim, config)
+        self.code_to_cond = nn.Linear(q_dim, config.decoder_dim)
+        # token sets carry no register position, so the decoder cannot see their order
+        self.register_pos = None if config.token_set else nn.Parameter(torch.randn(r, config.decoder_dim) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(config.decoder_dim))
+        trunk = DecoderTrunk(patch_dim, self.grid, config.decoder_dim, config.decoder_depth, config.decoder_heads)
+        self.decoder = build_decoder(config.decoder, trunk, config.prediction)
+        # 1/std of the targets, measured on the first training batch so flow noise and data share a scale
+        self.register_buffer("target_scale", torch.zeros(()))
+
+    @classmethod
+    def from_config(cls, config: FlexTokConfig, resolution: int) -> "FlexTok":
+        """A fresh tokenizer; with input 'latents' it embeds the frozen autoencoder saved at `config.autoencoder`."""
+        if config.input == "pixels":
+            return cls(config, resolution)
+        if config.autoencoder is None:
+            raise UserError("flextok.autoencoder: set the path of a trained grid KL autoencoder (input: latents)")
+        ae = GridAutoencoder.from_pretrained(config.autoencoder)
+        if ae.is_quantized or ae.resolution != resolution:
+            raise UserError(
+                f"flextok.autoencoder: {config.autoencoder} must be a KL autoencoder at resolution {resolution} "
+                f"(got bottleneck={ae.config.bottleneck}, resolution={ae.resolution})"
+            )
+        model = cls(config, resolution, autoencoder_config=dataclasses.asdict(ae.config))
+        model.autoencoder.load_state_dict(ae.state_dict())
+        return model
+
+    def extra_config(self) -> dict:
+        ae = None if self.autoencoder is None else dataclasses.asdict(self.autoencoder.config)
+        return {"resolution": self.resolution, "autoencoder_config": ae}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.autoencoder is not None:
+            self.autoencoder.eval()  # frozen: never in training mode (no posterior sampling)
+        return self
+
+    # -- properties shared by every tokenizer -----------------------------------------------------
+    @property
+    def num_registers(self) -> int:
+        return self.config.num_registers
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.num_registers
+
+    @property
+    def token_set(self) -> bool:
+        return self.config.token_set
+
+    @property
+    def vocab_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def bits_per_token(self) -> float:
+        return math.log2(self.vocab_size)
+
+    # -- building blocks --------------------------------------------------------------------------
+    def to_target(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> the patch sequence the decoder generates (scaled latents or pixels)."""
+        with torch.no_grad():
+            grid = images if self.autoencoder is None else self.autoencoder.encode(images)["latents"]
+        x0 = patchify(grid, self.config.patch_size)
+        if self.target_scale == 0:
+            self.target_scale.fill_(1.0 / x0.float().std().clamp_min(1e-3).item())
+        return x0 * self.target_scale
+
+    def from_target(self, x0: torch.Tensor) -> torch.Tensor:
+        grid = unpatchify(x0 / self.target_scale, self.config.patch_size, self.channels, self.grid)
+        out = grid if self.autoencoder is None else self.autoencoder.decode(grid)
+        return out.clamp(-1, 1)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images -> (quantized codes [B, R, q], indices [B, R], quantizer aux loss)."""
+        x0 = self.to_target(images)
+        return self.quantizer(self.to_code(self.encoder(x0)))
+
+    def condition(self, codes: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Quantized codes [B, R, q] + keep counts [B] -> decoder condition tokens [B, R, D]."""
+        cond = self.code_to_cond(codes)
+        if self.register_pos is not None:
+            cond = cond + self.register_pos
+        return apply_nested_dropout(cond, keep, self.mask_token)
+
+    def null_condition(self, batch: int) -> torch.Tensor:
+        return self.mask_token.expand(batch, self.num_registers, -1)
+
+    # -- public API -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor, k: int | None = None, target_psnr: float | None = None,
+                 target_mse: float | None = None, steps: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+        """Images [B,3,H,W] in [-1,1] -> per image a 1D LongTensor of R tokens (or its first k).
+
+        Adaptive length: `target_psnr` (pixel space, dB) or `target_mse` (scaled target space: latents
+        or pixels) picks per image the shortest prefix among 1, 2, 4, ..., R whose decoding meets it.
+        """
+        images = self._fit_images(images)
+        _, indices, _ = self.encode(images)
+        if self.token_set:
+            indices = indices.sort(dim=1).values
+        tokens = list(indices.cpu().unbind(0))
+        if target_psnr is not None or target_mse is not None:
+            return self._adaptive(images, tokens, target_psnr, target_mse, steps, seed)
+        if k is not None:
+            if self.token_set and k != self.num_registers:
+                raise ValueError(f"token sets have a fixed size of {self.num_registers}; got k={k}")
+            if not 1 <= k <= self.num_registers:
+                raise ValueError(f"k must be in 1..{self.num_registers}, got {k}")
+            tokens = [t[:k] for t in tokens]
+        return tokens
+
+    @torch.no_grad()
+    def detokenize(self, tokens: list[torch.Tensor], steps: int | None = None, guidance: float | None = None,
+                   seed: int = 0) -> torch.Tensor:
+        """Token sequences of any lengths 1..R (in one call) -> images; deterministic for a given seed."""
+        x0 = self._sample_targets(tokens, steps, guidance, seed)
+        return self.from_target(x0)
+
+    @torch.no_grad()
+    def eval_reconstructions(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Reconstructions from every prefix length 1, 2, 4, ..., R (token sets: all R tokens)."""
+        tokens = self.tokenize(images)
+        ks = [self.num_registers] if self.token_set else powers_of_two_upto(self.num_registers)
+        return {f"k={k}": self.detokenize([t[:k] for t in tokens], seed=seed) for k in ks}
+
+    # -- internals --------------------------------------------------------------------------------
+    def _sample_targets(self, tokens: list[torch.Tensor], steps: int | None, guidance: float | None,
+                        seed: int) -> torch.Tensor:
+        indices, keep = self._pack(tokens)
+        codes = self.quantizer.codes_from_indices(indices)
+        cond = self.condition(codes, keep)
+        generator = torch.Generator(device=indices.device).manual_seed(seed)
+        n_patches, patch_dim = self.grid**2, self.channels * self.config.patch_size**2
+        return self.decoder.sample(
+            cond, self.null_condition(len(tokens)), (len(tokens), n_patches, patch_dim),
+            steps or self.config.sample_steps, self.config.guidance if guidance is None else guidance, generator,
+        )
+
+    def _pack(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate and pad variable-length token lists to [B, R] indices plus keep counts [B]."""
+        if len(tokens) == 0:
+            raise ValueError("detokenize needs at least one token sequence")
+        device = self.mask_token.device
+        r = self.num_registers
+        indices = torch.zeros(len(tokens), r, dtype=torch.long, device=device)
+        keep = torch.zeros(len(tokens), dtype=torch.long, device=device)
+        for i, t in enumerate(tokens):
+            t = torch.as_tensor(t)
+            if t.ndim != 1 or len(t) == 0 or len(t) > r:
+                raise ValueError(f"image {i}: expected 1..{r} tokens in a 1D tensor, got shape {tuple(t.shape)}")
+            if self.token_set and len(t) != r:
+                raise ValueError(f"image {i}: a token set has exactly {r} tokens, got {len(t)}")
+            if t.dtype.is_floating_point or t.min() < 0 or t.max() >= self.vocab_size:
+                raise ValueError(f"image {i}: token ids must be integers in [0, {self.vocab_size})")
+            indices[i, : len(t)] = t.to(device)
+            keep[i] = len(t)
+        return indices, keep
+
+    def _adaptive(self, images, tokens, target_psnr, target_mse, steps, seed) -> list[torch.Tensor]:
+        if self.token_set:
+            raise ValueError("adaptive length needs ordered tokens; token sets have a fixed size")
+        chosen = [self.num_registers] * len(tokens)
+        pending = list(range(len(tokens)))
+        targets = self.to_target(images) if target_mse is not None else None
+        for k in powers_of_two_upto(self.num_registers)[:-1]:
+            if not pending:
+                break
+            x0 = self._sample_targets([tokens[i][:k] for i in pending], steps, None, seed)
+            if target_mse is not None:
+                ok = F.mse_loss(x0, targets[pending], reduction="none").flatten(1).mean(1) <= target_mse
+            else:
+                ok = psnr(self.from_target(x0), images[pending]) >= target_psnr
+            for i, good in zip(list(pending), ok.tolist()):
+                if good:
+                    chosen[i] = k
+                    pending.remove(i)
+        return [t[:k] for t, k in zip(tokens, chosen)]
+
+    def _fit_images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            warnings.warn(f"resizing images from {tuple(images.shape[-2:])} to {self.resolution}x{self.resolution}")
+            images = F.interpolate(images, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
+            images = images.clamp(-1, 1)
+        return images.to(self.mask_token.device)
+
+
+class FlexTokObjective(nn.Module):
+    """Decoder loss on nested-dropout prefixes (plus the quantizer's auxiliary loss)."""
+
+    def __init__(self, model: FlexTok):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        m, cfg = self.model, self.model.config
+        x0 = m.to_target(images)
+        codes, indices, aux = m.quantizer(m.to_code(m.encoder(x0)))
+        b = len(images)
+        if cfg.token_set:
+            keep = torch.full((b,), m.num_registers, device=images.device)
+        else:
+            keep = sample_keep_counts(b, m.num_registers, cfg.nested_dropout, device=images.device)
+        null = torch.rand(b, device=images.device) < cfg.cond_dropout
+        keep = torch.where(null, torch.zeros_like(keep), keep)  # keep=0: the all-mask null condition
+        flow = m.decoder.loss(x0, m.condition(codes, keep))
+        used = torch.bincount(indices.flatten(), minlength=m.vocab_size) > 0
+        return flow + aux, {"decoder_loss": flow.item(), "codebook_used": used.float().mean().item()}

@@ -1,0 +1,40 @@
+"""Nested dropout: keep the first k registers per image, replace the rest with a learned mask token."""
+
+from __future__ import annotations
+
+import torch
+
+KEEP_DISTRIBUTIONS = ("uniform", "pow2", "uniform_pow2")
+
+
+def powers_of_two_upto(r: int) -> list[int]:
+    """1, 2, 4, ... up to r, plus r itself when r is not a power of two."""
+    ks = [1 << i for i in range(r.bit_length()) if (1 << i) <= r]
+    return ks if ks[-1] == r else ks + [r]
+
+
+def sample_keep_counts(batch: int, num_registers: int, distribution: str, generator=None,
+                       device=None) -> torch.Tensor:
+    """Per-image k in 1..R: uniform, powers of two, or an even mix of both."""
+    if distribution not in KEEP_DISTRIBUTIONS:
+        raise ValueError(f"unknown nested dropout distribution '{distribution}'")
+    uniform = torch.randint(1, num_registers + 1, (batch,), generator=generator, device=device)
+    if distribution == "uniform":
+        return uniform
+    pow2 = torch.tensor(powers_of_two_upto(num_registers), device=device)
+    choice = pow2[torch.randint(len(pow2), (batch,), generator=generator, device=device)]
+    if distribution == "pow2":
+        return choice
+    coin = torch.rand(batch, generator=generator, device=device) < 0.5
+    return torch.where(coin, uniform, choice)
+
+
+def keep_mask(keep: torch.Tensor, num_registers: int) -> torch.Tensor:
+    """[B] counts -> [B, R] boolean, True for kept positions."""
+    return torch.arange(num_registers, device=keep.device)[None] < keep[:, None]
+
+
+def apply_nested_dropout(registers: torch.Tensor, keep: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """registers [B, R, D]; positions >= keep[b] become `mask_token` [D]."""
+    kept = keep_mask(keep, registers.shape[1])[..., None]
+    return torch.where(kept, registers, mask_token.to(registers.dtype))

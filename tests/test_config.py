@@ -1,0 +1,62 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flextok.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_base_chain_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", "name: parent\ngrid:\n  latent_channels: 8\ntrain:\n  steps: 10\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(child, ["train.steps=7", "grid.fsq_levels=[4,4]", "data.label_column=null"])
+    assert isinstance(cfg, Config)
+    assert (cfg.name, cfg.grid.latent_channels, cfg.train.steps, cfg.train.lr) == ("child", 8, 7, 0.01)
+    assert cfg.grid.fsq_levels == [4, 4] and cfg.data.label_column is None
+    assert cfg.train.batch_size == Config().train.batch_size  # untouched defaults come from the dataclass
+
+
+@pytest.mark.parametrize(
+    "text, override, fragment",
+    [
+        ("train:\n  stepz: 3\n", [], "unknown key 'train.stepz'"),
+        ("train:\n  steps: many\n", [], "'train.steps' must be an integer"),
+        ("grid:\n  downsample: 3\n", [], "'grid.downsample' must be 4, 8 or 16"),
+        ("grid:\n  bottleneck: gaussian\n", [], "'grid.bottleneck' must be one of"),
+        ("data:\n  hflip: 1\n", [], "'data.hflip' must be true/false"),
+        ("", ["nosuch.key=1"], "unknown key 'nosuch'"),
+        ("", ["train.steps"], "must look like section.key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, override, fragment):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, override)
+    assert fragment in str(err.value) and (str(path) in str(err.value) or "override" in str(err.value))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("args", [["--config", "missing.yaml"], ["--config", "configs/grid_kl.yaml", "train.lr=fast"]])
+def test_entry_script_exits_2_with_one_line(args):
+    proc = subprocess.run([sys.executable, "train_tokenizer.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flextok.cli import UserError
+from flextok.config import DataConfig
+from flextok.data import StepBatchSampler, load_images, to_rgb, train_loader
+
+
+def make_folder(root):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8), "L").save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), "RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (33, 37), dtype=np.uint16)).save(root / "deep16.png")
+    Image.fromarray(rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)).save(root / "tiny.png")
+    Image.fromarray(rng.integers(0, 255, (20, 1000, 3), dtype=np.uint8)).save(root / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8), "L").convert("P").save(root / "palette.png")
+    good = (root / "gray.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    return root
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "I", "1", "CMYK"])
+def test_every_mode_becomes_rgb(mode):
+    img = Image.new("RGB", (7, 5), (10, 200, 30)).convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (7, 5)
+
+
+def test_odd_images_converted_and_corrupt_skipped(tmp_path):
+    folder = make_folder(tmp_path / "imgs")
+    cfg = DataConfig(source=f"imagefolder:{folder}", resolution=16, label_column=None, eval_images=100)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable"):
+        batch = load_images(cfg, "train", seed=0)
+    assert batch.images.shape == (6, 3, 16, 16)
+    assert batch.images.min() >= -1 and batch.images.max() <= 1
+    assert len(batch.skipped) == 1
+
+
+def test_no_usable_image_is_an_error(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"x{i}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(UserError, match="no usable image"), pytest.warns(UserWarning):
+        load_images(DataConfig(source=f"imagefolder:{folder}", resolution=16, label_column=None), "train")
+
+
+def test_builtin_skimage_is_deterministic_with_disjoint_photos():
+    cfg = DataConfig(resolution=16, crops_per_photo=4, eval_crops_per_photo=3)
+    a, b = load_images(cfg, "train", seed=1), load_images(cfg, "train", seed=1)
+    assert torch.equal(a.images, b.images) and a.images.shape == (24, 3, 16, 16)
+    held_out = load_images(cfg, "test", seed=1)
+    assert set(held_out.labels.tolist()).isdisjoint(a.labels.tolist())
+    assert not torch.equal(load_images(cfg, "train", seed=2).images, a.images)
+
+
+def test_fashion_mnist_reads_idx(tmp_path):
+    import gzip
+
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([4, 5, 6]))
+    batch = load_images(DataConfig(source=f"fashion_mnist:{tmp_path}", resolution=32), "test")
+    assert batch.images.shape == (3, 3, 32, 32) and batch.labels.tolist() == [4, 5, 6]
+
+
+def test_unknown_source_and_missing_folder():
+    with pytest.raises(UserError, match="unknown source"):
+        load_images(DataConfig(source="ftp:x"), "train")
+    with pytest.raises(UserError, match="not found"):
+        load_images(DataConfig(source="imagefolder:/does/not/exist"), "train")
+
+
+def test_batches_depend_only_on_seed_and_step():
+    full = StepBatchSampler(10, 4, seed=3, start_step=0, end_step=8)
+    resumed = StepBatchSampler(10, 4, seed=3, start_step=5, end_step=8)
+    assert list(full)[5:] == list(resumed)
+
+
+def test_train_loader_yields_augmented_batches():
+    cfg = DataConfig(resolution=16, crops_per_photo=4)
+    batches = list(train_loader(cfg, batch_size=8, seed=0, start_step=0, end_step=3))
+    assert len(batches) == 3 and all(b.images.shape == (8, 3, 16, 16) for b in batches)
