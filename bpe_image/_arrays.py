@@ -16,3 +16,25 @@ def split_by_counts(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     if not len(counts):
         return []
     return np.split(values, np.cumsum(counts)[:-1])
+
+
+def _first_of_value(ordered: np.ndarray) -> np.ndarray:
+    """Mask of the first element of each run of equal values in a sorted array."""
+    first = np.ones(len(ordered), bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return first
+
+
+def group(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct values, index of each value among them, count of each).
+
+    Sort based: on numpy 2.x ``np.unique`` takes a hash path that is far slower than
+    sorting for the million-element int arrays counted here.
+    """
+    order = np.argsort(values)
+    ordered = values[order]
+    first = _first_of_value(ordered)
+    inverse = np.empty_like(order)
+    inverse[order] = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    return ordered[starts], inverse, np.diff(np.append(starts, len(values)))

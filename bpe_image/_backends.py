@@ -1,8 +1,9 @@
 """String BPE backends (HF ``tokenizers``, ``sentencepiece``) behind one small interface.
 
-The codec hands each backend *words*: strings of private-use characters (one per code)
-that merges must never cross. A backend learns merges from words, encodes lists of words
-into its own ids, and lists its pieces so the codec can map backend ids to public ids.
+The codec hands a backend one text per sequence: private-use characters, one per code,
+with :data:`BLOCK_SEPARATOR` between position blocks that merges must never cross. A
+backend learns merges from such texts, encodes them into its own ids, and lists its
+pieces so the codec can map backend ids to public ids.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import io
 import itertools
 import os
-from collections.abc import Iterable
 from typing import ClassVar, Protocol
 
+import numpy as np
 import sentencepiece as spm
-from tokenizers import Tokenizer, decoders, models, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 MIN_PAIR_COUNT = 2
 """A pair seen once is noise, not structure: merging it only wastes a vocabulary slot."""
+
+BLOCK_SEPARATOR = chr(0x100000)
+"""Marks a block edge. Plane-16 private use: never a code character (those are plane 15)."""
 
 
 class Backend(Protocol):
@@ -28,16 +32,19 @@ class Backend(Protocol):
 
     @classmethod
     def train(
-        cls, words: Iterable[str], n_words: int, alphabet: list[str], vocab_size: int, max_token_length: int
+        cls, texts: list[str], alphabet: list[str], vocab_size: int, max_token_length: int, blocked: bool
     ) -> Backend:
-        """Learn up to ``vocab_size - len(alphabet)`` merges that never cross a word."""
+        """Learn up to ``vocab_size - len(alphabet)`` merges, none across a separator.
+
+        ``blocked`` says whether texts contain separators (1d) or not (flat).
+        """
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Backend:
         """Load a model written by ``to_bytes``."""
 
-    def encode(self, words_per_sequence: list[list[str]]) -> list[list[int]]:
-        """Encode each sequence (a list of words) into backend ids, all cores."""
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Backend ids (int64) of each text (separators emit nothing), using every core."""
 
     def pieces(self) -> list[str | None]:
         """Piece string for every backend id; None for ids that are not code strings."""
@@ -51,10 +58,13 @@ def _cores() -> int:
 
 
 class TokenizersBackend:
-    """HF ``tokenizers`` BPE: no normalizer, no pre-tokenizer, no unk, full base alphabet.
+    """HF ``tokenizers`` BPE: no normalizer, no unk, full base alphabet, ``Fuse`` decoder.
 
     Giving the trainer every code character as the initial alphabet (and no special
-    tokens) makes base ids equal code ids and merged ids follow merge order.
+    tokens) makes base ids equal code ids and merged ids follow merge order. Flat mode
+    has no pre-tokenizer; 1d mode's only pre-tokenizer splits at (and drops) block
+    separators, which is how the library keeps merges inside blocks. That encodes
+    exactly like passing pre-split word lists, and about 25% faster.
     """
 
     name: ClassVar[str] = "tokenizers"
@@ -65,11 +75,13 @@ class TokenizersBackend:
 
     @classmethod
     def train(
-        cls, words: Iterable[str], n_words: int, alphabet: list[str], vocab_size: int, max_token_length: int
+        cls, texts: list[str], alphabet: list[str], vocab_size: int, max_token_length: int, blocked: bool
     ) -> TokenizersBackend:
-        """Learn up to ``vocab_size - len(alphabet)`` merges from ``words``."""
+        """Learn up to ``vocab_size - len(alphabet)`` merges from ``texts``."""
         tokenizer = Tokenizer(models.BPE())
         tokenizer.decoder = decoders.Fuse()
+        if blocked:
+            tokenizer.pre_tokenizer = pre_tokenizers.CharDelimiterSplit(BLOCK_SEPARATOR)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=MIN_PAIR_COUNT,
@@ -79,7 +91,7 @@ class TokenizersBackend:
             initial_alphabet=alphabet,
             max_token_length=max_token_length,
         )
-        tokenizer.train_from_iterator(words, trainer=trainer, length=n_words)
+        tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
         return cls(tokenizer)
 
     @classmethod
@@ -87,10 +99,10 @@ class TokenizersBackend:
         """Load a model written by :meth:`to_bytes`."""
         return cls(Tokenizer.from_str(data.decode("utf-8")))
 
-    def encode(self, words_per_sequence: list[list[str]]) -> list[list[int]]:
-        """Pre-tokenized batch encode; each word is merged on its own, in parallel (rayon)."""
-        encodings = self._tokenizer.encode_batch_fast(words_per_sequence, is_pretokenized=True, add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Batch encode in parallel (rayon), skipping offset bookkeeping we never read."""
+        encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.array(encoding.ids, np.int64) for encoding in encodings]
 
     def pieces(self) -> list[str | None]:
         """Tokens ordered by id; the vocabulary must be contiguous from 0."""
@@ -111,10 +123,12 @@ class SentencePieceBackend:
     """SentencePiece BPE with every text-processing feature switched off.
 
     Identity normalization, no dummy prefix, no whitespace/script/number splitting and no
-    byte fallback keep one code = one character. Each word is a separate sentence, so
-    merges cannot cross words. Every code character is also fed once as its own
+    byte fallback keep one code = one character. Each block is a separate sentence, so
+    merges cannot cross blocks. Every code character is also fed once as its own
     sentence: with ``character_coverage=1.0`` that puts all K codes in the vocabulary,
     so codes unseen in training still encode losslessly (instead of to <unk>).
+    SentencePiece has no minimum pair count: it merges until the vocabulary is full or
+    no pair is left.
     """
 
     name: ClassVar[str] = "sentencepiece"
@@ -125,12 +139,13 @@ class SentencePieceBackend:
 
     @classmethod
     def train(
-        cls, words: Iterable[str], n_words: int, alphabet: list[str], vocab_size: int, max_token_length: int
+        cls, texts: list[str], alphabet: list[str], vocab_size: int, max_token_length: int, blocked: bool
     ) -> SentencePieceBackend:
         """Learn up to ``vocab_size - len(alphabet)`` merges (SentencePiece adds one <unk>)."""
+        sentences = _blocks(texts) if blocked else texts
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.chain(words, alphabet),
+            sentence_iterator=itertools.chain(sentences, alphabet),
             model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size + 1,
@@ -161,11 +176,13 @@ class SentencePieceBackend:
         """Load a serialized model proto."""
         return cls(spm.SentencePieceProcessor(model_proto=data))
 
-    def encode(self, words_per_sequence: list[list[str]]) -> list[list[int]]:
-        """Encode all words in one multi-threaded call, then regroup them per sequence."""
-        flat = self._processor.encode(list(itertools.chain.from_iterable(words_per_sequence)), num_threads=_cores())
-        it = iter(flat)
-        return [list(itertools.chain.from_iterable(itertools.islice(it, len(words)))) for words in words_per_sequence]
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode every block in one multi-threaded call, then regroup them per text."""
+        blocks = [text.split(BLOCK_SEPARATOR) for text in texts]
+        encoded = iter(self._processor.encode(list(itertools.chain.from_iterable(blocks)), num_threads=_cores()))
+        return [
+            np.fromiter(itertools.chain.from_iterable(itertools.islice(encoded, len(b))), np.int64) for b in blocks
+        ]
 
     def pieces(self) -> list[str | None]:
         """Pieces by id; <unk> and control pieces are not code strings."""
@@ -177,6 +194,11 @@ class SentencePieceBackend:
     def to_bytes(self) -> bytes:
         """The model proto."""
         return self._processor.serialized_model_proto()
+
+
+def _blocks(texts: list[str]) -> list[str]:
+    """All blocks of all texts, as separate strings."""
+    return list(itertools.chain.from_iterable(text.split(BLOCK_SEPARATOR) for text in texts))
 
 
 BACKENDS: dict[str, type[Backend]] = {

@@ -24,29 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._arrays import ranges, split_by_counts
+from ._arrays import group, ranges, split_by_counts
 from ._backends import MIN_PAIR_COUNT
 from ._inputs import concat_checked
 
 _HASH_MULTIPLIER = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15 (Fibonacci hashing), as int64
-
-
-def _first_of_value(ordered: np.ndarray) -> np.ndarray:
-    """Mask of the first element of each run of equal values in a sorted array."""
-    first = np.ones(len(ordered), bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    return first
-
-
-def group(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct values, index of each value among them, count of each), sort based."""
-    order = np.argsort(values)
-    ordered = values[order]
-    first = _first_of_value(ordered)
-    inverse = np.empty_like(order)
-    inverse[order] = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    return ordered[starts], inverse, np.diff(np.append(starts, len(values)))
 
 
 class ShapeTable:
@@ -81,8 +63,8 @@ class ShapeTable:
         left_area, right_area = self.area[left], self.area[right]
         shift = np.where(vertical, left_h * self.grid_width, left_w)
         new_area = left_area + right_area
-        new_start = len(self.cell_offset) + np.cumsum(new_area) - new_area
-        local_start = new_start - len(self.cell_offset)
+        local_start = np.cumsum(new_area) - new_area
+        new_start = len(self.cell_offset) + local_start
         into_left = ranges(local_start, left_area)
         into_right = ranges(local_start + left_area, right_area)
         src_left, src_right = self.cells(left), self.cells(right)
@@ -341,8 +323,11 @@ class GridMerges:
     @classmethod
     def from_json(cls, data: dict) -> GridMerges:
         """Inverse of :meth:`to_json`, with sanity checks so a corrupt file fails loudly."""
-        k = int(data["codebook_size"])
-        rows = np.asarray(data["merges"], np.int64).reshape(-1, 4)
+        try:
+            k = int(data["codebook_size"])
+            rows = np.asarray(data["merges"], np.int64).reshape(-1, 4)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"grid merges are malformed: {err}") from err
         left, right, vertical, rounds = rows.T
         if (np.diff(rounds) < 0).any() or (len(rounds) and rounds[0] < 0):
             raise ValueError("grid merges are malformed: rounds must start at 0 or more and never decrease")
@@ -359,36 +344,45 @@ def learn_merges(
     table = ShapeTable(codebook_size, grids.shape[2])
     state = GridState(grids, table)
     counter = _PairCounter(state, codebook_size + max_merges, max_area)
-    lefts, rights, verticals, rounds = [], [], [], []
+    rounds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     learned = 0
     while learned < max_merges:
         slots = counter.choose(max_merges - learned, batch_ratio)
         if not slots.size:
             break
-        pair = counter.keys[slots]
-        a, b, vertical = (pair >> 1) // counter.stride, (pair >> 1) % counter.stride, (pair & 1).astype(bool)
-        new_id = np.zeros(len(counter.counts), np.int64)
-        new_id[slots] = table.size + np.arange(len(slots))
-        pair_ids = counter.occurrences(slots)
-        occurrence_ids = new_id[counter.slot[pair_ids]]
-        found = state.members(pair_ids)
-        keep = first_of_runs(found.left, found.right, state.tok.size)
-        left, right, occurrence_ids = found.left[keep], found.right[keep], occurrence_ids[keep]
-        counter.forget(np.concatenate([left, right]))
-        table.extend(a, b, vertical)
-        state.merge(left, right, occurrence_ids)
-        counter.add(state.pairs_touching(left))
-        lefts.append(a), rights.append(b), verticals.append(vertical)
-        rounds.append(np.full(len(slots), len(rounds), np.int64))
+        rounds.append(_apply_round(state, counter, slots))
         learned += len(slots)
-    empty = [np.zeros(0, np.int64)]
+    sizes = [len(a) for a, _, _ in rounds]
     return GridMerges(
         codebook_size,
-        np.concatenate(lefts + empty),
-        np.concatenate(rights + empty),
-        np.concatenate(verticals + [np.zeros(0, bool)]),
-        np.concatenate(rounds + empty),
+        np.concatenate([a for a, _, _ in rounds] + [np.zeros(0, np.int64)]),
+        np.concatenate([b for _, b, _ in rounds] + [np.zeros(0, np.int64)]),
+        np.concatenate([v for _, _, v in rounds] + [np.zeros(0, bool)]),
+        np.repeat(np.arange(len(sizes)), sizes),
     )
+
+
+def _apply_round(state: GridState, counter: _PairCounter, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge all occurrences of the chosen pairs at once; return (left id, right id, vertical).
+
+    The new ids follow the order of ``slots``.
+    """
+    table = state.table
+    pair = counter.keys[slots]
+    first, second = (pair >> 1) // counter.stride, (pair >> 1) % counter.stride
+    vertical = (pair & 1).astype(bool)
+    new_id = np.zeros(len(counter.counts), np.int64)
+    new_id[slots] = table.size + np.arange(len(slots))
+    pair_ids = counter.occurrences(slots)
+    found = state.members(pair_ids)
+    keep = first_of_runs(found.left, found.right, state.tok.size)
+    left, right = found.left[keep], found.right[keep]
+    ids = new_id[counter.slot[pair_ids[keep]]]
+    counter.forget(np.concatenate([left, right]))
+    table.extend(first, second, vertical)
+    state.merge(left, right, ids)
+    counter.add(state.pairs_touching(left))
+    return first, second, vertical
 
 
 class PairLookup:
@@ -444,6 +438,9 @@ class _RoundQueue:
 
     def push(self, pair_ids: np.ndarray, ranks: np.ndarray, rounds: np.ndarray) -> None:
         """File each pair under its round."""
+        if rounds.size and rounds.min() == rounds.max():
+            self._buckets[rounds[0]].append((pair_ids, ranks))
+            return
         order = np.argsort(rounds, kind="stable")
         rounds = rounds[order]
         cuts = np.flatnonzero(np.diff(rounds)) + 1
@@ -452,15 +449,12 @@ class _RoundQueue:
                 self._buckets[rounds[start]].append((pair_ids[order[start:stop]], ranks[order[start:stop]]))
 
     def pop(self, round_index: int) -> tuple[np.ndarray, np.ndarray]:
-        """All pairs of a round, sorted by pair id (raster order of their left anchor)."""
+        """All pairs of a round, in no particular order (applying a round is order-free)."""
         bucket = self._buckets[round_index]
         self._buckets[round_index] = []
         if not bucket:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        pair_ids = np.concatenate([p for p, _ in bucket])
-        ranks = np.concatenate([r for _, r in bucket])
-        order = np.argsort(pair_ids)
-        return pair_ids[order], ranks[order]
+        return np.concatenate([p for p, _ in bucket]), np.concatenate([r for _, r in bucket])
 
 
 class GridEngine:
@@ -569,10 +563,13 @@ class GridEngine:
     def _place(self, padded: np.ndarray, lengths: np.ndarray, item_name: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Anchor (row, col) of every token: the leftmost lowest column top of the skyline.
 
-        Steps over token positions, vectorized across grids. Raises ValueError naming the
-        grid and position of a token that overlaps or spills out, or of a grid left
-        incomplete.
+        Steps over token positions, vectorized across grids; grids are visited longest
+        first so the still-active ones are always a leading slice (views, no copies).
+        Raises ValueError naming the grid and position of a token that overlaps or
+        spills out, or of a grid left incomplete.
         """
+        order = np.argsort(-lengths, kind="stable")
+        padded, by_length = padded[order], lengths[order]
         n, steps = padded.shape
         h, w = self.h, self.w
         heights, widths = self.table.height[padded], self.table.width[padded]
@@ -580,31 +577,35 @@ class GridEngine:
         rows = np.zeros((n, steps), np.int64)
         cols = np.zeros((n, steps), np.int64)
         column = np.arange(w)
+        active = n
         for t in range(steps):
-            active = np.flatnonzero(lengths > t)
-            sky = skyline[active]
+            while by_length[active - 1] <= t:
+                active -= 1
+            sky = skyline[:active]
             c = sky.argmin(1)
-            r = sky[np.arange(len(active)), c]
-            th, tw = heights[active, t], widths[active, t]
+            r = np.take_along_axis(sky, c[:, None], 1)[:, 0]
+            th, tw = heights[:active, t], widths[:active, t]
             span = (column >= c[:, None]) & (column < (c + tw)[:, None])
             fits = (c + tw <= w) & (r + th <= h) & ~(span & (sky != r[:, None])).any(1)
             if not fits.all():
-                bad = int(np.flatnonzero(~fits)[0])
-                g = int(active[bad])
+                g = int(order[:active][~fits].min())
+                bad = int(np.flatnonzero(order == g)[0])
                 raise ValueError(
-                    f"token {int(padded[g, t])} at {_item(item_name, g)}position {t} does not fit the {h}x{w} grid "
+                    f"token {int(padded[bad, t])} at {_item(item_name, g)}position {t} does not fit the {h}x{w} grid "
                     f"(shape {int(th[bad])}x{int(tw[bad])} at row {int(r[bad])}, col {int(c[bad])})"
                 )
-            skyline[active] = np.where(span, (r + th)[:, None], sky)
-            rows[active, t], cols[active, t] = r, c
-        short = np.flatnonzero((skyline != h).any(1))
-        if short.size:
-            g = int(short[0])
+            np.copyto(sky, (r + th)[:, None], where=span)
+            rows[:active, t], cols[:active, t] = r, c
+        short = (skyline != h).any(1)
+        if short.any():
+            g = int(order[short].min())
             raise ValueError(
                 f"{_item(item_name, g)}the {int(lengths[g])} tokens leave part of the {h}x{w} grid empty "
-                f"(the sequence ends too early at position {int(lengths[g])})"
+                f"(the sequence ends too early)"
             )
-        return rows, cols
+        unsorted = np.empty_like(order)
+        unsorted[order] = np.arange(n)
+        return rows[unsorted], cols[unsorted]
 
     def _paint(self, ids: np.ndarray, anchors: np.ndarray, n: int) -> np.ndarray:
         """Write every token's codes at its anchor: [n, h, w] grids."""

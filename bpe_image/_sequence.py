@@ -1,9 +1,9 @@
 """1D and flat BPE: merges learned and applied by a string BPE backend.
 
 Codes become private-use characters. In ``1d`` mode each sequence is cut into position
-blocks ([0,1), [1,2), [2,4), ... by default) and every block is a separate word for the
-backend, so no merged token crosses a block edge: truncating the codes at an edge is a
-prefix of the token sequence. ``flat`` mode passes whole sequences as one word.
+blocks ([0,1), [1,2), [2,4), ... by default) with a separator character between blocks
+that the backend never merges across, so truncating the codes at a block edge is a
+prefix of the token sequence. ``flat`` mode passes whole sequences unseparated.
 
 Public ids are code ids for base tokens and K, K+1, ... for merged tokens in the
 backend's order; a lookup table translates when the backend numbers them differently.
@@ -19,9 +19,11 @@ from functools import lru_cache
 import numpy as np
 
 from ._arrays import ranges, split_by_counts
-from ._backends import BACKENDS, Backend
+from ._backends import BACKENDS, BLOCK_SEPARATOR, Backend
 from ._inputs import concat_checked
-from ._text import alphabet, codes_to_text, text_to_codes
+from ._text import CODE_BASE, alphabet, codes_to_text, text_to_codes
+
+_SEPARATOR_CODE = ord(BLOCK_SEPARATOR) - CODE_BASE
 
 
 @lru_cache(maxsize=1024)
@@ -32,6 +34,22 @@ def block_edges(length: int, cuts: tuple[int, ...] | None) -> tuple[int, ...]:
     else:
         inner = (c for c in cuts if c < length)
     return (0, *inner, length) if length else (0,)
+
+
+def _texts(flat: np.ndarray, lengths: list[int], cuts: tuple[int, ...] | None, blocked: bool) -> list[str]:
+    """Backend text of each sequence: its codes, plus separators at inner block edges (1d).
+
+    Separators are inserted into the concatenated codes and the whole batch is turned
+    into one string at once; only the final per-sequence slicing is a Python loop.
+    """
+    if blocked:
+        inner = [block_edges(n, cuts)[1:-1] for n in lengths]
+        starts = (np.cumsum(lengths) - lengths).tolist()
+        flat = np.insert(flat, [s + e for s, edges in zip(starts, inner) for e in edges], _SEPARATOR_CODE)
+        lengths = [n + len(edges) for n, edges in zip(lengths, inner)]
+    text = codes_to_text(flat)
+    bounds = np.cumsum([0, *lengths]).tolist()
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass(frozen=True)
@@ -127,21 +145,20 @@ class SequenceEngine:
     ) -> SequenceEngine:
         """Learn merges with the named backend; merges never cross block edges."""
         flat = concat_checked(sequences, codebook_size, ("position",), "code", "sequence")
-        words = list(itertools.chain.from_iterable(_words(flat, sequences, cuts, blocked)))
-        backend = BACKENDS[backend_name].train(words, len(words), alphabet(codebook_size), vocab_size, max_token_length)
+        texts = _texts(flat, [len(s) for s in sequences], cuts, blocked)
+        backend = BACKENDS[backend_name].train(texts, alphabet(codebook_size), vocab_size, max_token_length, blocked)
         return cls(backend, codebook_size, cuts, blocked)
 
     def encode(self, sequences: list[np.ndarray], item_name: str | None = "sequence") -> list[np.ndarray]:
         """Token ids per sequence; codes are validated (ValueError naming the position)."""
         flat = concat_checked(sequences, self.codebook_size, ("position",), "code", item_name)
-        encoded = self.backend.encode(_words(flat, sequences, self.cuts, self.blocked))
-        lengths = [len(ids) for ids in encoded]
-        ids = np.fromiter(itertools.chain.from_iterable(encoded), np.int64, count=sum(lengths))
-        if self._to_public is not None:
-            ids = self._to_public[ids]
-            if (ids < 0).any():
-                raise ValueError("the backend emitted a token that is not made of codes")
-        return split_by_counts(ids, np.array(lengths, np.int64))
+        encoded = self.backend.encode(_texts(flat, [len(s) for s in sequences], self.cuts, self.blocked))
+        if self._to_public is None:
+            return encoded
+        public = [self._to_public[ids] for ids in encoded]
+        if any((ids < 0).any() for ids in public):
+            raise ValueError("the backend emitted a token that is not made of codes")
+        return public
 
     def decode(self, token_lists: list[np.ndarray], item_name: str | None = "sequence") -> list[np.ndarray]:
         """Codes per token sequence; unknown ids raise ValueError naming the position."""
@@ -149,19 +166,3 @@ class SequenceEngine:
         code_ends = np.concatenate([[0], np.cumsum(self.table.lengths[ids])])
         token_ends = np.cumsum([len(t) for t in token_lists], dtype=np.int64)
         return split_by_counts(self.table.expand(ids), np.diff(code_ends[token_ends], prepend=0))
-
-
-def _words(flat: np.ndarray, sequences: list[np.ndarray], cuts: tuple[int, ...] | None, blocked: bool) -> list[list[str]]:
-    """Backend words of each sequence: its blocks (1d) or the whole sequence (flat)."""
-    text = codes_to_text(flat)
-    words: list[list[str]] = []
-    offset = 0
-    for seq in sequences:
-        n = len(seq)
-        if blocked:
-            edges = block_edges(n, cuts)
-            words.append([text[offset + a : offset + b] for a, b in zip(edges, edges[1:])])
-        else:
-            words.append([text[offset : offset + n]] if n else [])
-        offset += n
-    return words

@@ -145,7 +145,10 @@ class PriorConfig:
     kind: Literal["discrete", "flow"] = "discrete"
     tokens: Literal["full", "prefix", "adaptive", "bpe"] = "full"
     prefix_length: int = 0  # tokens: prefix
+    target_psnr: float = 30.0  # tokens: adaptive, the per-image reconstruction PSNR that sets its length
     bpe: Optional[str] = None  # tokens: bpe, path of a bpe_image codec
+    cache_dir: Optional[str] = None  # token caches; None = <out_dir>/token_cache
+    tokenize_batch_size: int = 64
     dim: int = 256
     depth: int = 6
     heads: int = 4
@@ -153,14 +156,26 @@ class PriorConfig:
     class_dropout: float = 0.1
     dropout: float = 0.0
 
+    def __post_init__(self):
+        _check(self.dim % max(self.heads, 1) == 0 and self.heads > 0, "heads' must divide dim", self.heads)
+        _check(self.depth > 0, "depth' must be positive", self.depth)
+        _check(self.num_classes >= 0, "num_classes' must be >= 0", self.num_classes)
+        _check(0.0 <= self.class_dropout < 1.0, "class_dropout' must be in [0, 1)", self.class_dropout)
+        _check(0.0 <= self.dropout < 1.0, "dropout' must be in [0, 1)", self.dropout)
+        _check(self.tokenize_batch_size > 0, "tokenize_batch_size' must be positive", self.tokenize_batch_size)
+        _check(self.tokens != "prefix" or self.prefix_length > 0, "prefix_length' must be > 0 for tokens: prefix",
+               self.prefix_length)
+        _check(self.tokens != "bpe" or bool(self.bpe), "bpe' must name a bpe_image codec for tokens: bpe", self.bpe)
+        _check(self.kind != "flow" or self.tokens == "full", "tokens' must be full for kind: flow", self.tokens)
+
 
 @dataclass
 class PriorTrainConfig:
     steps: int = 2000
-    micro_batch_size: int = 16
+    micro_batch_size: int = 16  # per rank
     grad_accumulation: int = 1
     lr: float = 1e-4
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # on matrices and embeddings; never on norms and biases
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 100
     grad_clip: float = 1.0
@@ -169,10 +184,27 @@ class PriorTrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 50
+    num_samples: int = 16  # images in each periodic sample grid
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0
-    cfg_scale: float = 1.0
+    cfg_scale: float = 1.0  # 0 = unconditional, 1 = conditional, >1 = guided
+    sample_steps: int = 25  # Euler steps of the flow prior
+    threads: int = 0  # torch threads per rank on CPU; 0 = cores / local ranks
+
+    def __post_init__(self):
+        _check(self.steps > 0, "steps' must be positive", self.steps)
+        _check(self.micro_batch_size > 0, "micro_batch_size' must be positive", self.micro_batch_size)
+        _check(self.grad_accumulation > 0, "grad_accumulation' must be positive", self.grad_accumulation)
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage' must be 0, 1, 2 or 3", self.zero_stage)
+        _check(len(self.betas) == 2, "betas' must have two values", self.betas)
+        for key in ("eval_every", "sample_every", "checkpoint_every", "log_every", "sample_steps"):
+            _check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
+        _check(self.temperature > 0, "temperature' must be positive", self.temperature)
+        _check(self.top_k >= 0, "top_k' must be >= 0", self.top_k)
+        _check(0.0 < self.top_p <= 1.0, "top_p' must be in (0, 1]", self.top_p)
+        _check(self.cfg_scale >= 0, "cfg_scale' must be >= 0", self.cfg_scale)
+        _check(self.num_samples >= 0, "num_samples' must be >= 0", self.num_samples)
 
 
 @dataclass

@@ -57,7 +57,8 @@ def frechet_distance(
     mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, np.float64)) for sigma in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched shapes: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}")
+        shapes = f"mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}"
+        raise ValueError(f"mismatched shapes: {shapes}")
     covmean = _sqrtm_product(sigma1, sigma2, eps)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
@@ -190,7 +191,7 @@ def _batched_features(
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images shaped [B, 3, H, W], got {tuple(images.shape)}")
     outputs = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for chunk in images.split(batch_size):
             outputs.append(model(chunk.to(device, torch.float32)).float().cpu())
     return torch.cat(outputs)

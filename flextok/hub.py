@@ -128,7 +128,11 @@ def load_model(path: str | Path, map_location: str = "cpu") -> torch.nn.Module:
     if not weights.is_file():
         raise UserError(f"{directory}: missing {WEIGHTS_NAME}")
     state = load_file(str(weights), device=map_location)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise UserError(f"{weights}: weights do not match {cls.__name__} ({detail})") from None
     if missing or unexpected:
         raise UserError(
             f"{weights}: weights do not match {cls.__name__} (missing: {missing[:3]}, unexpected: {unexpected[:3]})"

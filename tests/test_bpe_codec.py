@@ -101,11 +101,16 @@ def test_flat_round_trip_any_codes(codec_flat, codes):
 
 @SETTINGS
 @given(codes=seen_code_lists)
-def test_round_trip_with_many_merges(codec_1d, codec_flat, codes):
+def test_1d_round_trip_with_many_merges(codec_1d, codes):
     x = np.array(codes * 3, np.int64)
-    for codec in (codec_1d, codec_flat):
-        ids = codec.encode(x)
-        assert np.array_equal(codec.decode(ids), x)
+    assert np.array_equal(codec_1d.decode(codec_1d.encode(x)), x)
+
+
+@SETTINGS
+@given(codes=seen_code_lists)
+def test_flat_round_trip_with_many_merges(codec_flat, codes):
+    x = np.array(codes * 3, np.int64)
+    assert np.array_equal(codec_flat.decode(codec_flat.encode(x)), x)
 
 
 @SETTINGS

@@ -105,7 +105,9 @@ def test_incomplete_weights_are_rejected() -> None:
         LPIPS(state)
 
 
-def test_missing_weights_explain_how_to_provide_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_weights_explain_how_to_provide_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=LPIPS_WEIGHTS_ENV) as error:
         LPIPS.from_pretrained()

@@ -1,0 +1,113 @@
+"""The discrete prior: a GPT-style decoder (x-transformers, rotary) over a tokenizer's token ids."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from x_transformers import Decoder, TransformerWrapper
+
+from flextok.config import PriorConfig
+from flextok.hub import HubMixin, register_model
+
+IGNORE = -100
+
+
+@register_model("discrete_prior")
+class DiscretePrior(HubMixin, nn.Module):
+    """Next-token model over sequences `[condition] t_0 … t_{L-1} [EOS]`.
+
+    Ids: codes are [0, V); EOS is V; the null condition is V+1; class c is V+2+c. The null condition is
+    the BOS of an unconditional prior and the dropped class of a conditional one, so classifier-free
+    guidance needs no extra parameters. The output head covers only what may be generated (the codes,
+    plus EOS when lengths vary), so samplers never have to mask special ids.
+    """
+
+    config_class = PriorConfig
+
+    def __init__(self, config: PriorConfig, vocab_size: int, max_length: int, variable_length: bool = False,
+                 token_set: bool = False, tokenizer_hash: str = ""):
+        nn.Module.__init__(self)
+        HubMixin.__init__(self, config)
+        if vocab_size < 1 or max_length < 1:
+            raise ValueError(f"need vocab_size >= 1 and max_length >= 1, got {vocab_size} and {max_length}")
+        self.vocab_size, self.max_length = vocab_size, max_length
+        dim_head = config.dim // config.heads
+        self.variable_length, self.token_set, self.tokenizer_hash = variable_length, token_set, tokenizer_hash
+        self.net = TransformerWrapper(
+            num_tokens=vocab_size + 2 + config.num_classes,
+            max_seq_len=max_length + 1,
+            logits_dim=vocab_size + int(variable_length),
+            use_abs_pos_emb=False,
+            attn_layers=Decoder(
+                dim=config.dim, depth=config.depth, heads=config.heads, attn_dim_head=dim_head,
+                # rotate at least 32 dims of each head (x-transformers' advice), half of larger heads
+                rotary_pos_emb=True, rotary_emb_dim=min(dim_head, max(32, dim_head // 2)),
+                attn_flash=True, attn_dropout=config.dropout, ff_dropout=config.dropout,
+            ),
+        )
+
+    def extra_config(self) -> dict:
+        return {
+            "vocab_size": self.vocab_size, "max_length": self.max_length, "variable_length": self.variable_length,
+            "token_set": self.token_set, "tokenizer_hash": self.tokenizer_hash,
+        }
+
+    # -- ids --------------------------------------------------------------------------------------
+    @property
+    def eos_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def null_id(self) -> int:
+        return self.vocab_size + 1
+
+    def condition_ids(self, labels: torch.Tensor | None, batch: int, drop: float = 0.0) -> torch.Tensor:
+        """Labels [B] (negative = none) -> condition ids [B]; each is replaced by null with prob. `drop`."""
+        device = self.net.token_emb.emb.weight.device
+        if labels is None or self.config.num_classes == 0:
+            return torch.full((batch,), self.null_id, dtype=torch.long, device=device)
+        labels = labels.to(device=device, dtype=torch.long)
+        if labels.numel() and labels.max() >= self.config.num_classes:
+            raise ValueError(f"labels must be < num_classes={self.config.num_classes}, got {labels.max().item()}")
+        ids = torch.where(labels < 0, self.null_id, labels + self.vocab_size + 2)
+        if drop > 0:
+            ids = torch.where(torch.rand(batch, device=device) < drop, self.null_id, ids)
+        return ids
+
+    # -- training and likelihood ------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: mean next-token cross-entropy (nats) over real targets, with class dropout."""
+        drop = self.config.class_dropout if self.training else 0.0
+        inputs, targets = self._inputs_and_targets(tokens, self.condition_ids(labels, len(tokens), drop), lengths)
+        logits = self.net(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+    def nll_bits(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative log-likelihood of each sequence (including its EOS) in bits: bits per image."""
+        inputs, targets = self._inputs_and_targets(tokens, self.condition_ids(labels, len(tokens)), lengths)
+        logits = self.net(inputs).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        return nll.sum(1) / math.log(2)
+
+    def logits(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Next-token logits after each prefix of `[condition] + tokens`: [B, L+1, V(+1)]."""
+        return self.net(torch.cat([condition[:, None], tokens], 1))
+
+    def _inputs_and_targets(self, tokens: torch.Tensor, condition: torch.Tensor,
+                            lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokens.to(condition.device)
+        if not self.variable_length:
+            return torch.cat([condition[:, None], tokens[:, :-1]], 1), tokens
+        if lengths is None:
+            raise ValueError("a variable-length prior needs the sequence lengths")
+        lengths = lengths.to(condition.device)[:, None]
+        inputs = torch.cat([condition[:, None], tokens], 1)
+        padded = F.pad(tokens, (0, 1))
+        position = torch.arange(padded.shape[1], device=padded.device)[None]
+        targets = torch.where(position < lengths, padded, torch.where(position == lengths, self.eos_id, IGNORE))
+        return inputs, targets

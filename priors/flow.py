@@ -1,0 +1,144 @@
+"""The continuous prior for KL tokenizers: a rectified-flow transformer over the latent grid.
+
+KL latents have no vocabulary, so the grid baseline gets a DiT-like generator instead of a GPT: the
+[h*w, c] latent vectors are the tokens, an x-transformers Encoder with adaptive LayerNorm and adaptive
+layer scale (AdaLN-zero style) is conditioned on time and class, and it predicts the velocity of the
+path x_t = t·ε + (1−t)·x₀ (t=1 is noise, as in the tokenizer's decoder). Classes are dropped to a
+learned null class during training, which gives classifier-free guidance at sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from x_transformers import Encoder
+
+from flextok.config import PriorConfig
+from flextok.hub import HubMixin, register_model
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled to 0..1000 so low frequencies still resolve it)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+@register_model("flow_prior")
+class FlowPrior(HubMixin, nn.Module):
+    """Velocity model over latent grids [B, N, c], conditioned on time and (optionally) class."""
+
+    config_class = PriorConfig
+
+    def __init__(self, config: PriorConfig, num_tokens: int, token_dim: int, tokenizer_hash: str = ""):
+        nn.Module.__init__(self)
+        HubMixin.__init__(self, config)
+        self.num_tokens, self.token_dim, self.tokenizer_hash = num_tokens, token_dim, tokenizer_hash
+        dim = config.dim
+        self.in_proj = nn.Linear(token_dim, dim)
+        self.pos_emb = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.class_emb = nn.Embedding(config.num_classes + 1, dim)  # the last row is the null class
+        self.encoder = Encoder(
+            dim=dim, depth=config.depth, heads=config.heads, attn_dim_head=dim // config.heads, attn_flash=True,
+            use_adaptive_layernorm=True, use_adaptive_layerscale=True, dim_condition=dim,
+            attn_dropout=config.dropout, ff_dropout=config.dropout,
+        )
+        self.out_proj = nn.Linear(dim, token_dim)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+        # latents are standardized per channel with training-set statistics (set by `set_normalization`)
+        self.register_buffer("latent_mean", torch.zeros(token_dim))
+        self.register_buffer("latent_std", torch.ones(token_dim))
+
+    def extra_config(self) -> dict:
+        return {"num_tokens": self.num_tokens, "token_dim": self.token_dim, "tokenizer_hash": self.tokenizer_hash}
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def set_normalization(self, latents: torch.Tensor) -> None:
+        """Standardize with the mean and std of training latents [..., c], so noise and data match in scale."""
+        flat = latents.reshape(-1, self.token_dim).float()
+        self.latent_mean.copy_(flat.mean(0))
+        self.latent_std.copy_(flat.std(0).clamp_min(1e-4))
+
+    def class_ids(self, labels: torch.Tensor | None, batch: int, drop: float = 0.0) -> torch.Tensor:
+        device = self.pos_emb.device
+        if labels is None or self.config.num_classes == 0:
+            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+        labels = labels.to(device=device, dtype=torch.long)
+        if labels.numel() and labels.max() >= self.config.num_classes:
+            raise ValueError(f"labels must be < num_classes={self.config.num_classes}, got {labels.max().item()}")
+        ids = torch.where(labels < 0, self.null_class, labels)
+        if drop > 0:
+            ids = torch.where(torch.rand(batch, device=device) < drop, self.null_class, ids)
+        return ids
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """Normalized noisy latents [B, N, c], times [B], class ids [B] -> predicted velocity ε − x₀."""
+        dtype = self.in_proj.weight.dtype  # bf16 under DeepSpeed on GPUs: cast float inputs ourselves
+        condition = self.time_mlp(timestep_embedding(t, self.config.dim).to(dtype)) + self.class_emb(class_ids)
+        h = self.in_proj(x_t.to(dtype)) + self.pos_emb
+        return self.out_proj(self.encoder(h, condition=condition)).float()
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents.float() - self.latent_mean) / self.latent_std
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: velocity MSE at logit-normal times, with class dropout."""
+        x0 = self.normalize(tokens.to(self.latent_mean.device))
+        drop = self.config.class_dropout if self.training else 0.0
+        t = torch.sigmoid(torch.randn(len(x0), device=x0.device))
+        noise = torch.randn_like(x0)
+        x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
+        return F.mse_loss(self.velocity(x_t, t, self.class_ids(labels, len(x0), drop)), noise - x0)
+
+    @torch.no_grad()
+    def validation_loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0,
+                        times: int = 8) -> torch.Tensor:
+        """Per-sample velocity MSE averaged over a fixed grid of times with fixed noise: comparable across
+        evaluations (the training loss is too noisy for that)."""
+        x0 = self.normalize(tokens.to(self.latent_mean.device))
+        generator = torch.Generator(device=x0.device).manual_seed(seed)
+        class_ids = self.class_ids(labels, len(x0))
+        total = torch.zeros(len(x0), device=x0.device)
+        for t_value in (torch.arange(times, dtype=torch.float32) + 0.5) / times:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+            t = torch.full((len(x0),), float(t_value), device=x0.device)
+            x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
+            total += (self.velocity(x_t, t, class_ids) - (noise - x0)).pow(2).flatten(1).mean(1)
+        return total / times
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor | None = None, num_samples: int | None = None, *, steps: int = 25,
+               cfg_scale: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+        """Euler integration from noise (t=1) to data (t=0); one [N, c] latent tensor per sample.
+
+        Guidance runs the conditional and null-class rows in one batch: v = v_u + scale·(v_c − v_u).
+        """
+        batch = len(labels) if labels is not None else num_samples
+        if not batch:
+            raise ValueError("give labels or a positive num_samples")
+        device = self.pos_emb.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn((batch, self.num_tokens, self.token_dim), generator=generator, device=device)
+        conditional = self.config.num_classes > 0 and labels is not None and cfg_scale != 0
+        class_ids = self.class_ids(labels if conditional else None, batch)
+        guided = conditional and cfg_scale != 1
+        if guided:
+            class_ids = torch.cat([class_ids, self.class_ids(None, batch)])
+        times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        for t, t_next in zip(times[:-1], times[1:]):
+            v = self.velocity(torch.cat([x, x]) if guided else x, t.expand(len(class_ids)), class_ids)
+            if guided:
+                v_cond, v_uncond = v.chunk(2)
+                v = torch.lerp(v_uncond, v_cond, cfg_scale)
+            x = x + (t_next - t) * v
+        latents = x * self.latent_std + self.latent_mean
+        return list(latents.cpu().unbind(0))

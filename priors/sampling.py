@@ -1,0 +1,100 @@
+"""Sampling token sequences from a `DiscretePrior`: temperature, top-k, top-p, classifier-free guidance.
+
+Guided sampling puts the conditional and the unconditional rows in one batch, so each position costs one
+forward pass. Scale 1 is the conditional model and scale 0 the unconditional one; both run without the
+extra rows. Generation is fixed-length (k tokens) or runs until every row has produced EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .discrete import DiscretePrior
+from .kv_decoder import KVCacheDecoder
+
+
+def filter_and_sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits [B, V] -> one sampled id per row, restricted to the top-k ids and then the top-p mass."""
+    if top_k or top_p < 1.0:
+        k = min(top_k or logits.shape[-1], logits.shape[-1])
+        values, ids = logits.topk(k, dim=-1)  # sorted, largest first
+        if top_p < 1.0:
+            probs = torch.softmax(values / temperature, dim=-1)
+            # drop an id once the mass before it already reaches top_p (the most likely id always stays)
+            values = values.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        choice = torch.multinomial(torch.softmax(values / temperature, dim=-1), 1, generator=generator)
+        return ids.gather(1, choice).squeeze(1)
+    return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(1)
+
+
+class GuidedDecoder:
+    """Next-token logits under guidance: u + scale * (c - u), with both rows in one KV-cached batch."""
+
+    def __init__(self, prior: DiscretePrior, labels: torch.Tensor | None, batch: int, cfg_scale: float,
+                 max_positions: int):
+        conditional = prior.config.num_classes > 0 and labels is not None and cfg_scale != 0
+        condition = prior.condition_ids(labels if conditional else None, batch)
+        self.scale = cfg_scale
+        self.guided = conditional and cfg_scale != 1
+        if self.guided:
+            condition = torch.cat([condition, prior.condition_ids(None, batch)])
+        self.condition = condition
+        self.decoder = KVCacheDecoder(prior, len(condition), max_positions)
+
+    def start(self) -> torch.Tensor:
+        """Logits for the first token (after the condition token)."""
+        return self._combine(self.decoder.step(self.condition))
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed the tokens just sampled [B]; logits for the token after them."""
+        return self._combine(self.decoder.step(tokens.repeat(2) if self.guided else tokens))
+
+    def _combine(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return logits
+        conditional, unconditional = logits.chunk(2)
+        return torch.lerp(unconditional, conditional, self.scale)
+
+
+@torch.no_grad()
+def sample_tokens(prior: DiscretePrior, labels: torch.Tensor | None = None, num_samples: int | None = None, *,
+                  length: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  cfg_scale: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+    """Sample one 1D LongTensor of ids per row (EOS stripped).
+
+    `labels` [B] (or `num_samples` rows, unconditional). `length` forces exactly that many tokens
+    (EOS is never drawn); by default a fixed-length prior gives its trained length and a variable-length
+    prior stops each row at EOS (at most `max_length` tokens). Token-set priors draw a sorted multiset.
+    """
+    batch = len(labels) if labels is not None else num_samples
+    if not batch:
+        raise ValueError("give labels or a positive num_samples")
+    if length is not None and not 1 <= length <= prior.max_length:
+        raise ValueError(f"length must be in 1..{prior.max_length}, got {length}")
+    steps = length or prior.max_length
+    stops_at_eos = prior.variable_length and length is None
+    device = prior.net.token_emb.emb.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = torch.empty(batch, steps, dtype=torch.long, device=device)
+    ends = torch.full((batch,), steps, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    decoder = GuidedDecoder(prior, labels, batch, cfg_scale, steps)
+    ids = torch.arange(prior.vocab_size + int(prior.variable_length), device=device)
+    logits = decoder.start()
+    for i in range(steps):
+        if prior.variable_length and (i == 0 or not stops_at_eos):
+            logits[:, prior.eos_id] = float("-inf")  # an image has at least one token
+        if prior.token_set and i > 0:
+            logits.masked_fill_(ids < out[:, i - 1, None], float("-inf"))
+        token = filter_and_sample(logits, temperature, top_k, top_p, generator)
+        out[:, i] = token
+        if stops_at_eos:
+            ended = (token == prior.eos_id) & ~done
+            ends[ended] = i
+            done |= ended
+            if bool(done.all()):
+                break
+        if i + 1 < steps:
+            logits = decoder.next(token)
+    return [row[:end] for row, end in zip(out.cpu(), ends.tolist())]

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from flextok import load_tokenizer
+from flextok.config import GridConfig, LossConfig
+from flextok.grid_autoencoder import GridAutoencoder
+from flextok.metrics import psnr
+from flextok.objectives import GridObjective
+
+TINY = dict(downsample=4, latent_channels=4, channels=16, num_res_blocks=1)
+
+
+def overfit(cfg: GridConfig, images: torch.Tensor, steps: int) -> GridAutoencoder:
+    model = GridAutoencoder(cfg, resolution=images.shape[-1])
+    objective = GridObjective(model, LossConfig(l1=1.0, l2=1.0))
+    opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    for step in range(steps):
+        loss, _ = objective(images, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "bottleneck, quantizer, bar",
+    [("kl", "fsq", 20.0), ("quantized", "fsq", 18.0), ("quantized", "vq", 17.0), ("quantized", "lfq", 16.0)],
+)
+def test_autoencoders_overfit_eight_images(eight_images, bottleneck, quantizer, bar):
+    cfg = GridConfig(**TINY, bottleneck=bottleneck, quantizer=quantizer, codebook_size=256)
+    model = overfit(cfg, eight_images, steps=150)
+    recon = model.detokenize(model.tokenize(eight_images))
+    assert psnr(recon, eight_images).mean() > bar
+
+
+def test_tokenize_shapes_and_bad_tokens(eight_images):
+    model = GridAutoencoder(GridConfig(**TINY, bottleneck="quantized"), resolution=16).eval()
+    tokens = model.tokenize(eight_images)
+    assert len(tokens) == 8 and tokens[0].shape == (16,) and tokens[0].dtype == torch.long
+    assert model.detokenize(tokens).shape == eight_images.shape
+    bad = [t.clone() for t in tokens]
+    bad[3][0] = model.vocab_size
+    with pytest.raises(ValueError, match="image 3"):
+        model.detokenize(bad)
+    with pytest.raises(ValueError, match="image 0"):
+        model.detokenize([tokens[0][:5]])
+    kl = GridAutoencoder(GridConfig(**TINY), resolution=16).eval()
+    assert kl.tokenize(eight_images)[0].shape == (16, 4)
+
+
+@pytest.mark.parametrize("bottleneck", ["kl", "quantized"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, eight_images, bottleneck):
+    model = overfit(GridConfig(**TINY, bottleneck=bottleneck, quantizer="vq", codebook_size=64), eight_images, 3)
+    model.save_pretrained(tmp_path / "ae")
+    loaded = load_tokenizer(tmp_path / "ae")
+    assert type(loaded) is GridAutoencoder
+    a, b = model.detokenize(model.tokenize(eight_images)), loaded.detokenize(loaded.tokenize(eight_images))
+    assert torch.equal(a, b)
+
+
+def test_load_errors(tmp_path):
+    from flextok.cli import UserError
+
+    with pytest.raises(UserError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+    model = GridAutoencoder(GridConfig(**TINY), resolution=16)
+    model.save_pretrained(tmp_path / "ae")
+    (tmp_path / "ae" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="missing model.safetensors"):
+        load_tokenizer(tmp_path / "ae")
+    other = GridAutoencoder(GridConfig(**{**TINY, "channels": 32}), resolution=16)
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text((tmp_path / "ae" / "config.json").read_text())
+    with pytest.raises(UserError, match="do not match|size mismatch"):
+        load_tokenizer(tmp_path / "other")

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from flextok import load_tokenizer
+from flextok.config import load_config
+from flextok.training import NonFiniteLoss, TokenizerTrainer
+
+TINY = [
+    "data.resolution=16", "data.crops_per_photo=4", "data.eval_crops_per_photo=2", "data.eval_images=4",
+    "grid.channels=16", "train.batch_size=4", "train.steps=6", "train.log_every=1", "train.eval_every=3",
+    "train.checkpoint_every=3", "train.warmup_steps=2",
+]
+
+
+def config(tmp_path, name, extra=()):
+    return load_config("configs/grid_vq.yaml", [*TINY, f"out_dir={tmp_path}", f"name={name}", *extra])
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    straight = TokenizerTrainer(config(tmp_path, "straight"))
+    straight.train()
+
+    original = TokenizerTrainer.train_step
+
+    def interrupt_at_3(self, images):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    monkeypatch.setattr(TokenizerTrainer, "train_step", interrupt_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        TokenizerTrainer(config(tmp_path, "resumed")).train()
+    monkeypatch.setattr(TokenizerTrainer, "train_step", original)
+    with pytest.raises(Exception, match="--resume"):
+        TokenizerTrainer(config(tmp_path, "resumed"))
+    TokenizerTrainer(config(tmp_path, "resumed"), resume=True).train()
+
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(1, 7)) and a == b
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    ma, mb = load_tokenizer(tmp_path / "straight" / "final"), load_tokenizer(tmp_path / "resumed" / "final")
+    assert [torch.equal(x, y) for x, y in zip(ma.tokenize(images), mb.tokenize(images))] == [True, True]
+    run = tmp_path / "straight"
+    assert (run / "config.yaml").is_file() and list((run / "samples").glob("*.png"))
+    record = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "psnr" in l][-1]
+    assert any(k.startswith("psnr/") for k in record)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = TokenizerTrainer(config(tmp_path, "nan", ["train.checkpoint_every=1"]))
+    forward = type(trainer.objective).forward
+
+    def poisoned(self, images, step):
+        loss, logs = forward(self, images, step)
+        return (loss * float("nan") if step == 2 else loss), logs
+
+    monkeypatch.setattr(type(trainer.objective), "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match="step 2"):
+        trainer.train()
+    state = torch.load(tmp_path / "nan" / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())

@@ -1,0 +1,34 @@
+"""Train a prior (discrete GPT or rectified-flow) on a tokenizer's cached tokens, with DeepSpeed.
+
+    deepspeed [--num_gpus N] train_prior.py --config configs/prior_tiny.yaml [section.key=value ...] [--resume]
+    python train_prior.py --config configs/prior_tiny.yaml [...]          (one process, no launcher)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flextok.cli import config_parser, exits_cleanly, load_from_args
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.json")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    args = parser.parse_args(argv)
+    cfg = load_from_args(args)
+    # after config validation (bad configs fail fast, before DeepSpeed is imported)
+    from priors.deepspeed_utils import ensure_launch_env
+    from priors.trainer import PriorTrainer
+
+    ensure_launch_env(args.local_rank)
+    final = PriorTrainer(cfg, resume=args.resume).train()
+    if final is not None:
+        print(f"saved {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
