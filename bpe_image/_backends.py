@@ -17,6 +17,8 @@ import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ._arrays import split_by_counts
+
 MIN_PAIR_COUNT = 2
 """A pair seen once is noise, not structure: merging it only wastes a vocabulary slot."""
 
@@ -54,6 +56,7 @@ class Backend(Protocol):
 
 
 def _cores() -> int:
+    """Threads for SentencePiece (HF tokenizers sizes its own rayon pool)."""
     return os.cpu_count() or 1
 
 
@@ -179,10 +182,12 @@ class SentencePieceBackend:
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Encode every block in one multi-threaded call, then regroup them per text."""
         blocks = [text.split(BLOCK_SEPARATOR) for text in texts]
-        encoded = iter(self._processor.encode(list(itertools.chain.from_iterable(blocks)), num_threads=_cores()))
-        return [
-            np.fromiter(itertools.chain.from_iterable(itertools.islice(encoded, len(b))), np.int64) for b in blocks
-        ]
+        encoded = self._processor.encode(list(itertools.chain.from_iterable(blocks)), num_threads=_cores())
+        block_lengths = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), np.int64, count=int(block_lengths.sum()))
+        token_ends = np.concatenate([[0], np.cumsum(block_lengths)])
+        text_ends = token_ends[np.cumsum(np.fromiter(map(len, blocks), np.int64, count=len(blocks)))]
+        return split_by_counts(ids, np.diff(text_ends, prepend=0))
 
     def pieces(self) -> list[str | None]:
         """Pieces by id; <unk> and control pieces are not code strings."""

@@ -27,6 +27,7 @@ import numpy as np
 from ._arrays import group, ranges, split_by_counts
 from ._backends import MIN_PAIR_COUNT
 from ._inputs import concat_checked
+from ._parallel import map_chunks
 
 _HASH_MULTIPLIER = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15 (Fibonacci hashing), as int64
 
@@ -362,7 +363,9 @@ def learn_merges(
     )
 
 
-def _apply_round(state: GridState, counter: _PairCounter, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _apply_round(
+    state: GridState, counter: _PairCounter, slots: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge all occurrences of the chosen pairs at once; return (left id, right id, vertical).
 
     The new ids follow the order of ``slots``.
@@ -496,7 +499,9 @@ class GridEngine:
         return cls(merges, shape)
 
     @staticmethod
-    def _stack(grids: list[np.ndarray], shape: tuple[int, ...], codebook_size: int, item_name: str | None) -> np.ndarray:
+    def _stack(
+        grids: list[np.ndarray], shape: tuple[int, ...], codebook_size: int, item_name: str | None
+    ) -> np.ndarray:
         """Validate shapes and code range (errors name the grid and cell), then stack."""
         for i, grid in enumerate(grids):
             if grid.shape != shape:
@@ -506,23 +511,18 @@ class GridEngine:
         return flat.reshape(len(grids), *shape)
 
     def encode(self, grids: list[np.ndarray], item_name: str | None = "grid") -> list[np.ndarray]:
-        """Token ids per grid, in raster order of token anchors."""
+        """Token ids per grid, in raster order of token anchors; chunks run on every core."""
         if not grids:
             return []
-        return self._apply(self._stack(grids, (self.h, self.w), self.codebook_size, item_name))
+        stacked = self._stack(grids, (self.h, self.w), self.codebook_size, item_name)
+        return map_chunks(lambda start, stop: self._apply(stacked[start:stop]), len(stacked))
 
     def decode(self, token_lists: list[np.ndarray], item_name: str | None = "grid") -> list[np.ndarray]:
         """Grids rebuilt from token ids; bad ids or tilings raise ValueError naming the position."""
-        ids = concat_checked(token_lists, self.vocab_size, ("position",), "token id", item_name)
-        if not token_lists:
-            return []
-        lengths = np.array([len(t) for t in token_lists], np.int64)
-        padded = np.zeros((len(lengths), int(lengths.max())), np.int64)
-        filled = np.arange(padded.shape[1]) < lengths[:, None]
-        padded[filled] = ids
-        rows, cols = self._place(padded, lengths, item_name)
-        anchors = (np.nonzero(filled)[0] * self.h + rows[filled]) * self.w + cols[filled]
-        return list(self._paint(ids, anchors, len(lengths)))
+        concat_checked(token_lists, self.vocab_size, ("position",), "token id", item_name)
+        return map_chunks(
+            lambda start, stop: self._rebuild(token_lists[start:stop], start, item_name), len(token_lists)
+        )
 
     def to_bytes(self) -> bytes:
         """The merges as JSON."""
@@ -534,6 +534,7 @@ class GridEngine:
         return cls(GridMerges.from_json(json.loads(data)), grid_shape)
 
     def _queue_pairs(self, state: GridState, queue: _RoundQueue, pairs: Pairs) -> None:
+        """File the pairs that some learned merge joins under that merge's round."""
         ranks = self._lookup(state.keys(pairs, self._stride))
         known = ranks >= 0
         queue.push(pairs.ids()[known], ranks[known], self.merges.rounds[ranks[known]])
@@ -560,7 +561,22 @@ class GridEngine:
             self._queue_pairs(state, queue, state.pairs_touching(left))
         return state.tokens()
 
-    def _place(self, padded: np.ndarray, lengths: np.ndarray, item_name: str | None) -> tuple[np.ndarray, np.ndarray]:
+    def _rebuild(self, token_lists: list[np.ndarray], first_index: int, item_name: str | None) -> list[np.ndarray]:
+        """Decode in-range token lists; ``first_index`` is their offset in the caller's batch."""
+        if not token_lists:
+            return []
+        lengths = np.array([len(t) for t in token_lists], np.int64)
+        padded = np.zeros((len(lengths), int(lengths.max())), np.int64)
+        filled = np.arange(padded.shape[1]) < lengths[:, None]
+        ids = np.concatenate(token_lists)
+        padded[filled] = ids
+        rows, cols = self._place(padded, lengths, first_index, item_name)
+        anchors = (np.nonzero(filled)[0] * self.h + rows[filled]) * self.w + cols[filled]
+        return list(self._paint(ids, anchors, len(lengths)))
+
+    def _place(
+        self, padded: np.ndarray, lengths: np.ndarray, first_index: int, item_name: str | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Anchor (row, col) of every token: the leftmost lowest column top of the skyline.
 
         Steps over token positions, vectorized across grids; grids are visited longest
@@ -591,7 +607,8 @@ class GridEngine:
                 g = int(order[:active][~fits].min())
                 bad = int(np.flatnonzero(order == g)[0])
                 raise ValueError(
-                    f"token {int(padded[bad, t])} at {_item(item_name, g)}position {t} does not fit the {h}x{w} grid "
+                    f"token {int(padded[bad, t])} at {_item(item_name, first_index + g)}position {t} "
+                    f"does not fit the {h}x{w} grid "
                     f"(shape {int(th[bad])}x{int(tw[bad])} at row {int(r[bad])}, col {int(c[bad])})"
                 )
             np.copyto(sky, (r + th)[:, None], where=span)
@@ -600,7 +617,7 @@ class GridEngine:
         if short.any():
             g = int(order[short].min())
             raise ValueError(
-                f"{_item(item_name, g)}the {int(lengths[g])} tokens leave part of the {h}x{w} grid empty "
+                f"{_item(item_name, first_index + g)}the {int(lengths[g])} tokens leave part of the {h}x{w} grid empty "
                 f"(the sequence ends too early)"
             )
         unsorted = np.empty_like(order)

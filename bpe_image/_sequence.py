@@ -61,36 +61,42 @@ class TokenTable:
     codes: np.ndarray
 
     @classmethod
-    def build(cls, codebook_size: int, merged: list[np.ndarray]) -> TokenTable:
-        """Base tokens 0..K-1 followed by the merged tokens, in public id order."""
-        pieces = [np.arange(codebook_size, dtype=np.int64), *merged]
-        lengths = np.concatenate([np.ones(codebook_size, np.int64), np.array([len(m) for m in merged], np.int64)])
-        return cls(lengths, np.cumsum(lengths) - lengths, np.concatenate(pieces))
+    def build(cls, codebook_size: int, merged_lengths: np.ndarray, merged_codes: np.ndarray) -> TokenTable:
+        """Base tokens 0..K-1 followed by the merged tokens (concatenated), in public id order."""
+        lengths = np.concatenate([np.ones(codebook_size, np.int64), merged_lengths])
+        codes = np.concatenate([np.arange(codebook_size, dtype=np.int64), merged_codes])
+        return cls(lengths, np.cumsum(lengths) - lengths, codes)
 
     def expand(self, ids: np.ndarray) -> np.ndarray:
         """Concatenated codes of ``ids``."""
         return self.codes[ranges(self.starts[ids], self.lengths[ids])]
 
 
-def _public_ids(pieces: list[str | None], codebook_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Backend id -> public id (-1 for non-code pieces) and the merged tokens' codes."""
+def _public_ids(pieces: list[str | None], codebook_size: int) -> tuple[np.ndarray, TokenTable]:
+    """Backend id -> public id (-1 for non-code pieces), and the table of public tokens.
+
+    All pieces are converted to codes in one bulk call, so loading a large vocabulary
+    costs no per-piece Python work beyond ``len``.
+    """
+    backend_ids = np.array([i for i, piece in enumerate(pieces) if piece is not None], np.int64)
+    texts = [pieces[i] for i in backend_ids.tolist()]
+    lengths = np.array([len(text) for text in texts], np.int64)
+    codes = text_to_codes("".join(texts))
+    bad = np.flatnonzero((codes < 0) | (codes >= codebook_size))
+    empty = np.flatnonzero(lengths == 0)
+    if bad.size or empty.size:
+        piece = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right")) if bad.size else int(empty[0])
+        raise ValueError(
+            f"backend token {int(backend_ids[piece])} ({texts[piece]!r}) is not made of codes in [0, {codebook_size})"
+        )
+    single = lengths == 1
     to_public = np.full(len(pieces), -1, np.int64)
-    merged: list[np.ndarray] = []
-    for backend_id, piece in enumerate(pieces):
-        if piece is None:
-            continue
-        codes = text_to_codes(piece)
-        if codes.size == 0 or codes.min() < 0 or codes.max() >= codebook_size:
-            raise ValueError(f"backend token {backend_id} ({piece!r}) is not made of codes in [0, {codebook_size})")
-        if codes.size == 1:
-            to_public[backend_id] = codes[0]
-        else:
-            to_public[backend_id] = codebook_size + len(merged)
-            merged.append(codes)
-    singles = np.sort(to_public[(to_public >= 0) & (to_public < codebook_size)])
-    if not np.array_equal(singles, np.arange(codebook_size)):
+    to_public[backend_ids[single]] = codes[(np.cumsum(lengths) - lengths)[single]]
+    to_public[backend_ids[~single]] = codebook_size + np.arange(np.count_nonzero(~single))
+    if not np.array_equal(np.sort(to_public[backend_ids[single]]), np.arange(codebook_size)):
         raise ValueError(f"backend vocabulary does not hold each of the {codebook_size} codes exactly once")
-    return to_public, merged
+    merged_codes = codes[np.repeat(~single, lengths)]
+    return to_public, TokenTable.build(codebook_size, lengths[~single], merged_codes)
 
 
 class SequenceEngine:
@@ -101,10 +107,9 @@ class SequenceEngine:
         self.codebook_size = codebook_size
         self.cuts = cuts
         self.blocked = blocked
-        to_public, merged = _public_ids(backend.pieces(), codebook_size)
+        to_public, self.table = _public_ids(backend.pieces(), codebook_size)
         identity = np.array_equal(to_public, np.arange(len(to_public)))
         self._to_public = None if identity else to_public
-        self.table = TokenTable.build(codebook_size, merged)
 
     @property
     def vocab_size(self) -> int:

@@ -38,6 +38,16 @@ CONFIG_NAME = "bpe_config.json"
 _FORMAT = "bpe_image.BPECodec"
 _VERSION = 1
 _DEFAULT_BATCH_RATIO = 0.5
+_CONFIG_KEYS = {
+    "backend",
+    "backend_file",
+    "backend_sha256",
+    "boundaries",
+    "codebook_size",
+    "grid_shape",
+    "max_token_length",
+    "vocab_size",
+}
 
 Engine = SequenceEngine | GridEngine
 Ids = np.ndarray | torch.Tensor
@@ -46,26 +56,16 @@ Ids = np.ndarray | torch.Tensor
 class BPECodec:
     """Lossless BPE codec over VQ code sequences or grids.
 
-    Build one with :meth:`train` or :meth:`from_pretrained`. Every method accepts numpy
-    arrays, torch tensors or lists, and returns torch tensors when given torch input.
+    Build one with :meth:`train` or :meth:`from_pretrained` (the constructor takes an
+    internal engine). Every method accepts numpy arrays, torch tensors or lists, and
+    returns torch tensors when given torch input.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        mode: str,
-        backend: str,
-        max_token_length: int,
-        boundaries: tuple[int, ...] | None = None,
-        grid_shape: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, engine: Engine, *, mode: str, backend: str, max_token_length: int) -> None:
         self._engine = engine
         self._mode = mode
         self._backend = backend
         self._max_token_length = max_token_length
-        self._boundaries = boundaries
-        self._grid_shape = grid_shape
 
     # ----------------------------------------------------------------- training
 
@@ -121,15 +121,7 @@ class BPECodec:
                 f"(too few repeated pairs in the training data); vocab_size is {engine.vocab_size}",
                 stacklevel=2,
             )
-        grid_shape = (engine.h, engine.w) if isinstance(engine, GridEngine) else None
-        return cls(
-            engine,
-            mode=mode,
-            backend=backend_name,
-            max_token_length=max_token_length,
-            boundaries=cuts,
-            grid_shape=grid_shape,
-        )
+        return cls(engine, mode=mode, backend=backend_name, max_token_length=max_token_length)
 
     # --------------------------------------------------------------- properties
 
@@ -161,12 +153,12 @@ class BPECodec:
     @property
     def boundaries(self) -> tuple[int, ...] | None:
         """1d block starts; None means powers of two (or not 1d)."""
-        return self._boundaries
+        return self._engine.cuts if isinstance(self._engine, SequenceEngine) else None
 
     @property
     def grid_shape(self) -> tuple[int, int] | None:
         """(h, w) of the grids a 2d codec handles; None otherwise."""
-        return self._grid_shape
+        return (self._engine.h, self._engine.w) if isinstance(self._engine, GridEngine) else None
 
     @property
     def max_token_length(self) -> int:
@@ -214,7 +206,7 @@ class BPECodec:
         cut = int(np.searchsorted(ends, num_codes, side="right"))
         if (int(ends[cut - 1]) if cut else 0) != num_codes:
             total = int(ends[-1]) if ends.size else 0
-            hint = f"; token edges always fall on block edges {list(block_edges(total, self._boundaries))}"
+            hint = f"; token edges always fall on block edges {list(block_edges(total, self.boundaries))}"
             raise ValueError(
                 f"cannot truncate at {num_codes} codes: no token ends there (the ids cover {total} codes"
                 f"{hint if self._mode == '1d' else ''})"
@@ -241,8 +233,8 @@ class BPECodec:
             "backend": self._backend,
             "codebook_size": self.codebook_size,
             "vocab_size": self.vocab_size,
-            "boundaries": list(self._boundaries) if self._boundaries is not None else None,
-            "grid_shape": list(self._grid_shape) if self._grid_shape is not None else None,
+            "boundaries": list(self.boundaries) if self.boundaries is not None else None,
+            "grid_shape": list(self.grid_shape) if self.grid_shape is not None else None,
             "max_token_length": self._max_token_length,
             "backend_file": self._engine.filename,
             "backend_sha256": sha256(data),
@@ -264,26 +256,18 @@ class BPECodec:
         data = backend_path.read_bytes()
         if sha256(data) != config["backend_sha256"]:
             raise ValueError(f"{backend_path} does not match {path / CONFIG_NAME} (checksum differs)")
-        boundaries = tuple(config["boundaries"]) if config["boundaries"] is not None else None
-        grid_shape = tuple(config["grid_shape"]) if config["grid_shape"] is not None else None
-        engine = _load_engine(config, data, boundaries, grid_shape)
+        engine = _load_engine(config, data)
         if (engine.codebook_size, engine.vocab_size) != (config["codebook_size"], config["vocab_size"]):
             raise ValueError(
                 f"{backend_path} holds K={engine.codebook_size}, V={engine.vocab_size} but "
                 f"{path / CONFIG_NAME} says K={config['codebook_size']}, V={config['vocab_size']}"
             )
-        return cls(
-            engine,
-            mode=config["mode"],
-            backend=config["backend"],
-            max_token_length=config["max_token_length"],
-            boundaries=boundaries,
-            grid_shape=grid_shape,
-        )
+        return cls(engine, mode=config["mode"], backend=config["backend"], max_token_length=config["max_token_length"])
 
     # ------------------------------------------------------------------ helpers
 
     def _item(self, x: ArrayLike, ndim: int, what: str) -> np.ndarray:
+        """One unbatched input as int64, with the dimensionality this mode expects."""
         arr = to_int_array(x, what)
         if arr.ndim != ndim:
             raise ValueError(f"{what} must be {ndim}-dimensional for mode {self._mode!r}, got shape {arr.shape}")
@@ -321,7 +305,9 @@ def _check_train_args(
         raise ValueError(f"max_token_length must be positive, got {max_token_length}")
     if mode == "2d":
         if backend not in (None, GRID_BACKEND):
-            raise ValueError(f"mode '2d' runs in the built-in grid engine; backend must be None or 'grid', got {backend!r}")
+            raise ValueError(
+                f"mode '2d' runs in the built-in grid engine; backend must be None or 'grid', got {backend!r}"
+            )
         backend = GRID_BACKEND
     elif (backend := backend or "tokenizers") not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -352,19 +338,21 @@ def _read_config(config_path: Path) -> dict:
         raise ValueError(f"{config_path} has version {config.get('version')}, this library reads {_VERSION}")
     if config.get("mode") not in MODES:
         raise ValueError(f"{config_path} has unknown mode {config.get('mode')!r}")
+    missing = sorted(_CONFIG_KEYS - config.keys())
+    if missing:
+        raise ValueError(f"{config_path} lacks {missing}")
     return config
 
 
-def _load_engine(
-    config: dict, data: bytes, boundaries: tuple[int, ...] | None, grid_shape: tuple[int, ...] | None
-) -> Engine:
+def _load_engine(config: dict, data: bytes) -> Engine:
     """Rebuild the mode's engine from the backend file contents."""
     if config["mode"] == "2d":
-        if grid_shape is None or len(grid_shape) != 2:
+        shape = config.get("grid_shape")
+        if not isinstance(shape, list) or len(shape) != 2:
             raise ValueError("a 2d codec config needs grid_shape [h, w]")
-        return GridEngine.from_bytes(data, (int(grid_shape[0]), int(grid_shape[1])))
+        return GridEngine.from_bytes(data, (int(shape[0]), int(shape[1])))
     if config["backend"] not in BACKENDS:
         raise ValueError(f"unknown backend {config['backend']!r} in config")
-    return SequenceEngine.from_bytes(
-        data, config["backend"], int(config["codebook_size"]), boundaries, config["mode"] == "1d"
-    )
+    cuts = tuple(config["boundaries"]) if config["boundaries"] is not None else None
+    blocked = config["mode"] == "1d"
+    return SequenceEngine.from_bytes(data, config["backend"], int(config["codebook_size"]), cuts, blocked)

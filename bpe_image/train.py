@@ -31,12 +31,16 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports errors as one line instead of usage + message."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Raise instead of printing usage and exiting, so main() formats one line."""
         raise _UsageError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The CLI's arguments."""
     parser = _Parser(prog="python -m bpe_image.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--codes", required=True, type=Path, help=".npy [N, L] / [N, h, w], or .npz with codes(, lengths)")
+    parser.add_argument(
+        "--codes", required=True, type=Path, help=".npy [N, L] / [N, h, w], or .npz with codes(, lengths)"
+    )
     parser.add_argument("--vocab-size", required=True, type=int, help="V: codes plus merged tokens")
     parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--out", required=True, type=Path, help="directory to save the codec in")
@@ -64,7 +68,9 @@ def load_codes(path: Path, mode: str) -> list[np.ndarray] | np.ndarray:
         codes, lengths = loaded, None
     want = 3 if mode == "2d" else 2
     if codes.ndim != want or codes.dtype.kind not in "iu":
-        raise _UsageError(f"{path}: mode {mode} needs an integer array with {want} dims, got {codes.dtype} {codes.shape}")
+        raise _UsageError(
+            f"{path}: mode {mode} needs an integer array with {want} dims, got {codes.dtype} {codes.shape}"
+        )
     if lengths is None:
         return codes
     if mode == "2d" or lengths.shape != (len(codes),) or (lengths < 0).any() or (lengths > codes.shape[1]).any():
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     try:
         args = _parser().parse_args(argv)
+        if args.mode == "2d" and args.backend is not None:
+            raise _UsageError("--backend applies to 1d/flat; 2d runs in the built-in grid engine")
         codes = load_codes(args.codes, args.mode)
         codebook_size = args.codebook_size if args.codebook_size is not None else _default_codebook_size(codes)
         try:

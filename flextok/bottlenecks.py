@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -63,7 +64,9 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.kind == "fsq":
             quantized, indices = self.impl(x)
-            aux = x.new_zeros(())
+            # FSQ bounds with tanh: inputs pushed past ~±1 saturate at the extreme codes, where gradients
+            # vanish and codes collapse. A penalty on the excess keeps them in the usable range.
+            aux = F.relu(x.float().abs() - 1.0).pow(2).mean()
         else:
             quantized, indices, aux = self.impl(x)
         indices = indices.long()

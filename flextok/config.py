@@ -95,6 +95,7 @@ class FlexTokConfig:
     token_set: bool = False
     decoder: Literal["rectified_flow", "diffusion"] = "rectified_flow"
     prediction: Literal["v", "eps"] = "v"  # diffusion decoder
+    time_logit_mean: float = 0.0  # rectified flow: t = sigmoid(N(mean, 1)); > 0 favours noisier t
     cond_dropout: float = 0.1  # null-condition probability, for classifier-free guidance
     sample_steps: int = 8
     guidance: float = 1.0

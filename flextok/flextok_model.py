@@ -70,7 +70,7 @@ class FlexTok(HubMixin, nn.Module):
         self.register_pos = None if config.token_set else nn.Parameter(torch.randn(r, config.decoder_dim) * 0.02)
         self.mask_token = nn.Parameter(torch.zeros(config.decoder_dim))
         trunk = DecoderTrunk(patch_dim, self.grid, config.decoder_dim, config.decoder_depth, config.decoder_heads)
-        self.decoder = build_decoder(config.decoder, trunk, config.prediction)
+        self.decoder = build_decoder(config.decoder, trunk, config.prediction, config.time_logit_mean)
         # 1/std of the targets, measured on the first training batch so flow noise and data share a scale
         self.register_buffer("target_scale", torch.zeros(()))
 
@@ -224,23 +224,25 @@ class FlexTok(HubMixin, nn.Module):
         return indices, keep
 
     def _adaptive(self, images, tokens, target_psnr, target_mse, steps, seed) -> list[torch.Tensor]:
+        """Shortest prefix (1, 2, 4, ..., R) meeting the target. Every pass decodes the whole batch so that
+        each image keeps its own noise row, exactly as in a later `detokenize(result, seed=seed)` call."""
         if self.token_set:
             raise ValueError("adaptive length needs ordered tokens; token sets have a fixed size")
         chosen = [self.num_registers] * len(tokens)
-        pending = list(range(len(tokens)))
+        pending = set(range(len(tokens)))
         targets = self.to_target(images) if target_mse is not None else None
         for k in powers_of_two_upto(self.num_registers)[:-1]:
+            x0 = self._sample_targets([t[:k] for t in tokens], steps, None, seed)
+            if target_mse is not None:
+                ok = F.mse_loss(x0, targets, reduction="none").flatten(1).mean(1) <= target_mse
+            else:
+                ok = psnr(self.from_target(x0), images) >= target_psnr
+            for i in sorted(pending):
+                if ok[i]:
+                    chosen[i] = k
+                    pending.discard(i)
             if not pending:
                 break
-            x0 = self._sample_targets([tokens[i][:k] for i in pending], steps, None, seed)
-            if target_mse is not None:
-                ok = F.mse_loss(x0, targets[pending], reduction="none").flatten(1).mean(1) <= target_mse
-            else:
-                ok = psnr(self.from_target(x0), images[pending]) >= target_psnr
-            for i, good in zip(list(pending), ok.tolist()):
-                if good:
-                    chosen[i] = k
-                    pending.remove(i)
         return [t[:k] for t, k in zip(tokens, chosen)]
 
     def _fit_images(self, images: torch.Tensor) -> torch.Tensor:

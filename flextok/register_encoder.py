@@ -29,7 +29,7 @@ class RegisterEncoder(nn.Module):
         super().__init__()
         self.proj_in = nn.Linear(patch_dim, dim)
         self.register_buffer("pos", sincos_2d(grid, dim), persistent=False)
-        self.registers = nn.Parameter(torch.randn(num_registers, dim) * 0.02)
+        self.registers = nn.Parameter(torch.randn(num_registers, dim))  # unit scale: distinct roles from step 0
         self.trunk = Encoder(dim=dim, depth=depth, heads=heads, attn_flash=True, ff_glu=True, ff_mult=4)
         self.register_buffer(
             "mask", register_attention_mask(grid * grid, num_registers, causal_registers), persistent=False

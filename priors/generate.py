@@ -50,12 +50,15 @@ def generate_images(
     if isinstance(prior, FlowPrior):
         tokens = prior.sample(labels, num_samples, steps=steps, cfg_scale=cfg_scale, seed=seed)
     else:
+        budget = {}
+        if prior.config.tokens == "bpe":  # BPE ids were encoded from full code sequences: spell exactly that many
+            codec = codec or load_codec(prior.config.bpe)
+            budget = {"code_sizes": torch.as_tensor(codec.token_sizes()), "num_codes": tokenizer.tokens_per_image}
         tokens = sample_tokens(
             prior, labels, num_samples, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-            cfg_scale=cfg_scale, seed=seed,
+            cfg_scale=cfg_scale, seed=seed, **budget,
         )
-        if prior.config.tokens == "bpe":
-            codec = codec or load_codec(prior.config.bpe)
+        if budget:
             tokens = [torch.as_tensor(codec.decode(t.numpy())).long().flatten() for t in tokens]
     images = tokenizer.detokenize(tokens, **(decode_kwargs or {})).cpu()
     if path is not None:

@@ -8,6 +8,7 @@ extra rows. Generation is fixed-length (k tokens) or runs until every row has pr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .discrete import DiscretePrior
 from .kv_decoder import KVCacheDecoder
@@ -60,19 +61,26 @@ class GuidedDecoder:
 @torch.no_grad()
 def sample_tokens(prior: DiscretePrior, labels: torch.Tensor | None = None, num_samples: int | None = None, *,
                   length: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  cfg_scale: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+                  cfg_scale: float = 1.0, seed: int = 0, code_sizes: torch.Tensor | None = None,
+                  num_codes: int | None = None) -> list[torch.Tensor]:
     """Sample one 1D LongTensor of ids per row (EOS stripped).
 
     `labels` [B] (or `num_samples` rows, unconditional). `length` forces exactly that many tokens
     (EOS is never drawn); by default a fixed-length prior gives its trained length and a variable-length
     prior stops each row at EOS (at most `max_length` tokens). Token-set priors draw a sorted multiset.
+    BPE priors pass `code_sizes` (codes per id, [V]) and `num_codes`: each row then spells exactly
+    `num_codes` codes (ids that would overshoot are masked; EOS comes exactly when the count is reached),
+    so every sample decodes to a full code sequence.
     """
     batch = len(labels) if labels is not None else num_samples
     if not batch:
         raise ValueError("give labels or a positive num_samples")
     if length is not None and not 1 <= length <= prior.max_length:
         raise ValueError(f"length must be in 1..{prior.max_length}, got {length}")
-    steps = length or prior.max_length
+    budgeted = code_sizes is not None
+    if budgeted and (not prior.variable_length or length is not None or not num_codes):
+        raise ValueError("a code budget needs a variable-length prior, num_codes, and no forced length")
+    steps = num_codes if budgeted else length or prior.max_length
     stops_at_eos = prior.variable_length and length is None
     device = prior.net.token_emb.emb.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -81,13 +89,21 @@ def sample_tokens(prior: DiscretePrior, labels: torch.Tensor | None = None, num_
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     decoder = GuidedDecoder(prior, labels, batch, cfg_scale, steps)
     ids = torch.arange(prior.vocab_size + int(prior.variable_length), device=device)
+    if budgeted:  # EOS spells no code; it is allowed only once nothing remains (below)
+        sizes = F.pad(code_sizes.to(device=device, dtype=torch.long), (0, 1))
+        remaining = torch.full((batch,), num_codes, dtype=torch.long, device=device)
     logits = decoder.start()
     for i in range(steps):
-        if prior.variable_length and (i == 0 or not stops_at_eos):
+        if budgeted:
+            logits.masked_fill_(sizes > remaining[:, None], float("-inf"))
+            logits[:, prior.eos_id] = torch.where(remaining == 0, logits[:, prior.eos_id], float("-inf"))
+        elif prior.variable_length and (i == 0 or not stops_at_eos):
             logits[:, prior.eos_id] = float("-inf")  # an image has at least one token
         if prior.token_set and i > 0:
             logits.masked_fill_(ids < out[:, i - 1, None], float("-inf"))
         token = filter_and_sample(logits, temperature, top_k, top_p, generator)
+        if budgeted:
+            remaining -= sizes[token]
         out[:, i] = token
         if stops_at_eos:
             ended = (token == prior.eos_id) & ~done

@@ -19,3 +19,7 @@ def eight_images():
     from flextok.data import load_images
 
     return load_images(DataConfig(resolution=16, eval_crops_per_photo=4), "test", limit=8).images
+
+
+# Tiny models are overhead-bound; one thread is as fast and immune to oversubscription on 2 cores.
+torch.set_num_threads(1)

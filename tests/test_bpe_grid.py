@@ -26,7 +26,9 @@ def grid_datasets(draw) -> np.ndarray:
 @SETTINGS
 @given(data=grid_datasets(), ratio=st.sampled_from([0.3, 1.0]), max_area=st.sampled_from([2, 6, 25]))
 def test_training_on_arbitrary_grids_round_trips(data, ratio, max_area):
-    codec = BPECodec.train(data, codebook_size=3, vocab_size=40, mode="2d", batch_ratio=ratio, max_token_length=max_area)
+    codec = BPECodec.train(
+        data, codebook_size=3, vocab_size=40, mode="2d", batch_ratio=ratio, max_token_length=max_area
+    )
     assert codec.token_sizes().max() <= max(max_area, 1)
     ids = codec.encode_batch(data)
     for grid, tokens, back in zip(data, ids, codec.decode_batch(ids)):
@@ -44,7 +46,10 @@ def test_encoding_the_training_data_reaches_the_training_compression():
 
 
 @SETTINGS
-@given(keys=st.lists(st.integers(0, 2**40), min_size=0, max_size=300, unique=True), probes=st.lists(st.integers(0, 2**40), max_size=300))
+@given(
+    keys=st.lists(st.integers(0, 2**40), max_size=300, unique=True),
+    probes=st.lists(st.integers(0, 2**40), max_size=300),
+)
 def test_pair_lookup_matches_a_dict(keys, probes):
     lookup = PairLookup(np.array(keys, np.int64))
     expected = {k: i for i, k in enumerate(keys)}
@@ -59,3 +64,20 @@ def test_runs_keep_every_other_pair_from_the_start():
     # order of the occurrences must not matter
     order = np.array([4, 2, 0, 3, 1])
     assert first_of_runs(left[order], right[order], 10).tolist() == [True, True, True, False, False]
+
+
+def test_large_batches_run_in_parallel_chunks_and_name_global_positions():
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 3, size=(1500, 3, 4))
+    codec = BPECodec.train(data, codebook_size=3, vocab_size=30, mode="2d")
+    ids = codec.encode_batch(data)
+    assert all(np.array_equal(a, codec.encode(x)) for a, x in zip(ids[::97], data[::97]))
+    assert np.array_equal(np.stack(codec.decode_batch(ids)), data)
+    broken = list(ids)
+    broken[1234] = broken[1234][:-1]
+    with pytest.raises(ValueError, match="grid 1234, the"):
+        codec.decode_batch(broken)
+    bad = data.copy()
+    bad[1400, 2, 1] = 3
+    with pytest.raises(ValueError, match="grid 1400, row 2, col 1"):
+        codec.encode_batch(bad)

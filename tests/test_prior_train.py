@@ -1,0 +1,230 @@
+"""train_prior.py on DeepSpeed (CPU, gloo): learning, ZeRO-2/3 save/load/resume, crash safety, export,
+the flow prior, clean config errors, and the real `deepspeed --num_gpus 2` launcher.
+
+Everything but the launcher test runs in this process (one DeepSpeed process group, world size 1), so
+DeepSpeed's start-up cost is paid once; `init_distributed` skips the shared-memory op compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flextok.config import GridConfig, load_config
+from flextok.grid_autoencoder import GridAutoencoder
+from flextok.hub import load_model
+from priors import DiscretePrior, FlowPrior, generate_images
+from priors.deepspeed_utils import POINTER, consolidated_weights, ensure_launch_env, free_port, read_pointer
+from priors.trainer import PriorTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TINY = [
+    "data.resolution=16", "data.crops_per_photo=16", "data.eval_crops_per_photo=4", "data.eval_images=8",
+    "prior.dim=64", "prior.heads=2", "prior.depth=2", "prior_train.micro_batch_size=8",
+    "prior_train.log_every=1", "prior_train.num_samples=6", "prior_train.warmup_steps=2", "prior_train.threads=1",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_group():
+    """The env a plain `python train_prior.py` sets for itself, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    ensure_launch_env()
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("priors")
+
+
+@pytest.fixture(scope="module")
+def vq_tokenizer(workdir) -> Path:
+    """A quantized grid autoencoder, freshly trained for a few steps with the tokenizer trainer."""
+    from flextok.training import TokenizerTrainer
+
+    cfg = load_config(REPO / "configs/grid_vq.yaml", [
+        f"out_dir={workdir}", "name=vq", "data.resolution=16", "data.crops_per_photo=16", "data.eval_crops_per_photo=4",
+        "data.eval_images=8", "grid.channels=16", "grid.fsq_levels=[8,5]", "train.steps=3", "train.batch_size=8",
+        "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3", "train.threads=1",
+    ])
+    return TokenizerTrainer(cfg).train()
+
+
+@pytest.fixture(scope="module")
+def kl_tokenizer(workdir) -> Path:
+    torch.manual_seed(0)
+    return GridAutoencoder(GridConfig(channels=16, bottleneck="kl"), resolution=16).save_pretrained(workdir / "kl")
+
+
+def config(workdir: Path, tokenizer: Path, name: str, *overrides: str):
+    return load_config(REPO / "configs/prior_tiny.yaml", [
+        f"out_dir={workdir}", f"name={name}", f"prior.tokenizer={tokenizer}", f"prior.cache_dir={workdir / 'cache'}",
+        *TINY, *overrides,
+    ])
+
+
+def records(run_dir: Path, key: str) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r[key] for r in map(json.loads, lines) if key in r]
+
+
+def test_one_process_deepspeed_run_learns(workdir, vq_tokenizer):
+    cfg = config(workdir, vq_tokenizer, "learn", "prior_train.steps=40", "prior_train.lr=0.003",
+                 "prior_train.eval_every=20", "prior_train.sample_every=40", "prior_train.checkpoint_every=20")
+    final = PriorTrainer(cfg).train()
+    losses, bits = records(cfg.run_dir, "loss"), records(cfg.run_dir, "val_bits_per_image")
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert len(bits) == 2 and bits[1] < bits[0]
+    assert records(cfg.run_dir, "val_bits_per_image_cond") == []  # held-out photographs are unseen classes
+    assert all(rate > 0 for rate in records(cfg.run_dir, "tokens_per_s"))
+    assert (cfg.run_dir / "samples" / "step_0000040.png").is_file()
+    prior = load_model(final)
+    assert isinstance(prior, DiscretePrior) and prior.max_length == 16 and prior.config.num_classes == 6
+    images = generate_images(prior, load_model(vq_tokenizer), [0, 1, 2], cfg_scale=2.0, top_k=20)
+    assert images.shape == (3, 3, 16, 16)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_resume_matches_an_uninterrupted_run(workdir, vq_tokenizer, stage):
+    extra = (f"prior_train.zero_stage={stage}", "prior_train.steps=6", "prior_train.grad_accumulation=2",
+             "prior_train.checkpoint_every=3", "prior_train.eval_every=6", "prior_train.sample_every=6",
+             "prior.dropout=0.1")
+    whole = config(workdir, vq_tokenizer, f"whole{stage}", *extra)
+    PriorTrainer(whole).train()
+
+    parts = config(workdir, vq_tokenizer, f"parts{stage}", *extra)
+    first = PriorTrainer(parts)
+    while first.step < 3:
+        first.log({"step": first.step + 1, "loss": first.train_step()["loss"]})
+        first.step += 1
+    first.save_checkpoint()
+    first.log({"step": 4, "loss": first.train_step()["loss"]})  # progress past the checkpoint, then "killed"
+    del first
+    resumed = PriorTrainer(parts, resume=True)
+    assert resumed.step == 3
+    resumed.train()
+
+    torch.testing.assert_close(records(parts.run_dir, "loss"), records(whole.run_dir, "loss"), rtol=1e-5, atol=1e-6)
+    a, b = load_model(whole.run_dir / "final").state_dict(), load_model(parts.run_dir / "final").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert [p.name for p in (parts.run_dir / "checkpoints").glob("step_*")] == ["step_00000006"]
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_loadable(workdir, vq_tokenizer, monkeypatch):
+    cfg = config(workdir, vq_tokenizer, "killed", "prior_train.zero_stage=2", "prior_train.steps=10")
+    trainer = PriorTrainer(cfg)
+    for _ in range(2):
+        trainer.train_step()
+        trainer.step += 1
+    trainer.save_checkpoint()
+    trainer.train_step()
+    trainer.step += 1
+
+    def dies_while_writing(save_dir, tag, **kwargs):
+        (Path(save_dir) / tag).mkdir()
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+        raise SystemExit("SIGKILL stand-in")
+
+    monkeypatch.setattr(trainer.engine, "save_checkpoint", dies_while_writing)
+    with pytest.raises(SystemExit):
+        trainer.save_checkpoint()
+    checkpoints = cfg.run_dir / "checkpoints"
+    assert read_pointer(checkpoints)["tag"] == "step_00000002"
+    assert set(consolidated_weights(checkpoints, 2, bf16=False)) == set(trainer.engine.module.state_dict())
+    resumed = PriorTrainer(cfg, resume=True)
+    assert resumed.step == 2 and not (checkpoints / "step_00000003").exists()
+
+
+def test_flow_prior_loss_falls_and_samples(workdir, kl_tokenizer):
+    cfg = config(workdir, kl_tokenizer, "flow", "prior.kind=flow", "prior_train.steps=40", "prior_train.lr=0.002",
+                 "prior_train.eval_every=20", "prior_train.sample_every=40", "prior_train.checkpoint_every=40",
+                 "prior_train.sample_steps=4")
+    final = PriorTrainer(cfg).train()
+    losses, val = records(cfg.run_dir, "loss"), records(cfg.run_dir, "val_loss")
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert len(val) == 2 and val[1] < val[0]
+    prior = load_model(final)
+    assert isinstance(prior, FlowPrior) and prior.latent_std.min() > 0 and (prior.latent_std != 1).all()
+    images = generate_images(prior, load_model(kl_tokenizer), [0, 5], steps=4, cfg_scale=2.0)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_user_errors_exit_with_code_2(workdir, vq_tokenizer, kl_tokenizer, capsys):
+    import train_prior
+
+    base = ["--config", str(REPO / "configs/prior_tiny.yaml"), f"out_dir={workdir}", *TINY,
+            f"prior.cache_dir={workdir / 'cache'}"]
+    assert train_prior.main([*base, "prior_train.zero_stage=4"]) == 2
+    assert "zero_stage" in capsys.readouterr().err
+    assert train_prior.main([*base, "name=missing", f"prior.tokenizer={workdir / 'nowhere'}"]) == 2
+    assert "not found" in capsys.readouterr().err
+    PriorTrainer(config(workdir, vq_tokenizer, "mismatch", "prior_train.steps=1")).train()
+    assert train_prior.main([*base, "name=mismatch", f"prior.tokenizer={kl_tokenizer}", "prior.kind=flow"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # resuming on another tokenizer's tokens
+    assert train_prior.main([*base, "name=mismatch", f"prior.tokenizer={kl_tokenizer}", "prior.kind=flow",
+                             "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on tokens of tokenizer" in err and len(err.splitlines()) == 1
+
+
+def test_sigkill_at_any_moment_leaves_a_resumable_run(workdir, vq_tokenizer):
+    """A real SIGKILL, at a random moment after the first checkpoint, then `--resume` to the end."""
+    common = [sys.executable, str(REPO / "train_prior.py"), "--config", str(REPO / "configs/prior_tiny.yaml"),
+              f"out_dir={workdir}", "name=sigkill", f"prior.tokenizer={vq_tokenizer}",
+              f"prior.cache_dir={workdir / 'cache'}", *TINY, "prior_train.checkpoint_every=1",
+              "prior_train.zero_stage=2", "prior_train.eval_every=1000", "prior_train.sample_every=1000"]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    process = subprocess.Popen([*common, "prior_train.steps=1000"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    pointer = workdir / "sigkill" / "checkpoints" / POINTER
+    deadline = time.time() + 120
+    while not pointer.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.05 + 0.5 * torch.rand(()).item())  # somewhere inside the train/save cycle
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = read_pointer(pointer.parent)["step"]
+    done = subprocess.run([*common, f"prior_train.steps={killed_at + 2}", "--resume"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert isinstance(load_model(workdir / "sigkill" / "final"), DiscretePrior)
+    assert [p.name for p in pointer.parent.glob("step_*")] == [f"step_{killed_at + 2:08d}"]
+
+
+@pytest.mark.launcher
+def test_deepspeed_launcher_two_ranks(workdir, vq_tokenizer):
+    """`deepspeed --num_gpus 2 train_prior.py --config configs/prior_tiny.yaml` (two CPU ranks, ZeRO-3)."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    run = subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "train_prior.py",
+         "--config", "configs/prior_tiny.yaml", f"out_dir={workdir}", "name=launcher",
+         f"prior.tokenizer={vq_tokenizer}", f"prior.cache_dir={workdir / 'cache'}", *TINY,
+         "prior_train.steps=4", "prior_train.zero_stage=3", "prior_train.eval_every=4", "prior_train.sample_every=4",
+         "prior_train.checkpoint_every=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_dir = workdir / "launcher"
+    assert "world_size: 2" in run.stdout + run.stderr  # the ZeRO-3 export merged two ranks' shards
+    assert len(records(run_dir, "loss")) == 4 and len(records(run_dir, "val_bits_per_image")) == 1
+    assert isinstance(load_model(run_dir / "final"), DiscretePrior)
