@@ -209,6 +209,79 @@ class PriorTrainConfig:
 
 
 @dataclass
+class EvalTokenizerConfig:
+    """One tokenizer `evaluate.py` measures; its family (1d, token_set, grid_vq, grid_kl) is read from the model."""
+
+    name: str = ""  # row label and file-name part: letters, digits, . _ + -
+    path: str = ""  # folder or hub id of a saved tokenizer
+    bpe: Optional[str] = None  # a bpe_image codec over its codes: rate from the post-BPE count, quality unchanged
+    adaptive_psnr: Optional[float] = None  # 1D tokenizers: this entry's target instead of eval.adaptive_psnr
+
+    def __post_init__(self):
+        _check(_is_entry_name(self.name), "name' must be non-empty letters, digits, '.', '_', '+' or '-'", self.name)
+        _check(bool(self.path), "path' must be set", self.path)
+
+
+@dataclass
+class EvalPriorConfig:
+    """One prior `evaluate.py` measures (held-out NLL, gFID, sampling speed)."""
+
+    name: str = ""
+    path: str = ""
+    tokenizer: Optional[str] = None  # None = the tokenizer path stored in the prior's own config
+
+    def __post_init__(self):
+        _check(_is_entry_name(self.name), "name' must be non-empty letters, digits, '.', '_', '+' or '-'", self.name)
+        _check(bool(self.path), "path' must be set", self.path)
+
+
+@dataclass
+class EvalConfig:
+    """`evaluate.py`: tokenizers and priors side by side; the report goes to runs/<name>/report/."""
+
+    tokenizers: list[EvalTokenizerConfig] = field(default_factory=list)
+    priors: list[EvalPriorConfig] = field(default_factory=list)
+    num_images: int = 64  # held-out images (the first ones of data.eval_split): reconstruction metrics, prior NLL
+    train_images: int = 2048  # seeded subset of data.train_split: the dataset classifier's data, the gFID reference
+    fid_backbone: Literal["dataset_classifier", "inception"] = "dataset_classifier"
+    inception_weights: Optional[str] = None  # None = $FLEXTOK_INCEPTION_WEIGHTS; never downloaded
+    classifier_steps: int = 500  # dataset classifier training steps (trained once, cached)
+    adaptive_psnr: Optional[float] = 25.0  # 1D tokenizers' adaptive-length target in dB; null = no adaptive row
+    decoder_steps: Optional[int] = None  # FlexTok decoding steps; None = each tokenizer's own sample_steps
+    guidance: Optional[float] = None  # FlexTok decoder CFG; None = the tokenizer's own (adaptive choice uses it)
+    gfid_samples: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0  # priors with classes: 0 = unconditional, 1 = conditional, >1 = guided
+    flow_steps: int = 25  # Euler steps of flow priors
+    batch_size: int = 32
+    grid_rows: int = 8  # held-out images shown in reconstructions.png
+    cache_dir: Optional[str] = None  # None = <out_dir>/eval_cache
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        for key in ("num_images", "train_images", "gfid_samples"):
+            _check(getattr(self, key) >= 2, f"{key}' must be at least 2 (FID needs a covariance)", getattr(self, key))
+        for key in ("classifier_steps", "flow_steps", "batch_size", "grid_rows"):
+            _check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
+        _check(self.decoder_steps is None or self.decoder_steps > 0, "decoder_steps' must be positive",
+               self.decoder_steps)
+        _check(self.temperature > 0, "temperature' must be positive", self.temperature)
+        _check(self.top_k >= 0, "top_k' must be >= 0", self.top_k)
+        _check(0.0 < self.top_p <= 1.0, "top_p' must be in (0, 1]", self.top_p)
+        _check(self.cfg_scale >= 0, "cfg_scale' must be >= 0", self.cfg_scale)
+        for key, entries in (("tokenizers", self.tokenizers), ("priors", self.priors)):
+            names = [e.name for e in entries]
+            _check(len(set(names)) == len(names), f"{key}' names must be unique", names)
+
+
+def _is_entry_name(name: str) -> bool:
+    """Entry names label rows and name files (samples_<name>.png), so they stay file-name safe."""
+    return bool(name) and all(c.isalnum() or c in "._+-" for c in name)
+
+
+@dataclass
 class Config:
     name: str = "run"
     out_dir: str = "runs"
@@ -221,6 +294,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:

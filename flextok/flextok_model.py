@@ -139,7 +139,10 @@ class FlexTok(HubMixin, nn.Module):
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images -> (quantized codes [B, R, q], indices [B, R], quantizer aux loss)."""
-        x0 = self.to_target(images)
+        return self.encode_targets(self.to_target(images))
+
+    def encode_targets(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Target patches (scaled latents or pixels) -> (codes, indices, aux loss)."""
         return self.quantizer(self.to_code(self.encoder(x0)))
 
     def condition(self, codes: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -180,7 +183,7 @@ class FlexTok(HubMixin, nn.Module):
     def detokenize(self, tokens: list[torch.Tensor], steps: int | None = None, guidance: float | None = None,
                    seed: int = 0) -> torch.Tensor:
         """Token sequences of any lengths 1..R (in one call) -> images; deterministic for a given seed."""
-        x0 = self._sample_targets(tokens, steps, guidance, seed)
+        x0 = self.sample_targets(tokens, steps, guidance, seed)
         return self.from_target(x0)
 
     @torch.no_grad()
@@ -190,9 +193,9 @@ class FlexTok(HubMixin, nn.Module):
         ks = [self.num_registers] if self.token_set else powers_of_two_upto(self.num_registers)
         return {f"k={k}": self.detokenize([t[:k] for t in tokens], seed=seed) for k in ks}
 
-    # -- internals --------------------------------------------------------------------------------
-    def _sample_targets(self, tokens: list[torch.Tensor], steps: int | None, guidance: float | None,
-                        seed: int) -> torch.Tensor:
+    def sample_targets(self, tokens: list[torch.Tensor], steps: int | None = None, guidance: float | None = None,
+                       seed: int = 0) -> torch.Tensor:
+        """Token lists -> decoded target patches (before `from_target`), for callers that stay in latent space."""
         indices, keep = self._pack(tokens)
         codes = self.quantizer.codes_from_indices(indices)
         cond = self.condition(codes, keep)
@@ -203,6 +206,7 @@ class FlexTok(HubMixin, nn.Module):
             steps or self.config.sample_steps, self.config.guidance if guidance is None else guidance, generator,
         )
 
+    # -- internals --------------------------------------------------------------------------------
     def _pack(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate and pad variable-length token lists to [B, R] indices plus keep counts [B]."""
         if len(tokens) == 0:
@@ -232,7 +236,7 @@ class FlexTok(HubMixin, nn.Module):
         pending = set(range(len(tokens)))
         targets = self.to_target(images) if target_mse is not None else None
         for k in powers_of_two_upto(self.num_registers)[:-1]:
-            x0 = self._sample_targets([t[:k] for t in tokens], steps, None, seed)
+            x0 = self.sample_targets([t[:k] for t in tokens], steps, None, seed)
             if target_mse is not None:
                 ok = F.mse_loss(x0, targets, reduction="none").flatten(1).mean(1) <= target_mse
             else:
@@ -265,7 +269,7 @@ class FlexTokObjective(nn.Module):
     def forward(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         m, cfg = self.model, self.model.config
         x0 = m.to_target(images)
-        codes, indices, aux = m.quantizer(m.to_code(m.encoder(x0)))
+        codes, indices, aux = m.encode_targets(x0)
         b = len(images)
         if cfg.token_set:
             keep = torch.full((b,), m.num_registers, device=images.device)

@@ -1,0 +1,117 @@
+"""The whole pipeline on the embedded photographs, CPU-sized, one command:
+
+    python quickstart.py [--force] [--scale 1.0]
+
+Stages (each reuses its finished artifact on a re-run; --force retrains everything):
+grid KL autoencoder -> 1D tokenizer on its latents -> grid FSQ baseline -> BPE codecs on both code streams
+-> priors with the DeepSpeed launcher (2 CPU ranks): 1D tokens, BPE'd 1D tokens, grid codes, and a flow
+prior on KL latents -> evaluate.py. Everything lands in runs/quickstart/<stage>/, the report in
+runs/quickstart/report/. `--scale` multiplies every stage's step count (CI runs a reduced chain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+OUT = Path("runs/quickstart")
+
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]
+    artifact: str  # relative to OUT: the stage is finished when this exists
+    steps_key: str | None = None  # the config key whose step count --scale multiplies
+    steps: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, scale: float) -> list[str]:
+        if self.steps_key is None:
+            return self.command
+        return [*self.command, f"{self.steps_key}={max(2, round(self.steps * scale))}"]
+
+
+def tokenizer_stage(name: str, config: str, steps: int) -> Stage:
+    return Stage(name, [sys.executable, "train_tokenizer.py", "--config", config], f"{name}/final/model.safetensors",
+                 "train.steps", steps)
+
+
+def bpe_stage(name: str, tokenizer: str, mode: str, vocab_size: int) -> Stage:
+    return Stage(
+        name,
+        [sys.executable, "-m", "bpe_image.from_tokenizer", "--tokenizer", str(OUT / tokenizer / "final"),
+         "--config", "configs/grid_kl.yaml", "--mode", mode, "--vocab-size", str(vocab_size), "--out",
+         str(OUT / name)],
+        f"{name}/bpe_config.json",
+    )
+
+
+def prior_stage(name: str, steps: int, *overrides: str) -> Stage:
+    launcher = ["deepspeed", "--num_gpus", "2", "train_prior.py", "--config", "configs/prior_tiny.yaml"]
+    return Stage(name, [*launcher, f"name={name}", *overrides], f"{name}/final/model.safetensors",
+                 "prior_train.steps", steps)
+
+
+def stages() -> list[Stage]:
+    tok = lambda name: f"prior.tokenizer={OUT / name / 'final'}"  # noqa: E731
+    return [
+        tokenizer_stage("grid_kl", "configs/grid_kl.yaml", 1000),
+        tokenizer_stage("1d_tiny", "configs/1d_tiny.yaml", 2000),
+        tokenizer_stage("grid_vq", "configs/grid_vq.yaml", 600),
+        bpe_stage("bpe_1d", "1d_tiny", "1d", 1400),
+        bpe_stage("bpe_grid", "grid_vq", "2d", 1400),
+        prior_stage("prior_1d", 300, tok("1d_tiny")),
+        prior_stage("prior_1d_bpe", 300, tok("1d_tiny"), "prior.tokens=bpe", f"prior.bpe={OUT / 'bpe_1d'}"),
+        prior_stage("prior_grid_vq", 300, tok("grid_vq")),
+        prior_stage("prior_kl", 300, tok("grid_kl"), "prior.kind=flow"),
+        Stage("report", [sys.executable, "evaluate.py", "--config", "configs/eval_tiny.yaml"], "report/summary.md"),
+    ]
+
+
+def run_stage(stage: Stage, scale: float, force: bool) -> float:
+    done = OUT / stage.artifact
+    if done.exists() and not force:
+        print(f"[quickstart] {stage.name}: done already ({done}); --force retrains")
+        return 0.0
+    if force:
+        shutil.rmtree(OUT / stage.name, ignore_errors=True)
+    print(f"[quickstart] {stage.name}: {' '.join(stage.argv(scale))}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(stage.argv(scale), cwd=ROOT, env={**os.environ, **stage.env})
+    if proc.returncode != 0 or not done.exists():
+        raise SystemExit(
+            f"[quickstart] stage '{stage.name}' failed (exit code {proc.returncode}); earlier stages' artifacts "
+            f"are kept in {OUT}/. Fix the error above and re-run: finished stages are reused."
+        )
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="retrain every stage")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's training steps")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    timings = {}
+    total = time.perf_counter()
+    for stage in stages():
+        timings[stage.name] = run_stage(stage, args.scale, args.force)
+    print("\n[quickstart] stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print(f"[quickstart] total {time.perf_counter() - total:.0f}s")
+    report = OUT / "report"
+    print(f"[quickstart] summary: {report / 'summary.md'}")
+    for png in sorted(report.glob("*.png")):
+        print(f"[quickstart] plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
