@@ -1,6 +1,6 @@
 """Prior speed at the ANCHORS.md §B configuration, against that file's reference figures.
 
-    python benchmarks/bench_prior.py [--steps 6] [--threads 0]
+    python benchmarks/bench_prior.py [--rounds 6] [--threads 0]
 
 Configuration: vocab 4096 (+ EOS, null and 10 class ids), 10 classes with 10% class dropout, dim 256,
 depth 6, heads 4, sequence 128, batch 16, AdamW (wd 0.05, betas (0.9, 0.95)), grad clip 1.0, fp32.
@@ -152,9 +152,10 @@ def main() -> None:
     matmul = max(matmul, matmul_gflops())
 
     train_refs = {"LlamaGen": "train_llamagen", "x-transformers loop": "train_xtransformers"}
+    sample_refs = {"LlamaGen": "sample_llamagen", "x-transformers generate": "sample_xtransformers"}
     references = {
         **dict.fromkeys(train_steps, train_refs),
-        "sample, top-k 2000, no CFG": {"LlamaGen": "sample_llamagen", "x-transformers generate": "sample_xtransformers"},
+        "sample, top-k 2000, no CFG": sample_refs,
         "sample, top-k 2000, CFG 4.0": {"LlamaGen CFG": "sample_cfg_llamagen"},
         "x-transformers generate (here)": {"x-transformers generate": "sample_xtransformers"},
     }

@@ -245,10 +245,11 @@ class EvalConfig:
     train_images: int = 2048  # seeded subset of data.train_split: the dataset classifier's data, the gFID reference
     fid_backbone: Literal["dataset_classifier", "inception"] = "dataset_classifier"
     inception_weights: Optional[str] = None  # None = $FLEXTOK_INCEPTION_WEIGHTS; never downloaded
+    lpips_weights: Optional[str] = None  # None = $FLEXTOK_LPIPS_WEIGHTS; no weights: no LPIPS column
     classifier_steps: int = 500  # dataset classifier training steps (trained once, cached)
     adaptive_psnr: Optional[float] = 25.0  # 1D tokenizers' adaptive-length target in dB; null = no adaptive row
     decoder_steps: Optional[int] = None  # FlexTok decoding steps; None = each tokenizer's own sample_steps
-    guidance: Optional[float] = None  # FlexTok decoder CFG; None = the tokenizer's own (adaptive choice uses it)
+    guidance: Optional[float] = None  # FlexTok decoder CFG; None = the tokenizer's own, which adaptive length uses
     gfid_samples: int = 64
     temperature: float = 1.0
     top_k: int = 0

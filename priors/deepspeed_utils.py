@@ -204,15 +204,26 @@ def load_checkpoint(engine, checkpoint_dir: Path) -> dict[str, Any]:
     return client_state
 
 
-def consolidated_weights(checkpoint_dir: Path, zero_stage: int, bf16: bool) -> dict[str, torch.Tensor]:
-    """fp32 model weights from the pointed checkpoint, merging ZeRO shards; needs no process group."""
+def consolidated_weights(checkpoint_dir: Path, zero_stage: int, bf16: bool,
+                         model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 weights from the pointed checkpoint, merging ZeRO shards; needs no process group.
+
+    `model` (same architecture) names the fp32 master copies a bf16 run without ZeRO keeps in its
+    optimizer state; with ZeRO, DeepSpeed's `zero_to_fp32` merges the partitioned master copies.
+    """
     pointer = read_pointer(checkpoint_dir)
     if pointer is None:
         raise UserError(f"no checkpoint in {checkpoint_dir} to export")
-    tag_dir = checkpoint_dir / pointer["tag"]
-    if zero_stage == 0 and not bf16:  # plain data parallel: rank 0's model file holds the fp32 weights
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if zero_stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=pointer["tag"])
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=pointer["tag"])
+    state = torch.load(checkpoint_dir / pointer["tag"] / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    weights = {k: v.float() for k, v in state["module"].items()}
+    if bf16:  # the module holds bf16 copies; the optimizer holds fp32 masters, grouped as `param_groups`
+        names = {id(p): name for name, p in model.named_parameters()}
+        for group, masters in zip(param_groups(model, 0.0), state["optimizer"]["fp32_groups"]):
+            for param, master in zip(group["params"], masters):
+                weights[names[id(param)]] = master.detach().float()
+    return weights

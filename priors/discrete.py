@@ -8,11 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder, TransformerWrapper
+from x_transformers.x_transformers import LayerNorm
 
 from flextok.config import PriorConfig
 from flextok.hub import HubMixin, register_model
 
 IGNORE = -100
+LOGIT_CHUNK_BYTES = 2**24  # logits are made in chunks of at most 16 MiB (see `_token_nll`)
+
+
+class FusedLayerNorm(LayerNorm):
+    """x-transformers' LayerNorm (normalize, then a separate multiply by gamma) as one fused op.
+
+    Same parameters and state-dict keys; swapped in by class so checkpoints and the KV-cache decoder are
+    unaffected. The separate multiply was ~2% of a CPU training step.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.gamma + float(self.unit_offset), None, self.ln.eps)
 
 
 @register_model("discrete_prior")
@@ -48,6 +61,9 @@ class DiscretePrior(HubMixin, nn.Module):
                 attn_flash=True, attn_dropout=config.dropout, ff_dropout=config.dropout,
             ),
         )
+        for module in self.net.modules():
+            if type(module) is LayerNorm:
+                module.__class__ = FusedLayerNorm
 
     def extra_config(self) -> dict:
         return {
@@ -83,16 +99,30 @@ class DiscretePrior(HubMixin, nn.Module):
         """Training loss: mean next-token cross-entropy (nats) over real targets, with class dropout."""
         drop = self.config.class_dropout if self.training else 0.0
         inputs, targets = self._inputs_and_targets(tokens, self.condition_ids(labels, len(tokens), drop), lengths)
-        logits = self.net(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        return self._token_nll(inputs, targets).sum() / (targets != IGNORE).sum()
 
     def nll_bits(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                  lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Negative log-likelihood of each sequence (including its EOS) in bits: bits per image."""
         inputs, targets = self._inputs_and_targets(tokens, self.condition_ids(labels, len(tokens)), lengths)
-        logits = self.net(inputs).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-        return nll.sum(1) / math.log(2)
+        return self._token_nll(inputs, targets).sum(1) / math.log(2)
+
+    def _token_nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-position cross-entropy [B, L] (0 at ignored targets), with the output head applied in chunks.
+
+        Logits of a whole batch are large (16x128 tokens x 4096 ids = 32 MiB): allocations that size are
+        fresh mmaps whose page faults cost more than the softmax itself on CPU, and chunks also bound
+        the peak memory of big vocabularies on GPUs. The head runs as a module call per chunk, so ZeRO-3
+        gathers its weight as usual.
+        """
+        hidden = self.net(inputs, return_embeddings=True).flatten(0, 1)
+        flat_targets = targets.flatten()
+        rows = max(1, LOGIT_CHUNK_BYTES // (4 * self.net.to_logits.out_features))
+        nll = [
+            F.cross_entropy(self.net.to_logits(h).float(), t, ignore_index=IGNORE, reduction="none")
+            for h, t in zip(hidden.split(rows), flat_targets.split(rows))
+        ]
+        return torch.cat(nll).view_as(targets)
 
     def logits(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Next-token logits after each prefix of `[condition] + tokens`: [B, L+1, V(+1)]."""

@@ -39,7 +39,7 @@ class KVCacheDecoder:
             self.blocks.append((
                 _norm_weight(attn_norm),
                 torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach(),
-                attn.to_out.weight.detach(),
+                attn.to_out.weight.detach().t(),  # for addmm: the residual add comes free with the matmul
                 _norm_weight(ff_norm),
                 up.weight.detach(), up.bias.detach(), down.weight.detach(), down.bias.detach(),
             ))
@@ -49,9 +49,8 @@ class KVCacheDecoder:
         self.rotary_pairs = inv_freq.numel()  # rotary covers the first 2 * pairs dims of each head
         angles = torch.arange(max_positions, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq
         self.rotation = torch.polar(torch.ones_like(angles), angles)  # [T, pairs] complex
-        shape = (len(self.blocks), batch_size, self.heads, max_positions, self.dim_head)
-        self.keys = weight.new_empty(shape)
-        self.values = weight.new_empty(shape)
+        # keys and values side by side, so one copy per layer writes both
+        self.cache = weight.new_empty((len(self.blocks), batch_size, 2, self.heads, max_positions, self.dim_head))
         self.batch_size, self.max_positions, self.position = batch_size, max_positions, 0
 
     @torch.no_grad()
@@ -64,14 +63,14 @@ class KVCacheDecoder:
         x = F.embedding(ids, self.embedding)
         rotation = self.rotation[t]
         pairs = self.rotary_pairs
-        for layer, (norm1, qkv_weight, out_weight, norm2, up_w, up_b, down_w, down_b) in enumerate(self.blocks):
+        for cache, block in zip(self.cache, self.blocks):
+            norm1, qkv_weight, out_weight_t, norm2, up_w, up_b, down_w, down_b = block
             qkv = F.linear(F.layer_norm(x, (self.dim,), norm1, None, self.eps), qkv_weight).view(b, 3, h, d)
             torch.view_as_complex(qkv[:, :2, :, : 2 * pairs].unflatten(-1, (pairs, 2))).mul_(rotation)
-            keys, values = self.keys[layer], self.values[layer]
-            keys[:, :, t] = qkv[:, 1]
-            values[:, :, t] = qkv[:, 2]
-            attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys[:, :, : t + 1], values[:, :, : t + 1])
-            x = x + F.linear(attended.view(b, self.dim), out_weight)
+            cache[:, :, :, t] = qkv[:, 1:]
+            past = cache[:, :, :, : t + 1]
+            attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], past[:, 0], past[:, 1])
+            x = torch.addmm(x, attended.view(b, self.dim), out_weight_t)
             hidden = F.gelu(F.linear(F.layer_norm(x, (self.dim,), norm2, None, self.eps), up_w, up_b))
             x = x + F.linear(hidden, down_w, down_b)
         self.position = t + 1

@@ -311,6 +311,8 @@ def _tokenize(tokenizer, images: torch.Tensor, prior: PriorConfig, codec) -> lis
             f"prior.tokens: {prior.tokens} needs a tokenizer with prefixes (k=, target_psnr=); "
             f"{type(tokenizer).__name__} has none ({err})"
         ) from None
+    except ValueError as err:  # e.g. a prefix length the tokenizer cannot give
+        raise UserError(f"prior.tokens: {prior.tokens}: {err}") from None
     arrays = [t.detach().cpu().numpy() for t in tokens]
     if codec is None:
         return arrays

@@ -141,7 +141,8 @@ class PriorTrainer:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._epoch_order[0] != epoch:  # one permutation per epoch, computed once
-            self._epoch_order = (epoch, np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_tokens)))
+            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_tokens))
+            self._epoch_order = (epoch, order)
         return self._epoch_order[1]
 
     def batch_indices(self, step: int) -> np.ndarray:
@@ -160,12 +161,14 @@ class PriorTrainer:
         t = self.cfg.prior_train
         bar = tqdm(total=t.steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
                    disable=self.rank != 0)
-        tokens_seen, started = 0.0, time.perf_counter()
+        tokens_seen, train_seconds = 0.0, 0.0  # throughput of training steps alone (no eval, samples, saves)
         while self.step < t.steps:
+            started = time.perf_counter()
             logs = self.train_step()
+            train_seconds += time.perf_counter() - started
             self.step += 1
             tokens_seen += logs.pop("tokens")
-            rate = tokens_seen / (time.perf_counter() - started)
+            rate = tokens_seen / train_seconds
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{rate:.0f}")
             last = self.step == t.steps
@@ -267,9 +270,9 @@ class PriorTrainer:
 
     def export(self) -> Path:
         """Consolidate the last checkpoint (merging ZeRO shards, fp32) into Hub format at runs/<name>/final."""
-        weights = consolidated_weights(self.checkpoint_dir, self.cfg.prior_train.zero_stage, self.bf16)
         model = build_prior(self.cfg, self.train_tokens.spec, self.max_length)
-        model.load_state_dict(weights)
+        model.load_state_dict(consolidated_weights(self.checkpoint_dir, self.cfg.prior_train.zero_stage, self.bf16,
+                                                   model))
         return model.save_pretrained(self.run_dir / "final")
 
     def log(self, record: dict[str, Any]) -> None:

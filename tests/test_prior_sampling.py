@@ -94,6 +94,22 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert (filter_and_sample(peaked, top_p=0.5, generator=generator) == 7).all()
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.7), (4, 0.8)])
+def test_sampled_frequencies_match_the_filtered_softmax(top_k, top_p):
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5]]).repeat(40_000, 1)
+    probs = torch.softmax(logits[0] / 1.5, -1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros(6, dtype=torch.bool)
+    keep[order[: top_k or 6]] = True
+    renormalized = torch.where(keep, probs, 0.0) / probs[keep].sum()  # top-p applies after top-k
+    mass_before = renormalized[order].cumsum(0) - renormalized[order]
+    keep[order[mass_before >= top_p]] = False
+    expected = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    picked = filter_and_sample(logits, 1.5, top_k, top_p, torch.Generator().manual_seed(0))
+    observed = torch.bincount(picked, minlength=6).float() / len(picked)
+    torch.testing.assert_close(observed, expected, atol=0.01, rtol=0)
+
+
 def test_top_k_1_sampling_is_greedy_decoding():
     prior = make_prior(max_length=6)
     labels = torch.tensor([0, 1])

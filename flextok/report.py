@@ -1,0 +1,242 @@
+"""Writes an `EvaluationResult` as runs/<name>/report/: report.json, report.csv, summary.md, the
+rate-distortion plots and the image grids.
+
+Every FID in a report comes from one backbone (the cache keys include its name), and each table, axis
+label and JSON row names it, so a dataset-classifier FID can never pass for an Inception FID.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from matplotlib import ticker
+from matplotlib.figure import Figure
+
+from priors.generate import _columns as sample_columns
+
+from .evaluation import EvaluationResult
+from .hub import atomic_write
+from .visualize import save_image_grid
+
+CSV_COLUMNS = (
+    "name", "family", "mode", "k", "target_psnr", "tokens_per_image", "tokens_min", "tokens_max", "bits_per_token",
+    "bits_per_image", "bits_basis", "vocab_size", "psnr", "ssim", "rfid", "rfid_backbone", "rfid_num_real",
+    "rfid_num_fake", "lpips", "target_met", "decoder_steps", "decoder_guidance", "path", "bpe", "error",
+)
+FAMILY_COLOURS = {  # BPE variants get a related colour and a dashed line
+    "1d": "tab:blue", "1d+bpe": "tab:cyan", "token_set": "tab:purple", "token_set+bpe": "tab:pink",
+    "grid_vq": "tab:orange", "grid_vq+bpe": "tab:brown", "grid_kl": "tab:green",
+}
+
+
+def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
+    """Write every report file into `directory`; returns their paths."""
+    directory = Path(directory)
+    rows = result.tokenizer_rows
+    backbone = result.meta["fid"]["backbone"]
+    paths = [
+        _write_text(directory / "report.json", json.dumps(_json_report(result), indent=2)),
+        _write_text(directory / "report.csv", _csv_text(result)),
+        _write_text(directory / "summary.md", summary_markdown(result)),
+    ]
+    if rows:
+        paths.append(plot_tradeoff(rows, "tokens_per_image", "tokens per image", backbone,
+                                   directory / "rate_distortion.png"))
+        paths.append(plot_tradeoff(rows, "bits_per_image", "bits per image", backbone,
+                                   directory / "bits_distortion.png"))
+        paths.append(save_reconstruction_grid(result, directory / "reconstructions.png"))
+    for name, (samples, labels) in result.samples.items():
+        columns, titles = sample_columns(samples, labels)
+        paths.append(save_image_grid(columns, directory / f"samples_{name}.png", titles))
+    return paths
+
+
+def _write_text(path: Path, text: str) -> Path:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def _json_report(result: EvaluationResult) -> dict[str, Any]:
+    return {"meta": result.meta, "tokenizers": result.tokenizer_rows, "priors": result.prior_rows,
+            "errors": result.errors}
+
+
+def _csv_text(result: EvaluationResult) -> str:
+    """One row per tokenizer x mode; failed entries and rows too, with their error."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.tokenizer_rows)
+    writer.writerows(e for e in result.errors if e["kind"] == "tokenizer")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# summary.md
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _tokenizer_table(rows: list[dict[str, Any]]) -> str:
+    header = ["tokenizer", "family", "mode", "tokens/img", "bits/img", "bits counted as", "PSNR dB", "SSIM", "LPIPS",
+              "rFID", "decoder"]
+    body = []
+    for r in rows:
+        adaptive = r["target_psnr"] is not None
+        tokens = f"{r['tokens_per_image']:.2f}".removesuffix(".00")
+        tokens += f" ({r['tokens_min']}–{r['tokens_max']})" if r["tokens_min"] != r["tokens_max"] else ""
+        psnr = _fmt(r["psnr"], ".2f") + (f" (target met {r['target_met']:.0%})" if adaptive else "")
+        decoder = f"{r['decoder_steps']} steps, guidance {r['decoder_guidance']:g}" if r["decoder_steps"] else "—"
+        body.append([f"`{r['name']}`", r["family"], r["mode"], tokens, _fmt(r["bits_per_image"], ".0f"),
+                     r["bits_basis"], psnr, _fmt(r["ssim"], ".3f"), _fmt(r["lpips"], ".3f"),
+                     _fmt(r["rfid"], ".2f"), decoder])
+    return _table(header, body)
+
+
+def _sampler_text(s: dict[str, Any]) -> str:
+    parts = [s["labels"]]
+    if s.get("cfg_scale") is not None:
+        parts.append(f"cfg {s['cfg_scale']:g}")
+    if "flow_steps" in s:
+        parts.append(f"{s['flow_steps']} Euler steps")
+    else:
+        parts.append(f"temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}")
+    if "decoder_steps" in s:
+        parts.append(f"decoder {s['decoder_steps']} steps, guidance {s['decoder_guidance']:g}")
+    return "; ".join(parts + [f"seed {s['seed']}, batch {s['batch_size']}"])
+
+
+def _prior_table(rows: list[dict[str, Any]]) -> str:
+    header = ["prior", "tokens of", "held-out NLL bits/img", "tokens/img", "gFID", "samples / reference",
+              "images/s", "sampler"]
+    body = []
+    for r in rows:
+        nll = _fmt(r["nll_bits_per_image"], ".1f") if r["nll_bits_per_image"] is not None else \
+            f"— (flow prior; velocity loss {r['flow_val_loss']:.4f})"
+        source = f"{r['tokenizer_family']} ({r['tokens']}{', ' + r['bpe'] if r['bpe'] else ''})"
+        body.append([f"`{r['name']}`", source, f"{nll} (n={r['nll_images']})", _fmt(r["tokens_per_image"], ".1f"),
+                     _fmt(r["gfid"], ".2f"), f"{r['gfid_num_fake']} / {r['gfid_num_real']}",
+                     _fmt(r["sampling_images_per_s"], ".1f"), _sampler_text(r["sampler"])])
+    return _table(header, body)
+
+
+def _lpips_line(lpips: dict[str, str] | None) -> str:
+    if lpips is None:
+        return "- LPIPS: not measured (no local weights: set FLEXTOK_LPIPS_WEIGHTS or eval.lpips_weights)."
+    return f"- LPIPS: VGG16 v0.1 from `{lpips['weights']}` (fingerprint {lpips['fingerprint'][:12]})."
+
+
+def summary_markdown(result: EvaluationResult) -> str:
+    """The readable report: what was measured on which data, with which FID backbone and sample counts."""
+    meta, fid = result.meta, result.meta["fid"]
+    data = meta["data"]
+    n = data["held_out_images"]
+    lines = [
+        f"# Evaluation: {meta['name']}", "",
+        f"- Data: `{data['source']}` at {data['resolution']}x{data['resolution']}; held-out split "
+        f"`{data['eval_split']}`, first {n} images (reconstruction metrics, prior NLL). Seed {meta['seed']}.",
+        f"- FID backbone: `{fid['backbone']}`: {fid['note']}.",
+    ]
+    if "classifier" in fid:
+        c = fid["classifier"]
+        lines.append(f"  Classifier trained on {c['train_images']} `{data['train_split']}` images, {c['classes']} "
+                     f"classes, {c['steps']} steps.")
+    lines += [
+        f"- rFID: {n} held-out images vs their {n} reconstructions. gFID: samples vs a seeded subset of "
+        f"`{data['train_split']}` (counts per prior below). FID is biased upward at such small counts: compare "
+        "numbers only at equal counts and backbone.",
+        "- Bits per image: tokens x log2(vocabulary); BPE rows: the real post-BPE token count x log2(BPE "
+        "vocabulary), reconstructions being the underlying tokenizer's (BPE is lossless, checked on every "
+        "held-out image); KL rows: latent elements x 16 bits.",
+        _lpips_line(meta["lpips"]),
+        f"- Sampling speed: prior sampling + decoding, on {meta['device']} (torch threads: {meta['torch_threads']}); "
+        "a cached row keeps the speed measured when it was computed.",
+        "",
+    ]
+    if result.tokenizer_rows:
+        lines += ["## Tokenizers", "", _tokenizer_table(result.tokenizer_rows), ""]
+    if result.prior_rows:
+        lines += ["## Priors", "", "NLL: unconditional (null class), bits per image including EOS.", "",
+                  _prior_table(result.prior_rows), ""]
+    if result.errors:
+        lines += ["## Errors", ""]
+        lines += [f"- {e['kind']} `{e['name']}` ({e['path']}{', ' + e['mode'] if e['mode'] else ''}): {e['error']}"
+                  for e in result.errors]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots and grids
+# ----------------------------------------------------------------------------------------------
+
+
+def _by_name(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["name"], []).append(row)
+    return groups
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], x_key: str, x_label: str, backbone: str, path: Path) -> Path:
+    """PSNR and rFID against `x_key` on a log2 axis: one line per tokenizer coloured by family, adaptive
+    length as a star, fixed-length grid baselines as single points."""
+    figure = Figure(figsize=(12, 5.2), layout="constrained")
+    axes = figure.subplots(1, 2)
+    for name, group in _by_name(rows).items():
+        family = group[0]["family"]
+        colour = FAMILY_COLOURS.get(family, "tab:gray")
+        style = "--" if family.endswith("+bpe") else "-"
+        fixed = [r for r in group if r["target_psnr"] is None]
+        for ax, metric in zip(axes, ("psnr", "rfid")):
+            ax.plot([r[x_key] for r in fixed], [r[metric] for r in fixed], style, marker="o" if len(fixed) > 1 else "s",
+                    markersize=6 if len(fixed) > 1 else 9, color=colour, label=f"{name} ({family})")
+            for r in group:
+                if r["target_psnr"] is not None:
+                    ax.plot(r[x_key], r[metric], "*", markersize=15, color=colour, markeredgecolor="black",
+                            label=f"{name} adaptive @{r['target_psnr']:g} dB")
+    for ax, ylabel in zip(axes, ("PSNR (dB), higher is better", f"rFID, lower is better\nbackbone {backbone}")):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(f"{x_label} (log2 scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=9)
+    figure.suptitle(f"Held-out reconstruction quality against {x_label}")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    return path
+
+
+def _grid_title(row: dict[str, Any], one_1d: bool) -> str:
+    """Short enough for a 64-pixel column: k for the 1D tokenizer, name:tokens for the others."""
+    if row["family"] == "1d":
+        return f"k={row['k']}" if one_1d else f"{row['name']}:{row['k']}"
+    return f"{row['name']}:{row['tokens_per_image']:g}"
+
+
+def save_reconstruction_grid(result: EvaluationResult, path: Path) -> Path:
+    """Rows: held-out images. Columns: each 1D tokenizer at k = 1, 2, 4, ..., R, then the fixed-length
+    tokenizers (token sets, grid baselines), then the original. BPE rows are skipped: BPE is lossless."""
+    plain = [r for r in result.tokenizer_rows if not r["family"].endswith("+bpe") and r["target_psnr"] is None]
+    order: Callable[[dict[str, Any]], int] = lambda r: 0 if r["family"] == "1d" else 1  # noqa: E731
+    chosen = sorted(plain, key=order)  # stable: config order within each group
+    one_1d = len({r["name"] for r in chosen if r["family"] == "1d"}) == 1
+    columns = [result.previews[(r["name"], r["mode"])] for r in chosen] + [result.originals]
+    titles = [_grid_title(r, one_1d) for r in chosen] + ["original"]
+    return save_image_grid(columns, path, titles)

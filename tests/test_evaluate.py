@@ -1,0 +1,304 @@
+"""evaluate.py end to end on tiny untrained models: report files and schema, bits-per-image arithmetic per
+family, cached results reused (and only new rows computed), failing entries reported, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import evaluate
+from bpe_image import BPECodec
+from flextok import FlexTok, GridAutoencoder
+from flextok.config import ConfigError, DataConfig, FlexTokConfig, GridConfig, PriorConfig, load_config
+from flextok.data import load_images
+from flextok.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
+from priors import DiscretePrior, FlowPrior, fingerprint_model
+
+DATA = {"source": "builtin:skimage", "resolution": 16, "crops_per_photo": 8, "eval_crops_per_photo": 4}
+FSQ = [8, 5]  # 40 codes
+NUM_IMAGES, GFID_SAMPLES, TRAIN_IMAGES = 8, 12, 48
+SMALL_PRIOR = dict(dim=32, depth=1, heads=2)
+
+
+def images(split: str) -> torch.Tensor:
+    return load_images(DataConfig(**DATA), split).images
+
+
+def save_tokenizers(root: Path) -> dict[str, torch.nn.Module]:
+    """A quantized and a KL grid autoencoder, a pixel-space FlexTok (R=8), and a VQ at the wrong resolution."""
+    torch.manual_seed(0)
+    models = {
+        "vq": GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=FSQ), resolution=16),
+        "kl": GridAutoencoder(GridConfig(channels=16, bottleneck="kl"), resolution=16),
+        "oned": FlexTok.from_config(FlexTokConfig(
+            input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2, decoder_dim=32,
+            decoder_depth=1, decoder_heads=2, fsq_levels=FSQ, sample_steps=2), 16),
+        "vq32": GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=FSQ), resolution=32),
+    }
+    models["oned"].to_target(images("train")[:8])  # what training does first: fix the target scale
+    for name, model in models.items():
+        model.eval().save_pretrained(root / name)
+    return models
+
+
+def save_codecs(root: Path, models: dict[str, torch.nn.Module]) -> None:
+    train = images("train")
+    codes_1d = torch.stack(models["oned"].tokenize(train)).numpy()
+    BPECodec.train(codes_1d, codebook_size=40, vocab_size=48, mode="1d").save_pretrained(root / "bpe_1d")
+    grids = torch.stack(models["vq"].tokenize(train)).reshape(-1, 4, 4).numpy()
+    BPECodec.train(grids, codebook_size=40, vocab_size=48, mode="2d").save_pretrained(root / "bpe_grid")
+
+
+def save_priors(root: Path, models: dict[str, torch.nn.Module]) -> None:
+    """A class-conditional GPT on the 1D tokens, a GPT on their BPE ids, and a flow prior on KL latents."""
+    torch.manual_seed(0)
+    oned, kl = fingerprint_model(models["oned"]), fingerprint_model(models["kl"])
+    DiscretePrior(PriorConfig(tokenizer=str(root / "oned"), num_classes=6, **SMALL_PRIOR), 40, 8,
+                  tokenizer_hash=oned).save_pretrained(root / "prior_1d")
+    codec = BPECodec.from_pretrained(root / "bpe_1d")
+    DiscretePrior(PriorConfig(tokenizer=str(root / "oned"), tokens="bpe", bpe=str(root / "bpe_1d"), **SMALL_PRIOR),
+                  codec.vocab_size, 8, variable_length=True, tokenizer_hash=oned).save_pretrained(root / "prior_bpe")
+    FlowPrior(PriorConfig(tokenizer=str(root / "kl"), kind="flow", **SMALL_PRIOR), 16, 4,
+              tokenizer_hash=kl).save_pretrained(root / "prior_kl")
+
+
+def tokenizer_entries(root: Path) -> list[dict[str, str]]:
+    return [
+        {"name": "oned", "path": str(root / "oned")},
+        {"name": "oned+bpe", "path": str(root / "oned"), "bpe": str(root / "bpe_1d")},
+        {"name": "vq", "path": str(root / "vq")},
+        {"name": "vq+bpe", "path": str(root / "vq"), "bpe": str(root / "bpe_grid")},
+        {"name": "kl", "path": str(root / "kl")},
+        {"name": "missing", "path": str(root / "no_such_checkpoint")},
+        {"name": "wrong_res", "path": str(root / "vq32")},
+    ]
+
+
+def prior_entries(root: Path) -> list[dict[str, str]]:
+    return [
+        {"name": "prior_1d", "path": str(root / "prior_1d")},
+        {"name": "prior_bpe", "path": str(root / "prior_bpe")},
+        {"name": "prior_kl", "path": str(root / "prior_kl")},
+    ]
+
+
+def write_config(root: Path, name: str, tokenizers: list[dict], priors: list[dict], cache: str = "cache") -> Path:
+    config = {
+        "name": name, "out_dir": str(root / "runs"), "data": DATA,
+        "eval": {
+            "tokenizers": tokenizers, "priors": priors, "num_images": NUM_IMAGES, "train_images": TRAIN_IMAGES,
+            "classifier_steps": 20, "adaptive_psnr": 12.0, "gfid_samples": GFID_SAMPLES, "batch_size": 8,
+            "grid_rows": 4, "cache_dir": str(root / cache),
+        },
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config: Path, overrides: list[str] = ()) -> tuple[int, dict]:
+    with pytest.MonkeyPatch.context() as patch:  # LPIPS only where a test passes weights
+        patch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
+        code = evaluate.main(["--config", str(config), *overrides])
+    report = load_config(config, overrides).run_dir / "report" / "report.json"
+    return code, json.loads(report.read_text())
+
+
+def rows_by_key(report: dict) -> dict[tuple[str, str], dict]:
+    return {(r["name"], r["mode"]): r for r in report["tokenizers"]}
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    skip = ("computed", "sampling_seconds", "sampling_images_per_s")
+    return [{k: v for k, v in r.items() if k not in skip} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> tuple[Path, dict[str, torch.nn.Module]]:
+    root = tmp_path_factory.mktemp("evaluate")
+    models = save_tokenizers(root)
+    save_codecs(root, models)
+    save_priors(root, models)
+    return root, models
+
+
+@pytest.fixture(scope="module")
+def first_run(artifacts) -> tuple[Path, int, dict]:
+    root, _ = artifacts
+    config = write_config(root, "full", tokenizer_entries(root), prior_entries(root))
+    code, report = run(config)
+    return config, code, report
+
+
+def test_report_files_schema_and_error_rows(first_run):
+    config, code, report = first_run
+    assert code == 1  # the report is complete, but two entries failed
+    directory = load_config(config).run_dir / "report"
+    for name in ("report.json", "report.csv", "summary.md", "config.yaml"):
+        assert (directory / name).is_file(), name
+    for name in ("rate_distortion", "bits_distortion", "reconstructions", "samples_prior_1d", "samples_prior_bpe",
+                 "samples_prior_kl"):
+        with Image.open(directory / f"{name}.png") as png:
+            assert png.width > 100 and png.height > 50, name
+
+    rows = rows_by_key(report)
+    modes_1d = ["k=1", "k=2", "k=4", "k=8", "adaptive@12dB"]
+    expected = [(n, m) for n in ("oned", "oned+bpe") for m in modes_1d] + [("vq", "all"), ("vq+bpe", "all"),
+                                                                            ("kl", "all")]
+    assert list(rows) == expected
+    backbone = report["meta"]["fid"]["backbone"]
+    assert backbone.startswith("dataset_classifier:") and report["meta"]["fid"]["kind"] == "dataset_classifier"
+    for row in rows.values():
+        assert all(math.isfinite(row[m]) for m in ("psnr", "ssim", "rfid", "tokens_per_image", "bits_per_image"))
+        assert row["rfid_backbone"] == backbone
+        assert (row["rfid_num_real"], row["rfid_num_fake"]) == (NUM_IMAGES, NUM_IMAGES)
+    assert {r["family"] for r in rows.values()} == {"1d", "1d+bpe", "grid_vq", "grid_vq+bpe", "grid_kl"}
+    # BPE is lossless: its rows show the underlying tokenizer's reconstructions
+    for mode in modes_1d:
+        assert rows[("oned+bpe", mode)]["psnr"] == rows[("oned", mode)]["psnr"]
+    assert rows[("vq+bpe", "all")]["rfid"] == rows[("vq", "all")]["rfid"]
+
+    priors = {r["name"]: r for r in report["priors"]}
+    assert list(priors) == ["prior_1d", "prior_bpe", "prior_kl"]
+    for prior in priors.values():
+        assert math.isfinite(prior["gfid"]) and prior["gfid_backbone"] == backbone
+        assert (prior["gfid_num_fake"], prior["gfid_num_real"]) == (GFID_SAMPLES, TRAIN_IMAGES)
+        assert prior["sampling_images_per_s"] > 0 and prior["nll_images"] == NUM_IMAGES
+    assert priors["prior_1d"]["nll_bits_per_image"] > 0 and priors["prior_bpe"]["nll_bits_per_image"] > 0
+    assert priors["prior_kl"]["nll_bits_per_image"] is None and priors["prior_kl"]["flow_val_loss"] > 0
+    assert priors["prior_1d"]["sampler"]["labels"] == "classes 0..5 in turn"
+    assert priors["prior_kl"]["sampler"]["flow_steps"] == 25
+
+    errors = {e["name"]: e["error"] for e in report["errors"]}
+    assert set(errors) == {"missing", "wrong_res"}
+    assert "no_such_checkpoint" in errors["missing"] and "model not found" in errors["missing"]
+    assert "resolution 32" in errors["wrong_res"] and "data.resolution is 16" in errors["wrong_res"]
+
+    with open(directory / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) + 2 and {r["name"] for r in table if r["error"]} == {"missing", "wrong_res"}
+    summary = (directory / "summary.md").read_text()
+    assert backbone in summary and "never with Inception FID" in summary
+    assert f"{GFID_SAMPLES} / {TRAIN_IMAGES}" in summary and f"first {NUM_IMAGES} images" in summary
+    assert "## Errors" in summary and "`wrong_res`" in summary and "`missing`" in summary
+
+
+def test_bits_per_image_per_family(artifacts, first_run):
+    root, models = artifacts
+    rows = rows_by_key(first_run[2])
+    bits_per_code = math.log2(40)
+    for k in (1, 2, 4, 8):
+        assert rows[("oned", f"k={k}")]["tokens_per_image"] == k
+        assert rows[("oned", f"k={k}")]["bits_per_image"] == pytest.approx(k * bits_per_code)
+    adaptive = rows[("oned", "adaptive@12dB")]
+    assert 1 <= adaptive["tokens_min"] <= adaptive["tokens_per_image"] <= adaptive["tokens_max"] <= 8
+    assert adaptive["bits_per_image"] == pytest.approx(adaptive["tokens_per_image"] * bits_per_code)
+    assert rows[("vq", "all")]["bits_per_image"] == pytest.approx(16 * bits_per_code)  # 4x4 codes
+    kl = rows[("kl", "all")]
+    assert (kl["tokens_per_image"], kl["bits_per_image"]) == (16, 16 * 4 * 16)  # 4x4 latents, 4 channels, 16 bits
+    assert "16 bits" in kl["bits_basis"] and kl["vocab_size"] is None
+
+    held_out = images("test")[:NUM_IMAGES]
+    codec_1d = BPECodec.from_pretrained(root / "bpe_1d")
+    codes = models["oned"].tokenize(held_out)
+    for k in (1, 2, 4, 8):
+        count = np.mean([len(codec_1d.encode(c[:k].numpy())) for c in codes])
+        row = rows[("oned+bpe", f"k={k}")]
+        assert row["tokens_per_image"] == pytest.approx(count)
+        assert row["bits_per_image"] == pytest.approx(count * math.log2(codec_1d.vocab_size))
+    codec_2d = BPECodec.from_pretrained(root / "bpe_grid")
+    count = np.mean([len(codec_2d.encode(g.reshape(4, 4).numpy())) for g in models["vq"].tokenize(held_out)])
+    assert rows[("vq+bpe", "all")]["bits_per_image"] == pytest.approx(count * math.log2(codec_2d.vocab_size))
+    assert rows[("vq+bpe", "all")]["tokens_per_image"] < 16  # merges happened: the count is post-BPE
+
+
+def test_second_run_recomputes_nothing(first_run, monkeypatch):
+    config, code, report = first_run
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed a cached result")
+
+    import flextok.evaluation as evaluation
+
+    for name in ("psnr", "ssim", "fid_from_stats", "generate_images", "build_token_dataset"):
+        monkeypatch.setattr(evaluation, name, fail)
+    for cls in (FlexTok, GridAutoencoder):
+        monkeypatch.setattr(cls, "tokenize", fail)
+        monkeypatch.setattr(cls, "detokenize", fail)
+    again_code, again = run(config)
+    assert again_code == code
+    assert all(r["computed"] for r in report["tokenizers"] + report["priors"])  # the first run computed them
+    assert all(r["computed"] == [] for r in again["tokenizers"] + again["priors"])
+    for kind in ("tokenizers", "priors"):  # cached rows keep even the timings measured when they were computed
+        assert [{**r, "computed": []} for r in report[kind]] == again[kind]
+
+
+def test_a_new_tokenizer_computes_only_its_rows(artifacts, first_run):
+    root, _ = artifacts
+    torch.manual_seed(1)
+    GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=FSQ), resolution=16).eval() \
+        .save_pretrained(root / "vq_other")
+    entries = tokenizer_entries(root) + [{"name": "vq_other", "path": str(root / "vq_other")}]
+    _, report = run(write_config(root, "more", entries, []))
+    computed = {r["name"]: r["computed"] for r in report["tokenizers"]}
+    assert computed.pop("vq_other") == ["rate", "psnr", "ssim", "rfid", "preview"]
+    assert all(c == [] for c in computed.values())
+
+
+def test_results_are_deterministic_for_a_seed(artifacts, first_run):
+    """A fresh cache (the dataset classifier retrained too) reproduces every number but timings."""
+    root, _ = artifacts
+    entries = [e for e in tokenizer_entries(root) if e["name"] in ("oned", "vq")]
+    priors = [e for e in prior_entries(root) if e["name"] == "prior_1d"]
+    _, fresh = run(write_config(root, "fresh", entries, priors, cache="cache_fresh"))
+    first = first_run[2]
+    assert fresh["meta"]["fid"]["backbone"] == first["meta"]["fid"]["backbone"]
+    assert all(r["computed"] for r in fresh["tokenizers"])
+    kept = [r for r in first["tokenizers"] if r["name"] in ("oned", "vq")]
+    assert without_timings(fresh["tokenizers"]) == without_timings(kept)
+    assert without_timings(fresh["priors"]) == without_timings(first["priors"][:1])
+
+
+def test_lpips_is_measured_when_local_weights_are_given(artifacts, first_run):
+    root, _ = artifacts
+    assert all(r["lpips"] is None for r in first_run[2]["tokenizers"]) and first_run[2]["meta"]["lpips"] is None
+    generator = torch.Generator().manual_seed(0)
+    state = {key: (torch.rand if key.startswith("lins.") else torch.randn)(shape, generator=generator) * 0.05
+             for key, shape in lpips_state_dict_shapes().items()}  # non-negative lins, as trained ones are
+    LPIPS(state).save_weights(root / "lpips.safetensors")
+    config = write_config(root, "lpips", [{"name": "vq", "path": str(root / "vq")}], [])
+    code, report = run(config, overrides=[f"eval.lpips_weights={root / 'lpips.safetensors'}"])
+    (row,) = report["tokenizers"]
+    assert code == 0 and row["lpips"] > 0 and row["computed"] == ["lpips"]  # the other metrics were cached
+    assert report["meta"]["lpips"]["weights"] == str(root / "lpips.safetensors")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "a"}, "'eval.tokenizers[0].path' must be set"),
+    ({"name": "a b", "path": "x"}, "'eval.tokenizers[0].name' must be"),
+    ({"name": "a", "path": "x", "colour": 1}, "unknown key 'eval.tokenizers[0].colour'"),
+])
+def test_config_errors_name_the_key(tmp_path, entry, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"eval": {"tokenizers": [entry]}}))
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(path)
+    assert evaluate.main(["--config", str(path)]) == 2
+
+
+def test_duplicate_names_and_empty_config_are_rejected(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump({"eval": {"tokenizers": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}}))
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_config(path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({"name": "e", "out_dir": str(tmp_path)}))
+    assert evaluate.main(["--config", str(empty)]) == 2
