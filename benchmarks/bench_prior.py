@@ -7,10 +7,12 @@ depth 6, heads 4, sequence 128, batch 16, AdamW (wd 0.05, betas (0.9, 0.95)), gr
 
 Prints training tokens/s through the DeepSpeed engine `train_prior.py` builds (one process, ZeRO-0)
 and through a plain torch loop, the achieved 6·N·T GFLOP/s (N: parameters that do matmuls, i.e. all
-but the input embedding table) against a 2048³ fp32 matmul measured right before each phase, sampling
+but the input embedding table) against a 2048³ fp32 matmul measured between the rounds, sampling
 tokens/s (16×128, KV cache, top-k 2000, without and with CFG 4.0) next to x-transformers' own
 `generate` on the same weights, and the peak RSS. The machine is shared and noisy, so the comparable
-figure is throughput per matmul-GFLOP/s (the references' matmul ran at ~133–176 GFLOP/s).
+figure is throughput per matmul-GFLOP/s (the references' matmul ran at ~133–176 GFLOP/s), each figure
+is the best of several interleaved rounds, and `--threads 1` is the stable setting while other
+processes run (two-thread ops stall whenever another process holds the second core).
 """
 
 from __future__ import annotations

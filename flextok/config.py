@@ -260,10 +260,12 @@ class EvalConfig:
     grid_rows: int = 8  # held-out images shown in reconstructions.png
     cache_dir: Optional[str] = None  # None = <out_dir>/eval_cache
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = torch's default (tiny models are faster on 1 on a busy machine)
 
     def __post_init__(self):
         for key in ("num_images", "train_images", "gfid_samples"):
             _check(getattr(self, key) >= 2, f"{key}' must be at least 2 (FID needs a covariance)", getattr(self, key))
+        _check(self.threads >= 0, "threads' must be >= 0", self.threads)
         for key in ("classifier_steps", "flow_steps", "batch_size", "grid_rows"):
             _check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
         _check(self.decoder_steps is None or self.decoder_steps > 0, "decoder_steps' must be positive",

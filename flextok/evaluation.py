@@ -168,10 +168,14 @@ class EvalContext:
                 f"eval.fid_backbone: dataset_classifier needs at least two label classes in {self.cfg.data.source} "
                 f"[{self.cfg.data.train_split}] (found {sorted(set(labels.tolist()))[:5]}); use inception"
             )
-        return train_dataset_classifier(
+        extractor = train_dataset_classifier(
             images, labels, int(labels.max()) + 1, self.settings.classifier_steps, self.cfg.seed,
             self.cache_root / "fid", device=self.device, progress=self.progress,
         )
+        # fid.py names the classifier after its training inputs, but CPU training also depends on the thread
+        # count: name it after its weights too, so that FIDs of differently trained copies never share a name
+        extractor.name = f"{extractor.name}:weights-{fingerprint_model(extractor.network)[:12]}"
+        return extractor
 
     def _load_lpips(self) -> tuple[LPIPS, str] | None:
         """LPIPS and its weights' fingerprint, when local weights are configured (they are never downloaded)."""
@@ -545,7 +549,8 @@ def evaluate_prior(entry: EvalPriorConfig,
     sampler = put.sampler(ctx.settings, ctx.cfg.seed)
     base = {"prior": put.fingerprint, "tokenizer": put.tokenizer_fingerprint, "bpe": put.codec_fingerprint}
     sampling = Sampling(put, ctx)
-    gfid_inputs = {**base, "sampler": sampler, "backbone": ctx.backbone.name, "reference": ctx.reference_key}
+    gfid_inputs = {**base, "sampler": sampler, "backbone": ctx.backbone.name, "reference": ctx.reference_key,
+                   "timed_on": {"device": str(ctx.device), "threads": torch.get_num_threads()}}  # images/s is measured
     row: dict[str, Any] = {
         "name": entry.name, "path": entry.path, "kind": put.prior.config.kind, "tokens": put.prior.config.tokens,
         "tokenizer": put.tokenizer_path, "tokenizer_family": base_family(put.tokenizer), "bpe": put.prior.config.bpe,
@@ -604,6 +609,8 @@ def run_evaluation(cfg: Config, progress: bool = True) -> EvaluationResult:
     """Measure every configured tokenizer and prior; failures become error records, never a crash."""
     if not cfg.eval.tokenizers and not cfg.eval.priors:
         raise UserError("eval: list at least one entry under eval.tokenizers or eval.priors")
+    if cfg.eval.threads:
+        torch.set_num_threads(cfg.eval.threads)
     torch.manual_seed(cfg.seed)
     ctx = EvalContext(cfg, progress)
     result = EvaluationResult(describe_run(cfg, ctx), ctx.held_out.images[ctx.preview_index])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import tempfile
@@ -22,6 +23,13 @@ from .config import from_dict
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPES: dict[str, type] = {}
+# model types whose module registers them on import; `load_model` imports it on demand
+MODEL_MODULES = {
+    "grid_autoencoder": "flextok.grid_autoencoder",
+    "flextok": "flextok.flextok_model",
+    "discrete_prior": "priors.discrete",
+    "flow_prior": "priors.flow",
+}
 
 
 def register_model(name: str):
@@ -113,6 +121,8 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_file}: not valid JSON ({err})") from None
+    if meta.get("model_type") in MODEL_MODULES:
+        importlib.import_module(MODEL_MODULES[meta["model_type"]])
     if meta.get("model_type") not in MODEL_TYPES:
         raise UserError(f"{config_file}: unknown model_type {meta.get('model_type')!r} (known: {sorted(MODEL_TYPES)})")
     return directory, meta

@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from priors.generate import _columns as sample_columns
+from priors.generate import class_columns
 
 from .evaluation import EvaluationResult
 from .hub import atomic_write
@@ -50,8 +49,11 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
         paths.append(plot_tradeoff(rows, "bits_per_image", "bits per image", backbone,
                                    directory / "bits_distortion.png"))
         paths.append(save_reconstruction_grid(result, directory / "reconstructions.png"))
+    for stale in directory.glob("samples_*.png"):  # grids of priors no longer in the config
+        if stale.stem.removeprefix("samples_") not in result.samples:
+            stale.unlink()
     for name, (samples, labels) in result.samples.items():
-        columns, titles = sample_columns(samples, labels)
+        columns, titles = class_columns(samples, labels)
         paths.append(save_image_grid(columns, directory / f"samples_{name}.png", titles))
     return paths
 
@@ -82,9 +84,8 @@ def _csv_text(result: EvaluationResult) -> str:
 
 
 def _fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return format(value, spec)
+    """A number for a table cell; a dash where nothing was measured."""
+    return "—" if value is None else format(value, spec)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -126,8 +127,8 @@ def _prior_table(rows: list[dict[str, Any]]) -> str:
               "images/s", "sampler"]
     body = []
     for r in rows:
-        nll = _fmt(r["nll_bits_per_image"], ".1f") if r["nll_bits_per_image"] is not None else \
-            f"— (flow prior; velocity loss {r['flow_val_loss']:.4f})"
+        flow = r["nll_bits_per_image"] is None
+        nll = f"— (flow prior; velocity loss {r['flow_val_loss']:.4f})" if flow else f"{r['nll_bits_per_image']:.1f}"
         source = f"{r['tokenizer_family']} ({r['tokens']}{', ' + r['bpe'] if r['bpe'] else ''})"
         body.append([f"`{r['name']}`", source, f"{nll} (n={r['nll_images']})", _fmt(r["tokens_per_image"], ".1f"),
                      _fmt(r["gfid"], ".2f"), f"{r['gfid_num_fake']} / {r['gfid_num_real']}",
@@ -165,7 +166,7 @@ def summary_markdown(result: EvaluationResult) -> str:
         "held-out image); KL rows: latent elements x 16 bits.",
         _lpips_line(meta["lpips"]),
         f"- Sampling speed: prior sampling + decoding, on {meta['device']} (torch threads: {meta['torch_threads']}); "
-        "a cached row keeps the speed measured when it was computed.",
+        "cached speeds were measured on this same device and thread count.",
         "",
     ]
     if result.tokenizer_rows:
@@ -210,7 +211,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], x_key: str, x_label: str, backbone
                 if r["target_psnr"] is not None:
                     ax.plot(r[x_key], r[metric], "*", markersize=15, color=colour, markeredgecolor="black",
                             label=f"{name} adaptive @{r['target_psnr']:g} dB")
-    for ax, ylabel in zip(axes, ("PSNR (dB), higher is better", f"rFID, lower is better\nbackbone {backbone}")):
+    axes[1].set_title(f"FID backbone: {backbone}", fontsize=9)
+    for ax, ylabel in zip(axes, ("PSNR (dB), higher is better", "rFID, lower is better")):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel(f"{x_label} (log2 scale)")
@@ -234,8 +236,7 @@ def save_reconstruction_grid(result: EvaluationResult, path: Path) -> Path:
     """Rows: held-out images. Columns: each 1D tokenizer at k = 1, 2, 4, ..., R, then the fixed-length
     tokenizers (token sets, grid baselines), then the original. BPE rows are skipped: BPE is lossless."""
     plain = [r for r in result.tokenizer_rows if not r["family"].endswith("+bpe") and r["target_psnr"] is None]
-    order: Callable[[dict[str, Any]], int] = lambda r: 0 if r["family"] == "1d" else 1  # noqa: E731
-    chosen = sorted(plain, key=order)  # stable: config order within each group
+    chosen = sorted(plain, key=lambda r: r["family"] != "1d")  # 1D first; stable: config order otherwise
     one_1d = len({r["name"] for r in chosen if r["family"] == "1d"}) == 1
     columns = [result.previews[(r["name"], r["mode"])] for r in chosen] + [result.originals]
     titles = [_grid_title(r, one_1d) for r in chosen] + ["original"]

@@ -69,6 +69,13 @@ def init_distributed(timeout_minutes: int = 120) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def local_device_name() -> str:
+    """This rank's device ("cpu", or "cuda:<local rank>")."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def on_cuda() -> bool:
     from deepspeed.accelerator import get_accelerator
 
@@ -184,7 +191,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[
     return tag
 
 
-def remove_stale_tags(checkpoint_dir: Path, keep: str) -> None:
+def remove_stale_tags(checkpoint_dir: Path, keep: str | None) -> None:
     """Delete every tag folder but `keep`: older checkpoints and any left half-written by a kill."""
     for path in checkpoint_dir.iterdir():
         if path.is_dir() and path.name != keep and path.name.startswith("step_"):

@@ -62,12 +62,12 @@ def generate_images(
             tokens = [torch.as_tensor(codec.decode(t.numpy())).long().flatten() for t in tokens]
     images = tokenizer.detokenize(tokens, **(decode_kwargs or {})).cpu()
     if path is not None:
-        columns, titles = _columns(images, labels)
+        columns, titles = class_columns(images, labels)
         save_image_grid(columns, path, titles)
     return images
 
 
-def _columns(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[list[torch.Tensor], list[str]]:
+def class_columns(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[list[torch.Tensor], list[str]]:
     """One column per class in order of first appearance; unconditional samples in equal columns of <= 8
     (the grid shows as many rows as its shortest column)."""
     if labels is None:

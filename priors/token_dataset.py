@@ -48,7 +48,18 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     """SHA-256 of a Hub-format model's type, config and every state tensor (what `save_pretrained` writes).
 
     It is the same for a model in memory and the same model reloaded from disk, wherever it is stored.
+    Hashing gigabytes of weights takes seconds, and callers check the same tokenizer for every generated
+    batch, so the digest is cached on the model until a tensor is replaced or modified in place (each
+    tensor's storage and version counter are compared, which costs no hashing).
     """
+    state = model.state_dict()
+    try:
+        key = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+    except RuntimeError:  # inference-mode tensors have no version counter: no caching
+        key = None
+    cached = model.__dict__.get("_fingerprint_cache")
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
     digest = hashlib.sha256()
     meta = {"model_type": getattr(model, "model_type", type(model).__name__)}
     if dataclasses.is_dataclass(getattr(model, "config", None)):
@@ -56,10 +67,12 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     if hasattr(model, "extra_config"):
         meta.update(model.extra_config())
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes of any dtype (bf16 too)
+    if key is not None:
+        model.__dict__["_fingerprint_cache"] = (key, digest.hexdigest())
     return digest.hexdigest()
 
 
@@ -183,7 +196,9 @@ class TokenDataset:
         directory = Path(directory)
         try:
             meta = json.loads((directory / "meta.json").read_text())
-            tokens, offsets, labels = (np.load(directory / f"{name}.npy") for name in ("tokens", "offsets", "labels"))
+            # memory-mapped: ranks on one machine share the page cache instead of each holding a copy
+            tokens = np.load(directory / "tokens.npy", mmap_mode="r")
+            offsets, labels = np.load(directory / "offsets.npy"), np.load(directory / "labels.npy")
         except (OSError, ValueError) as err:
             raise UserError(f"{directory}: unreadable token cache ({err}); delete it to rebuild") from None
         found = meta["spec"]["tokenizer_hash"]

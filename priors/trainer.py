@@ -32,6 +32,7 @@ from .deepspeed_utils import (
     gathered_state_dict,
     init_distributed,
     load_checkpoint,
+    local_device_name,
     on_cuda,
     read_pointer,
     remove_stale_tags,
@@ -41,6 +42,9 @@ from .discrete import DiscretePrior
 from .flow import FlowPrior
 from .generate import generate_images
 from .token_dataset import TokenDataset, TokenizerMismatch, TokenSpec, build_token_dataset
+
+
+NORMALIZATION_ROWS = 2**20  # latent vectors the flow prior's per-channel statistics are estimated from
 
 
 def build_prior(cfg: Config, spec: TokenSpec, max_length: int) -> DiscretePrior | FlowPrior:
@@ -85,17 +89,14 @@ class PriorTrainer:
         torch.manual_seed(cfg.seed)
         model = build_prior(cfg, spec, self.max_length)
         if isinstance(model, FlowPrior):
-            model.set_normalization(torch.from_numpy(self.train_tokens.tokens))
+            model.set_normalization(torch.from_numpy(np.array(self.train_tokens.tokens[:NORMALIZATION_ROWS])))
         self.engine = create_engine(model, t, self.bf16)
         self.device = self.engine.device
         # rank 0 evaluates and samples with a plain copy of the weights (ZeRO-3 shards live elsewhere)
         self.shadow = build_prior(cfg, spec, self.max_length).to(self.device).eval() if self.rank == 0 else None
-        self.step = 0
-        if resume:
-            self.step = int(load_checkpoint(self.engine, self.checkpoint_dir)["step"])
-            if self.rank == 0:
-                self._clean_after_resume()
+        self.step = int(load_checkpoint(self.engine, self.checkpoint_dir)["step"]) if resume else 0
         if self.rank == 0:
+            self._discard_stale_progress()
             save_config(cfg, self.run_dir / "config.yaml")
 
     # -- data -------------------------------------------------------------------------------------
@@ -108,8 +109,7 @@ class PriorTrainer:
         if self.rank == 0:
             try:
                 tokenizer = load_model(cfg.prior.tokenizer)
-                device = self.device_name()
-                common = dict(seed=cfg.seed, device=device)
+                common = dict(seed=cfg.seed, device=local_device_name())
                 train = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.train_split, cache_root,
                                             flips=cfg.data.hflip, **common)
                 held_out = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.eval_split, cache_root,
@@ -123,12 +123,6 @@ class PriorTrainer:
             raise UserError("rank 0 could not build the token datasets (see its error)")
         train_dir, eval_dir, tokenizer_hash = found
         return None, TokenDataset.load(train_dir, tokenizer_hash), TokenDataset.load(eval_dir, tokenizer_hash)
-
-    @staticmethod
-    def device_name() -> str:
-        from deepspeed.accelerator import get_accelerator
-
-        return get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0")))
 
     def _check_labels(self) -> None:
         """Training labels must be classes of the prior (held-out ones may be unseen classes: see evaluate)."""
@@ -282,11 +276,13 @@ class PriorTrainer:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _clean_after_resume(self) -> None:
-        """Drop metrics logged after the checkpoint a resumed run restarts from (they will be redone), and
-        checkpoint folders a kill left half-written."""
+    def _discard_stale_progress(self) -> None:
+        """Drop metrics logged after the step this run starts from (a killed run's last steps are redone;
+        a fresh start keeps none), and checkpoint folders a kill left half-written."""
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
-        remove_stale_tags(self.checkpoint_dir, keep=read_pointer(self.checkpoint_dir)["tag"])
+        if self.checkpoint_dir.is_dir():
+            pointer = read_pointer(self.checkpoint_dir)
+            remove_stale_tags(self.checkpoint_dir, keep=pointer["tag"] if pointer else None)

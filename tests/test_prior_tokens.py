@@ -61,6 +61,19 @@ def test_cache_is_built_once_and_keyed_by_every_input(tmp_path):
     assert len(flipped) == 2 * len(first) and len(held_out) == 2 * 2 and len(other_data) == 6 * 2
 
 
+def test_fingerprint_follows_the_weights(tmp_path):
+    tokenizer = grid_tokenizer()
+    first = fingerprint_model(tokenizer)
+    assert fingerprint_model(tokenizer) == first  # cached
+    tokenizer.save_pretrained(tmp_path / "tok")
+    from flextok.hub import load_model
+
+    assert fingerprint_model(load_model(tmp_path / "tok")) == first  # a reloaded copy is the same tokenizer
+    with torch.no_grad():
+        next(tokenizer.parameters()).add_(1e-3)  # in place: the cache must notice
+    assert fingerprint_model(tokenizer) != first
+
+
 def test_tokens_from_another_tokenizer_are_rejected(tmp_path):
     ours, theirs = grid_tokenizer(seed=0), grid_tokenizer(seed=1)
     dataset = build_token_dataset(theirs, PriorConfig(), DATA, "test", tmp_path, progress=False)
