@@ -29,19 +29,15 @@ class Stage:
     name: str
     command: list[str]
     artifact: str  # relative to OUT: the stage is finished when this exists
-    steps_key: str | None = None  # the config key whose step count --scale multiplies
-    steps: int = 0
-    env: dict[str, str] = field(default_factory=dict)
+    scaled: dict[str, int] = field(default_factory=dict)  # config key -> full-size value that --scale multiplies
 
     def argv(self, scale: float) -> list[str]:
-        if self.steps_key is None:
-            return self.command
-        return [*self.command, f"{self.steps_key}={max(2, round(self.steps * scale))}"]
+        return [*self.command, *(f"{key}={max(2, round(value * scale))}" for key, value in self.scaled.items())]
 
 
 def tokenizer_stage(name: str, config: str, steps: int) -> Stage:
     return Stage(name, [sys.executable, "train_tokenizer.py", "--config", config], f"{name}/final/model.safetensors",
-                 "train.steps", steps)
+                 {"train.steps": steps})
 
 
 def bpe_stage(name: str, tokenizer: str, mode: str, vocab_size: int) -> Stage:
@@ -57,7 +53,15 @@ def bpe_stage(name: str, tokenizer: str, mode: str, vocab_size: int) -> Stage:
 def prior_stage(name: str, steps: int, *overrides: str) -> Stage:
     launcher = ["deepspeed", "--num_gpus", "2", "train_prior.py", "--config", "configs/prior_tiny.yaml"]
     return Stage(name, [*launcher, f"name={name}", *overrides], f"{name}/final/model.safetensors",
-                 "prior_train.steps", steps)
+                 {"prior_train.steps": steps})
+
+
+def report_stage(config: str) -> Stage:
+    from flextok.config import load_config
+
+    ev = load_config(config).eval
+    return Stage("report", [sys.executable, "evaluate.py", "--config", config], "report/summary.md",
+                 {"eval.classifier_steps": ev.classifier_steps, "eval.gfid_samples": ev.gfid_samples})
 
 
 def stages() -> list[Stage]:
@@ -72,7 +76,7 @@ def stages() -> list[Stage]:
         prior_stage("prior_1d_bpe", 300, tok("1d_tiny"), "prior.tokens=bpe", f"prior.bpe={OUT / 'bpe_1d'}"),
         prior_stage("prior_grid_vq", 300, tok("grid_vq")),
         prior_stage("prior_kl", 300, tok("grid_kl"), "prior.kind=flow"),
-        Stage("report", [sys.executable, "evaluate.py", "--config", "configs/eval_tiny.yaml"], "report/summary.md"),
+        report_stage("configs/eval_tiny.yaml"),
     ]
 
 
@@ -85,7 +89,7 @@ def run_stage(stage: Stage, scale: float, force: bool) -> float:
         shutil.rmtree(OUT / stage.name, ignore_errors=True)
     print(f"[quickstart] {stage.name}: {' '.join(stage.argv(scale))}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(stage.argv(scale), cwd=ROOT, env={**os.environ, **stage.env})
+    proc = subprocess.run(stage.argv(scale), cwd=ROOT)
     if proc.returncode != 0 or not done.exists():
         raise SystemExit(
             f"[quickstart] stage '{stage.name}' failed (exit code {proc.returncode}); earlier stages' artifacts "
