@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 OUT = Path("runs/quickstart")
+SCALE_STAMP = ".quickstart_scale"  # the --scale a stage folder was made with: other scales never reuse it
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Stage:
     command: list[str]
     artifact: str  # relative to OUT: the stage is finished when this exists
     scaled: dict[str, int] = field(default_factory=dict)  # config key -> full-size value that --scale multiplies
+    resumable: bool = False  # a training stage: an interrupted run continues with --resume
 
     def argv(self, scale: float) -> list[str]:
         return [*self.command, *(f"{key}={max(2, round(value * scale))}" for key, value in self.scaled.items())]
@@ -37,7 +39,7 @@ class Stage:
 
 def tokenizer_stage(name: str, config: str, steps: int) -> Stage:
     return Stage(name, [sys.executable, "train_tokenizer.py", "--config", config], f"{name}/final/model.safetensors",
-                 {"train.steps": steps})
+                 {"train.steps": steps}, resumable=True)
 
 
 def bpe_stage(name: str, tokenizer: str, mode: str, vocab_size: int) -> Stage:
@@ -53,7 +55,7 @@ def bpe_stage(name: str, tokenizer: str, mode: str, vocab_size: int) -> Stage:
 def prior_stage(name: str, steps: int, *overrides: str) -> Stage:
     launcher = ["deepspeed", "--num_gpus", "2", "train_prior.py", "--config", "configs/prior_tiny.yaml"]
     return Stage(name, [*launcher, f"name={name}", *overrides], f"{name}/final/model.safetensors",
-                 {"prior_train.steps": steps})
+                 {"prior_train.steps": steps}, resumable=True)
 
 
 def report_stage(config: str) -> Stage:
@@ -68,28 +70,37 @@ def stages() -> list[Stage]:
     tok = lambda name: f"prior.tokenizer={OUT / name / 'final'}"  # noqa: E731
     return [
         tokenizer_stage("grid_kl", "configs/grid_kl.yaml", 400),
-        tokenizer_stage("1d_tiny", "configs/1d_tiny.yaml", 1500),
+        tokenizer_stage("1d_tiny", "configs/1d_tiny.yaml", 1000),
         tokenizer_stage("grid_vq", "configs/grid_vq.yaml", 400),
         bpe_stage("bpe_1d", "1d_tiny", "1d", 1400),
         bpe_stage("bpe_grid", "grid_vq", "2d", 1400),
-        prior_stage("prior_1d", 300, tok("1d_tiny")),
-        prior_stage("prior_1d_bpe", 300, tok("1d_tiny"), "prior.tokens=bpe", f"prior.bpe={OUT / 'bpe_1d'}"),
-        prior_stage("prior_grid_vq", 300, tok("grid_vq")),
-        prior_stage("prior_kl", 300, tok("grid_kl"), "prior.kind=flow"),
+        prior_stage("prior_1d", 200, tok("1d_tiny")),
+        prior_stage("prior_1d_bpe", 200, tok("1d_tiny"), "prior.tokens=bpe", f"prior.bpe={OUT / 'bpe_1d'}"),
+        prior_stage("prior_grid_vq", 200, tok("grid_vq")),
+        prior_stage("prior_kl", 200, tok("grid_kl"), "prior.kind=flow"),
         report_stage("configs/eval_tiny.yaml"),
     ]
 
 
 def run_stage(stage: Stage, scale: float, force: bool) -> float:
-    done = OUT / stage.artifact
-    if done.exists() and not force:
+    """Run one stage unless its artifact exists from a run at the same --scale; resume an interrupted
+    training stage; otherwise start the stage afresh (only its own folder is removed)."""
+    folder, done = OUT / stage.name, OUT / stage.artifact
+    stamp = folder / SCALE_STAMP
+    same_scale = stamp.is_file() and stamp.read_text() == str(scale)
+    if done.exists() and same_scale and not force:
         print(f"[quickstart] {stage.name}: done already ({done}); --force retrains")
         return 0.0
-    if force:
-        shutil.rmtree(OUT / stage.name, ignore_errors=True)
-    print(f"[quickstart] {stage.name}: {' '.join(stage.argv(scale))}", flush=True)
+    argv = stage.argv(scale)
+    if stage.resumable and same_scale and not force and (folder / "checkpoints").is_dir():
+        argv.append("--resume")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        stamp.write_text(str(scale))
+    print(f"[quickstart] {stage.name}: {' '.join(argv)}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(stage.argv(scale), cwd=ROOT)
+    proc = subprocess.run(argv, cwd=ROOT)
     if proc.returncode != 0 or not done.exists():
         raise SystemExit(
             f"[quickstart] stage '{stage.name}' failed (exit code {proc.returncode}); earlier stages' artifacts "

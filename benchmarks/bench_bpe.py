@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, trainers
 
+from machine import matmul_gflops
+
 from bpe_image import BPECodec
 from bpe_image._backends import MIN_PAIR_COUNT
 from bpe_image._text import alphabet, codes_to_text
@@ -50,14 +52,6 @@ def benchmark_grids() -> np.ndarray:
     noise = rng.random(grids.shape) < 0.10
     grids[noise] = rng.integers(0, 1024, size=int(noise.sum()))
     return grids
-
-
-def matmul_gflops(repeats: int = 5) -> float:
-    """Best 2048^3 fp32 torch matmul speed in this process."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    seconds, _ = best_times({"matmul": lambda: a @ b}, repeats)
-    return 2 * 2048**3 / seconds["matmul"] / 1e9
 
 
 def best_times(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:

@@ -18,7 +18,6 @@ processes run (two-thread ops stall whenever another process holds the second co
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import matmul_gflops, peak_rss_mib  # noqa: E402
 
 from flextok.config import PriorConfig, PriorTrainConfig  # noqa: E402
 from flextok.training import lr_lambda  # noqa: E402
@@ -37,18 +38,6 @@ REFERENCE = {  # ANCHORS.md §B, with the matmul speed of those runs (~133-176 G
     "train_llamagen": 2196.0, "train_xtransformers": 2616.0, "sample_llamagen": 1036.0,
     "sample_xtransformers": 1031.0, "sample_cfg_llamagen": 679.0, "matmul": (133.0 + 176.0) / 2,
 }
-
-
-def matmul_gflops(repeats: int = 5) -> float:
-    """Best of `repeats` 2048³ fp32 matmuls (the machine's current ceiling)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
 
 
 def build_prior() -> DiscretePrior:
@@ -176,7 +165,7 @@ def main() -> None:
         print(line)
     ds, plain = best["train, DeepSpeed engine (ZeRO-0)"], best["train, plain torch loop"]
     print(f"DeepSpeed overhead vs the plain loop: {100 * (ds / plain - 1):+.1f}% time per step")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

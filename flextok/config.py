@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .files import atomic_write
+
 
 class ConfigError(ValueError):
     """A config problem a user must fix; entry scripts print it as one line and exit with code 2."""
@@ -136,6 +138,9 @@ class TrainConfig:
         _check(self.steps > 0, "steps' must be positive", self.steps)
         _check(self.batch_size > 0, "batch_size' must be positive", self.batch_size)
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay' must be in [0, 1)", self.ema_decay)
+        _check(len(self.betas) == 2, "betas' must have two values", self.betas)
+        for key in ("eval_every", "checkpoint_every", "log_every", "warmup_steps"):
+            _check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
 
 
 @dataclass
@@ -172,6 +177,7 @@ class PriorConfig:
 
 @dataclass
 class PriorTrainConfig:
+    run_name: Optional[str] = None  # run folder under out_dir; None = the top-level name
     steps: int = 2000
     micro_batch_size: int = 16  # per rank
     grad_accumulation: int = 1
@@ -342,17 +348,11 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
         raise ConfigError(f"{source}: '{prefix}{err}") from None
 
 
-def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config (every default filled in) so a run can be reproduced from its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -316,9 +317,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def batch_for_step(self, step: int) -> list[tuple[int, int]]:
         epoch, pos = divmod(step, self.per_epoch)
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        # a dataset smaller than one batch (one batch per epoch) wraps around
         idx = perm.repeat((self.bs + self.n - 1) // self.n)[pos * self.bs : (pos + 1) * self.bs]
-        if len(idx) < self.bs:  # dataset smaller than one batch: wrap around
-            idx = perm.repeat(self.bs // self.n + 1)[: self.bs]
         return [(int(i), hash((self.seed, epoch, int(i))) & 0x7FFFFFFF) for i in idx]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -353,7 +353,8 @@ def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, e
         stream = StreamingImages(
             load_source(cfg, cfg.train_split, seed), cfg.resolution, cfg.hflip, seed, skip=start_step * batch_size
         )
-        return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate)
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate)
+        return itertools.islice(loader, end_step - start_step)  # the stream itself never ends
     ds = ImageDataset(load_source(cfg, cfg.train_split, seed), cfg.resolution, train=True, hflip=cfg.hflip)
     sampler = StepBatchSampler(len(ds), batch_size, seed, start_step, end_step)
     return torch.utils.data.DataLoader(

@@ -38,7 +38,7 @@ from .fid import FeatureExtractor, FeatureStats, InceptionV3Features, compute_fe
 from .fid import train_dataset_classifier
 from .flextok_model import FlexTok
 from .grid_autoencoder import GridAutoencoder
-from .hub import atomic_write
+from .files import atomic_write
 from .hub import load_model as load_hub_model
 from .lpips import LPIPS, LPIPS_WEIGHTS_ENV
 from .metrics import psnr, ssim

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .bottlenecks import DiagonalGaussian, build_quantizer
@@ -183,8 +182,3 @@ class GridAutoencoder(HubMixin, nn.Module):
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
         return {"codebook_used": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item()}
 
-
-def resize_if_needed(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    if images.shape[-1] == resolution and images.shape[-2] == resolution:
-        return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp(-1, 1)

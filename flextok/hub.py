@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .cli import UserError
 from .config import from_dict
+from .files import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,20 +41,6 @@ def register_model(name: str):
         return cls
 
     return wrap
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class HubMixin:
@@ -147,4 +133,4 @@ def load_model(path: str | Path, map_location: str = "cpu") -> torch.nn.Module:
         raise UserError(
             f"{weights}: weights do not match {cls.__name__} (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
         )
-    return model.eval()
+    return model.to(map_location).eval()

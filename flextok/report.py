@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from priors.generate import class_columns
 
 from .evaluation import EvaluationResult
-from .hub import atomic_write
+from .files import atomic_write
 from .visualize import save_image_grid
 
 CSV_COLUMNS = (

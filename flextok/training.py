@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .cli import UserError
 from .config import Config, save_config
 from .data import load_images, report_skipped, train_loader
-from .hub import atomic_write
+from .files import atomic_write
 from .metrics import psnr, ssim
 from .visualize import save_image_grid
 
@@ -120,6 +120,7 @@ class TokenizerTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self._drop_metrics_after(self.step)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -171,6 +172,11 @@ class TokenizerTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.train.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLoss(
+                f"gradients became {grad_norm.item()} at step {self.step}; stopped, last good checkpoint kept at "
+                f"{self.ckpt_path}"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self._update_ema()
@@ -203,6 +209,13 @@ class TokenizerTrainer:
         path = self.run_dir / "metrics.jsonl"
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """A resumed run re-logs the steps after its checkpoint: drop the killed run's copies of them."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
     def _collect_skipped(self, skipped: list[int], seen: int) -> None:
         self.skipped += skipped

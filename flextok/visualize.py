@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import tensor_to_uint8
-from .hub import atomic_write
+from .files import atomic_write
 
 HEADER = 14
 

@@ -20,7 +20,7 @@ import torch
 
 from flextok.cli import UserError
 from flextok.config import PriorTrainConfig
-from flextok.hub import atomic_write
+from flextok.files import atomic_write
 
 POINTER = "latest.json"
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from flextok.cli import UserError
 from flextok.config import Config, save_config
-from flextok.hub import atomic_write, load_model
+from flextok.files import atomic_write
+from flextok.hub import load_model
 from flextok.training import NonFiniteLoss
 
 from .deepspeed_utils import (
@@ -59,10 +60,14 @@ def build_prior(cfg: Config, spec: TokenSpec, max_length: int) -> DiscretePrior 
 
 class PriorTrainer:
     def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.run_dir = cfg, cfg.run_dir
+        self.cfg, self.run_dir = cfg, Path(cfg.out_dir) / (cfg.prior_train.run_name or cfg.name)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         if cfg.prior.tokenizer is None:
             raise UserError("prior.tokenizer: set it to the folder of a saved tokenizer")
+        if (self.checkpoint_dir / "latest.pt").exists() or Path(cfg.prior.tokenizer).resolve().is_relative_to(
+            self.run_dir.resolve()
+        ):
+            raise UserError(f"{self.run_dir} holds a tokenizer run: set prior_train.run_name to another folder")
         self.rank, self.world_size = init_distributed()
         t = cfg.prior_train
         self.bf16 = on_cuda()
