@@ -277,8 +277,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, item: tuple[int, int] | int) -> dict:
-        index, aug_seed = item if isinstance(item, tuple) else (item, 0)
-        return example_from_row(self.ds[int(index)], int(index), self.resolution, self.train, self.hflip, aug_seed)
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int] | int]) -> list[dict]:
+        """One `datasets` query per batch: row-by-row access costs more than decoding small images."""
+        pairs = [item if isinstance(item, tuple) else (item, 0) for item in items]
+        columns = self.ds[[int(index) for index, _ in pairs]]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return [
+            example_from_row(row, int(index), self.resolution, self.train, self.hflip, aug_seed)
+            for row, (index, aug_seed) in zip(rows, pairs)
+        ]
 
 
 @dataclass
@@ -367,7 +376,7 @@ def load_images(cfg: DataConfig, split: str, limit: int | None = None, seed: int
     """Materialize up to `limit` center-cropped images of `split` (held-out sets for metrics and grids)."""
     ds = ImageDataset(load_source(cfg, split, seed), cfg.resolution, train=False)
     n = len(ds) if limit is None else min(limit, len(ds))
-    batch = collate([ds[i] for i in range(n)])
+    batch = collate(ds.__getitems__(list(range(n))))
     report_skipped(batch.skipped, f"{cfg.source} [{split}]")
     if batch.images.numel() == 0:
         raise UserError(f"data: {cfg.source} [{split}] yielded no usable image")
