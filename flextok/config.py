@@ -72,6 +72,8 @@ class GridConfig:
         _check(self.downsample in (4, 8, 16), "downsample' must be 4, 8 or 16", self.downsample)
         _check(self.latent_channels > 0, "latent_channels' must be positive", self.latent_channels)
         _check(self.codebook_size > 1, "codebook_size' must be > 1", self.codebook_size)
+        _check(self.quantizer != "lfq" or self.codebook_size & (self.codebook_size - 1) == 0,
+               "codebook_size' must be a power of two for lfq", self.codebook_size)
 
 
 @dataclass
@@ -105,6 +107,11 @@ class FlexTokConfig:
     def __post_init__(self):
         _check(self.num_registers > 0, "num_registers' must be positive", self.num_registers)
         _check(self.patch_size > 0, "patch_size' must be positive", self.patch_size)
+        for width, heads in (("dim", "heads"), ("decoder_dim", "decoder_heads")):
+            w, h = getattr(self, width), getattr(self, heads)
+            _check(w % 4 == 0 and h > 0 and w % h == 0, f"{width}' must be divisible by 4 and by {heads}", w)
+        _check(self.quantizer != "lfq" or self.codebook_size & (self.codebook_size - 1) == 0,
+               "codebook_size' must be a power of two for lfq", self.codebook_size)
         _check(0.0 <= self.cond_dropout < 1.0, "cond_dropout' must be in [0, 1)", self.cond_dropout)
 
 

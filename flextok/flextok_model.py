@@ -19,7 +19,7 @@ from torch import nn
 
 from .bottlenecks import build_quantizer
 from .cli import UserError
-from .config import FlexTokConfig, GridConfig, from_dict
+from .config import ConfigError, FlexTokConfig, GridConfig, from_dict
 from .decoders import DecoderTrunk, build_decoder
 from .grid_autoencoder import GridAutoencoder
 from .hub import HubMixin, register_model
@@ -56,7 +56,7 @@ class FlexTok(HubMixin, nn.Module):
             channels, side = 3, resolution
         p = config.patch_size
         if side % p:
-            raise ValueError(f"patch_size {p} does not divide the {side}x{side} input grid")
+            raise ConfigError(f"flextok.patch_size: {p} does not divide the {side}x{side} input grid")
         self.channels, self.grid, r = channels, side // p, config.num_registers
         patch_dim = channels * p * p
         q_dim = _quantizer_dim(config)
