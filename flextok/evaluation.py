@@ -289,7 +289,7 @@ class TokenizerUnderTest:
         if not isinstance(self.model, FlexTok):
             return self.model.tokenize(images)
         return self.model.tokenize(images, k=mode.k, target_psnr=mode.target_psnr, steps=self.decoder["steps"],
-                                   seed=seed)
+                                   guidance=self.decoder["guidance"], seed=seed)
 
     def detokenize(self, tokens: list[torch.Tensor], seed: int) -> torch.Tensor:
         if not isinstance(self.model, FlexTok):

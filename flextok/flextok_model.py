@@ -158,11 +158,13 @@ class FlexTok(HubMixin, nn.Module):
     # -- public API -------------------------------------------------------------------------------
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor, k: int | None = None, target_psnr: float | None = None,
-                 target_mse: float | None = None, steps: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+                 target_mse: float | None = None, steps: int | None = None, guidance: float | None = None,
+                 seed: int = 0) -> list[torch.Tensor]:
         """Images [B,3,H,W] in [-1,1] -> per image a 1D LongTensor of R tokens (or its first k).
 
         Adaptive length: `target_psnr` (pixel space, dB) or `target_mse` (scaled target space: latents
-        or pixels) picks per image the shortest prefix among 1, 2, 4, ..., R whose decoding meets it.
+        or pixels) picks per image the shortest prefix among 1, 2, 4, ..., R whose decoding meets it, decoded
+        with the same `steps`, `guidance` and `seed` that a later `detokenize` call should use.
         """
         images = self._fit_images(images)
         _, indices, _ = self.encode(images)
@@ -170,7 +172,7 @@ class FlexTok(HubMixin, nn.Module):
             indices = indices.sort(dim=1).values
         tokens = list(indices.cpu().unbind(0))
         if target_psnr is not None or target_mse is not None:
-            return self._adaptive(images, tokens, target_psnr, target_mse, steps, seed)
+            return self._adaptive(images, tokens, target_psnr, target_mse, steps, guidance, seed)
         if k is not None:
             if self.token_set and k != self.num_registers:
                 raise ValueError(f"token sets have a fixed size of {self.num_registers}; got k={k}")
@@ -227,7 +229,7 @@ class FlexTok(HubMixin, nn.Module):
             keep[i] = len(t)
         return indices, keep
 
-    def _adaptive(self, images, tokens, target_psnr, target_mse, steps, seed) -> list[torch.Tensor]:
+    def _adaptive(self, images, tokens, target_psnr, target_mse, steps, guidance, seed) -> list[torch.Tensor]:
         """Shortest prefix (1, 2, 4, ..., R) meeting the target. Every pass decodes the whole batch so that
         each image keeps its own noise row, exactly as in a later `detokenize(result, seed=seed)` call."""
         if self.token_set:
@@ -236,7 +238,7 @@ class FlexTok(HubMixin, nn.Module):
         pending = set(range(len(tokens)))
         targets = self.to_target(images) if target_mse is not None else None
         for k in powers_of_two_upto(self.num_registers)[:-1]:
-            x0 = self.sample_targets([t[:k] for t in tokens], steps, None, seed)
+            x0 = self.sample_targets([t[:k] for t in tokens], steps, guidance, seed)
             if target_mse is not None:
                 ok = F.mse_loss(x0, targets, reduction="none").flatten(1).mean(1) <= target_mse
             else:

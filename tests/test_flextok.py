@@ -58,6 +58,9 @@ def test_adaptive_length_meets_target(trained, sixteen_images):
     met = psnr(recon, sixteen_images) >= target
     assert all(m or n == 8 for m, n in zip(met.tolist(), lengths))  # met, or fell back to all R tokens
     assert min(lengths) < 8 and met.float().mean() >= 0.5
+    # latent/pixel-space MSE targets: a loose one is met by one token, an impossible one needs all R
+    assert {len(t) for t in trained.tokenize(sixteen_images, target_mse=1e9)} == {1}
+    assert {len(t) for t in trained.tokenize(sixteen_images, target_mse=0.0)} == {8}
 
 
 def test_variable_lengths_in_one_call_match_uniform_batches(trained, sixteen_images):
