@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import flextok_model as _flextok_model  # noqa: F401  (registers the model type)
-from . import grid_autoencoder as _grid_autoencoder  # noqa: F401
 from .flextok_model import FlexTok
 from .grid_autoencoder import GridAutoencoder
 from .hub import load_model

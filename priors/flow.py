@@ -9,7 +9,6 @@ learned null class during training, which gives classifier-free guidance at samp
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +17,7 @@ from x_transformers import Encoder
 
 from flextok.config import PriorConfig
 from flextok.hub import HubMixin, register_model
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t in [0, 1] (scaled to 0..1000 so low frequencies still resolve it)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+from flextok.patching import timestep_embedding
 
 
 @register_model("flow_prior")
