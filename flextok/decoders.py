@@ -54,6 +54,12 @@ def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Te
     return pred_null + guidance * (pred_cond - pred_null)
 
 
+def start_from_noise(shape: tuple[int, ...], steps: int, generator: torch.Generator,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded pure noise and the time grid from 1 down to 0 that both samplers walk."""
+    return torch.randn(shape, generator=generator, device=device), torch.linspace(1.0, 0.0, steps + 1, device=device)
+
+
 class RectifiedFlowDecoder(nn.Module):
     """x_t = t*eps + (1-t)*x0 with logit-normal t; the trunk predicts the velocity eps - x0; Euler from t=1 to 0.
 
@@ -74,8 +80,7 @@ class RectifiedFlowDecoder(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance: float,
                generator: torch.Generator) -> torch.Tensor:
-        x = torch.randn(shape, generator=generator, device=cond.device)
-        times = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
+        x, times = start_from_noise(shape, steps, generator, cond.device)
         for i in range(steps):
             t = times[i].expand(shape[0])
             v = guided(self.trunk, x, t, cond, null, guidance)
@@ -117,8 +122,7 @@ class DiffusionDecoder(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance: float,
                generator: torch.Generator) -> torch.Tensor:
-        x = torch.randn(shape, generator=generator, device=cond.device)
-        times = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
+        x, times = start_from_noise(shape, steps, generator, cond.device)
         for i in range(steps):
             t = times[i].expand(shape[0])
             a, a_next = cosine_alpha_bar(times[i]), cosine_alpha_bar(times[i + 1])

@@ -12,6 +12,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+def fit(objective: torch.nn.Module, images: torch.Tensor, steps: int, lr: float) -> None:
+    """Plain AdamW on one fixed batch: the overfitting loop shared by the model tests."""
+    opt = torch.optim.AdamW(objective.parameters(), lr=lr)
+    for step in range(steps):
+        loss, _ = objective(images, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 @pytest.fixture(scope="session")
 def eight_images():
     """Eight 16x16 held-out crops of the embedded photographs (deterministic)."""

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import fit
 
 from flextok import FlexTok, load_tokenizer
 from flextok.config import FlexTokConfig
@@ -14,13 +15,7 @@ SMALL = dict(input="pixels", patch_size=4, num_registers=8, dim=64, depth=2, hea
 
 def train(cfg: FlexTokConfig, images: torch.Tensor, steps: int, lr: float = 2e-3) -> FlexTok:
     model = FlexTok.from_config(cfg, images.shape[-1])
-    objective = FlexTokObjective(model)
-    opt = torch.optim.AdamW(objective.parameters(), lr=lr)
-    for step in range(steps):
-        loss, _ = objective(images, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(FlexTokObjective(model), images, steps, lr)
     return model.eval()
 
 

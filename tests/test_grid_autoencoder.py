@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import fit
 
 from flextok import load_tokenizer
 from flextok.config import GridConfig, LossConfig
@@ -12,13 +13,7 @@ TINY = dict(downsample=4, latent_channels=4, channels=16, num_res_blocks=1)
 
 def overfit(cfg: GridConfig, images: torch.Tensor, steps: int) -> GridAutoencoder:
     model = GridAutoencoder(cfg, resolution=images.shape[-1])
-    objective = GridObjective(model, LossConfig(l1=1.0, l2=1.0))
-    opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
-    for step in range(steps):
-        loss, _ = objective(images, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(GridObjective(model, LossConfig(l1=1.0, l2=1.0)), images, steps, lr=3e-3)
     return model.eval()
 
 
