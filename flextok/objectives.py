@@ -45,9 +45,7 @@ class GridObjective(nn.Module):
     def _load_lpips(loss: LossConfig) -> nn.Module:
         from .lpips import LPIPS
 
-        if loss.lpips_weights is None:
-            raise FileNotFoundError("loss.lpips > 0 needs loss.lpips_weights: a local LPIPS weights file")
-        return LPIPS.from_pretrained(loss.lpips_weights)
+        return LPIPS.from_pretrained(loss.lpips_weights)  # None: FLEXTOK_LPIPS_WEIGHTS, else a how-to error
 
     def forward(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         recon, out = self.model(images)
