@@ -103,4 +103,4 @@ def _check_structure(net) -> None:
     if not isinstance(layers.final_norm, LayerNorm) or not isinstance(net.to_logits, torch.nn.Linear):
         problems.append("final LayerNorm and linear head")
     if problems:
-        raise NotImplementedError(f"KVCacheDecoder does not support this decoder: needs {', '.join(problems)}")
+        raise TypeError(f"KVCacheDecoder does not support this decoder: needs {', '.join(problems)}")
