@@ -307,28 +307,44 @@ def collate(items: list[dict]) -> Batch:
     )
 
 
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields the batches for steps [start, end): epoch-wise permutations seeded by (seed, epoch).
+class EpochOrder:
+    """The batch of any training step under epoch-wise shuffling: a function of (seed, step) alone, so a
+    resumed run sees exactly the data it would have. Batches never straddle epochs; a dataset smaller
+    than one batch wraps around."""
 
-    Batch contents depend only on (seed, step), so a resumed run sees exactly the data it would have.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int):
+    def __init__(self, num_items: int, batch_size: int, seed: int):
         if num_items == 0:
             raise UserError("data: the training source has no images")
         self.n, self.bs, self.seed = num_items, batch_size, seed
-        self.start, self.end = start_step, end_step
         self.per_epoch = max(1, num_items // batch_size)
+        self._cached: tuple[int, np.ndarray | None] = (-1, None)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:  # one permutation per epoch, computed once
+            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._cached[1]
+
+    def batch(self, step: int) -> tuple[np.ndarray, int]:
+        """(item indices, epoch) of `step`."""
+        epoch, position = divmod(step, self.per_epoch)
+        perm = self.permutation(epoch)
+        indices = perm[position * self.bs : (position + 1) * self.bs] if self.n >= self.bs else np.resize(perm, self.bs)
+        return indices, epoch
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields the batches of steps [start, end) as (index, augmentation seed) pairs, per `EpochOrder`."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int):
+        self.order = EpochOrder(num_items, batch_size, seed)
+        self.seed, self.start, self.end = seed, start_step, end_step
 
     def __len__(self) -> int:
         return self.end - self.start
 
     def batch_for_step(self, step: int) -> list[tuple[int, int]]:
-        epoch, pos = divmod(step, self.per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        # a dataset smaller than one batch (one batch per epoch) wraps around
-        idx = perm.repeat((self.bs + self.n - 1) // self.n)[pos * self.bs : (pos + 1) * self.bs]
-        return [(int(i), hash((self.seed, epoch, int(i))) & 0x7FFFFFFF) for i in idx]
+        indices, epoch = self.order.batch(step)
+        return [(int(i), hash((self.seed, epoch, int(i))) & 0x7FFFFFFF) for i in indices]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.end):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from flextok.cli import UserError
 from flextok.config import Config, save_config
+from flextok.data import EpochOrder
 from flextok.files import atomic_write
 from flextok.hub import load_model
 from flextok.training import NonFiniteLoss
@@ -89,7 +90,8 @@ class PriorTrainer:
             )
         self._check_labels()
         self.max_length = int(max(self.train_tokens.lengths.max(), self.eval_tokens.lengths.max()))
-        self._epoch_order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
+        global_batch = t.micro_batch_size * t.grad_accumulation * self.world_size
+        self.order = EpochOrder(len(self.train_tokens), global_batch, cfg.seed)
 
         torch.manual_seed(cfg.seed)
         model = build_prior(cfg, spec, self.max_length)
@@ -138,21 +140,9 @@ class PriorTrainer:
                 "(-1 = unlabeled); set num_classes to cover them, or 0 for an unconditional prior"
             )
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._epoch_order[0] != epoch:  # one permutation per epoch, computed once
-            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_tokens))
-            self._epoch_order = (epoch, order)
-        return self._epoch_order[1]
-
     def batch_indices(self, step: int) -> np.ndarray:
-        """The global batch of `step` (all ranks, all micro-steps): epoch-wise permutations by (seed, epoch)."""
-        t = self.cfg.prior_train
-        size = t.micro_batch_size * t.grad_accumulation * self.world_size
-        n = len(self.train_tokens)
-        per_epoch = max(1, n // size)
-        epoch, position = divmod(step, per_epoch)
-        perm = self._permutation(epoch)
-        return perm[position * size : (position + 1) * size] if n >= size else np.resize(perm, size)
+        """The global batch of `step` (all ranks, all micro-steps), epoch-wise shuffled by (seed, epoch)."""
+        return self.order.batch(step)[0]
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> Path | None:
