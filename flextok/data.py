@@ -18,12 +18,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 from .cli import UserError
 from .config import DataConfig
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail loudly and be skipped
 
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
 SKIMAGE_EVAL_PHOTOS = ("chelsea", "coffee")  # held out: different photographs, never cropped for training
