@@ -90,6 +90,8 @@ class FlexTokConfig:
     decoder_dim: int = 256
     decoder_depth: int = 4
     decoder_heads: int = 4
+    # SwiGLU hidden width = mlp_ratio * width; 8/3 matches a ratio-4 plain MLP in parameters (as FlexTok: 682 at 256)
+    mlp_ratio: float = 8 / 3
     quantizer: Literal["fsq", "vq", "lfq"] = "fsq"
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     codebook_size: int = 1024  # vq and lfq
@@ -106,6 +108,7 @@ class FlexTokConfig:
 
     def __post_init__(self):
         _check(self.num_registers > 0, "num_registers' must be positive", self.num_registers)
+        _check(self.mlp_ratio > 0, "mlp_ratio' must be positive", self.mlp_ratio)
         _check(self.patch_size > 0, "patch_size' must be positive", self.patch_size)
         for width, heads in (("dim", "heads"), ("decoder_dim", "decoder_heads")):
             w, h = getattr(self, width), getattr(self, heads)

@@ -22,13 +22,13 @@ from .patching import sincos_2d, timestep_embedding
 class DecoderTrunk(nn.Module):
     """Predicts a per-patch target [B, N, patch_dim] from noised patches, time t [B] and condition tokens."""
 
-    def __init__(self, patch_dim: int, grid: int, dim: int, depth: int, heads: int):
+    def __init__(self, patch_dim: int, grid: int, dim: int, depth: int, heads: int, mlp_ratio: float = 8 / 3):
         super().__init__()
         self.proj_in = nn.Linear(patch_dim, dim)
         self.register_buffer("pos", sincos_2d(grid, dim), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.trunk = Encoder(
-            dim=dim, depth=depth, heads=heads, attn_flash=True, ff_glu=True, ff_mult=4,
+            dim=dim, depth=depth, heads=heads, attn_flash=True, ff_glu=True, ff_mult=mlp_ratio,
             use_adaptive_layernorm=True, dim_condition=dim,
         )
         self.norm_out = nn.LayerNorm(dim)

@@ -25,12 +25,12 @@ def register_attention_mask(num_patches: int, num_registers: int, causal_registe
 
 class RegisterEncoder(nn.Module):
     def __init__(self, patch_dim: int, grid: int, num_registers: int, dim: int, depth: int, heads: int,
-                 causal_registers: bool = True):
+                 causal_registers: bool = True, mlp_ratio: float = 8 / 3):
         super().__init__()
         self.proj_in = nn.Linear(patch_dim, dim)
         self.register_buffer("pos", sincos_2d(grid, dim), persistent=False)
         self.registers = nn.Parameter(torch.randn(num_registers, dim))  # unit scale: distinct roles from step 0
-        self.trunk = Encoder(dim=dim, depth=depth, heads=heads, attn_flash=True, ff_glu=True, ff_mult=4)
+        self.trunk = Encoder(dim=dim, depth=depth, heads=heads, attn_flash=True, ff_glu=True, ff_mult=mlp_ratio)
         self.register_buffer(
             "mask", register_attention_mask(grid * grid, num_registers, causal_registers), persistent=False
         )
