@@ -90,7 +90,7 @@ class FlexTokConfig:
     decoder_dim: int = 256
     decoder_depth: int = 4
     decoder_heads: int = 4
-    # SwiGLU hidden width = mlp_ratio * width; 8/3 matches a ratio-4 plain MLP in parameters (as FlexTok: 682 at 256)
+    # GLU MLP hidden width = mlp_ratio * width; 8/3 matches a ratio-4 plain MLP in parameters (FlexTok: 682 at 256)
     mlp_ratio: float = 8 / 3
     quantizer: Literal["fsq", "vq", "lfq"] = "fsq"
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
