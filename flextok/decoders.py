@@ -22,7 +22,7 @@ from .patching import sincos_2d, timestep_embedding
 class DecoderTrunk(nn.Module):
     """Predicts a per-patch target [B, N, patch_dim] from noised patches, time t [B] and condition tokens."""
 
-    def __init__(self, patch_dim: int, grid: int, dim: int, depth: int, heads: int, mlp_ratio: float = 8 / 3):
+    def __init__(self, patch_dim: int, grid: int, dim: int, depth: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.proj_in = nn.Linear(patch_dim, dim)
         self.register_buffer("pos", sincos_2d(grid, dim), persistent=False)

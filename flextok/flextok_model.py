@@ -61,8 +61,8 @@ class FlexTok(HubMixin, nn.Module):
         patch_dim = channels * p * p
         q_dim = _quantizer_dim(config)
         self.encoder = RegisterEncoder(
-            patch_dim, self.grid, r, config.dim, config.depth, config.heads, causal_registers=not config.token_set,
-            mlp_ratio=config.mlp_ratio,
+            patch_dim, self.grid, r, config.dim, config.depth, config.heads, config.mlp_ratio,
+            causal_registers=not config.token_set,
         )
         self.to_code = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, q_dim))
         self.quantizer = build_quantizer(config.quantizer, q_dim, config)

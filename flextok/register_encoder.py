@@ -25,7 +25,7 @@ def register_attention_mask(num_patches: int, num_registers: int, causal_registe
 
 class RegisterEncoder(nn.Module):
     def __init__(self, patch_dim: int, grid: int, num_registers: int, dim: int, depth: int, heads: int,
-                 causal_registers: bool = True, mlp_ratio: float = 8 / 3):
+                 mlp_ratio: float, causal_registers: bool = True):
         super().__init__()
         self.proj_in = nn.Linear(patch_dim, dim)
         self.register_buffer("pos", sincos_2d(grid, dim), persistent=False)
