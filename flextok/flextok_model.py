@@ -69,7 +69,7 @@ class FlexTok(HubMixin, nn.Module):
         self.code_to_cond = nn.Linear(q_dim, config.decoder_dim)
         # Token sets carry no register position, so the decoder cannot see their order. Otherwise unit scale,
         # like the encoder's registers: at 0.02 the decoder could not tell registers apart (a code means the
-        # same at every position) and learned ~2x slower on CPU runs (measured).
+        # same at every position) and learned far slower on CPU runs (measured).
         self.register_pos = None if config.token_set else nn.Parameter(torch.randn(r, config.decoder_dim))
         self.mask_token = nn.Parameter(torch.zeros(config.decoder_dim))
         trunk = DecoderTrunk(
