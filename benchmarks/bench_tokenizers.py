@@ -1,7 +1,10 @@
 """Tokenizer speed: grid autoencoders (train / data loader / encode+decode) and the 1D tokenizer at the
 shared configuration of ANCHORS.md §A. Prints each figure beside this process's matmul GFLOP/s.
 
-    python benchmarks/bench_tokenizers.py [--threads 2] [--only grid|flextok]
+    python benchmarks/bench_tokenizers.py [--threads 2] [--only grid|flextok] [--compile]
+
+--compile runs the 1D tokenizer's trunks through torch.compile (`module.compile()`, available to any user);
+each batch shape compiles once, in the untimed warm-up call.
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ def anchor_flextok() -> tuple[FlexTok, torch.Tensor]:
     return model, torch.randn(32, 8 * 8, 16)  # latent patches: the autoencoder is excluded from timing
 
 
-def bench_flextok() -> dict[str, float]:
+def bench_flextok(compile_trunks: bool = False) -> dict[str, float]:
     model, x0 = anchor_flextok()
+    if compile_trunks:
+        model.encoder.trunk.compile()
+        model.decoder.trunk.compile()
     with torch.no_grad():
         tokens = list(model.encode_targets(x0)[1].unbind(0))
 
@@ -89,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", choices=["grid", "flextok"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the 1D tokenizer's trunks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -104,8 +111,9 @@ def main() -> None:
                 f"encode+decode {r['encode_decode_img_s']:.0f} img/s"
             )
     if args.only in (None, "flextok"):
-        r = bench_flextok()
-        print("1D tokenizer at ANCHORS §A (per matmul-GFLOP/s, vs the reference at ~158 GFLOP/s):")
+        r = bench_flextok(args.compile)
+        mode = "torch.compile" if args.compile else "eager"
+        print(f"1D tokenizer at ANCHORS §A, {mode} (per matmul-GFLOP/s, vs the reference at ~158 GFLOP/s):")
         for key, value in r.items():
             ours, ref = value / gflops, REFERENCE[key] / REFERENCE_MATMUL
             verdict = "meets" if ours / ref >= TARGET[key] else "misses"
