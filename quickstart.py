@@ -70,7 +70,7 @@ def stages() -> list[Stage]:
     tok = lambda name: f"prior.tokenizer={OUT / name / 'final'}"  # noqa: E731
     return [
         tokenizer_stage("grid_kl", "configs/grid_kl.yaml", 400),
-        tokenizer_stage("1d_tiny", "configs/1d_tiny.yaml", 1500),
+        tokenizer_stage("1d_tiny", "configs/1d_tiny.yaml", 1250),
         tokenizer_stage("grid_vq", "configs/grid_vq.yaml", 400),
         bpe_stage("bpe_1d", "1d_tiny", "1d", 1400),
         bpe_stage("bpe_grid", "grid_vq", "2d", 1400),
