@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from evaluation.schema import ExperimentConfig
 from flextok.cli import config_parser, exits_cleanly, load_from_args
 
 
@@ -18,10 +19,9 @@ from flextok.cli import config_parser, exits_cleanly, load_from_args
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
-    cfg = load_from_args(args)
+    cfg = load_from_args(args, ExperimentConfig)
     from flextok.config import save_config  # after config validation: bad configs fail fast
-    from flextok.evaluation import run_evaluation
-    from flextok.report import write_report
+    from evaluation import run_evaluation, write_report
 
     result = run_evaluation(cfg)
     directory = cfg.run_dir / "report"

@@ -45,7 +45,7 @@ def tokenizer_stage(name: str, config: str, steps: int) -> Stage:
 def bpe_stage(name: str, tokenizer: str, mode: str, vocab_size: int) -> Stage:
     return Stage(
         name,
-        [sys.executable, "-m", "bpe_image.from_tokenizer", "--tokenizer", str(OUT / tokenizer / "final"),
+        [sys.executable, "-m", "priors.bpe_from_tokenizer", "--tokenizer", str(OUT / tokenizer / "final"),
          "--config", "configs/grid_kl.yaml", "--mode", mode, "--vocab-size", str(vocab_size), "--out",
          str(OUT / name)],
         f"{name}/bpe_config.json",
@@ -59,9 +59,10 @@ def prior_stage(name: str, steps: int, *overrides: str) -> Stage:
 
 
 def report_stage(config: str) -> Stage:
+    from evaluation.schema import ExperimentConfig
     from flextok.config import load_config
 
-    ev = load_config(config).eval
+    ev = load_config(config, cls=ExperimentConfig).eval
     return Stage("report", [sys.executable, "evaluate.py", "--config", config], "report/summary.md",
                  {"eval.classifier_steps": ev.classifier_steps, "eval.gfid_samples": ev.gfid_samples})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from evaluation.schema import ExperimentConfig
 from flextok.cli import config_parser, exits_cleanly, load_from_args
 
 
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.json")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
-    cfg = load_from_args(args)
+    cfg = load_from_args(args, ExperimentConfig)
     # after config validation (bad configs fail fast, before DeepSpeed is imported)
     from priors.deepspeed_utils import ensure_launch_env
     from priors.trainer import PriorTrainer

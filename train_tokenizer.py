@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from evaluation.schema import ExperimentConfig
 from flextok.cli import config_parser, exits_cleanly, load_from_args
 
 
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.pt")
     args = parser.parse_args(argv)
-    cfg = load_from_args(args)
+    cfg = load_from_args(args, ExperimentConfig)
     from flextok.training import TokenizerTrainer  # after config validation: bad configs fail fast
 
     trainer = TokenizerTrainer(cfg, resume=args.resume)

@@ -4,7 +4,7 @@
 
 Prints, per mode, train seconds, encode sequences (grids) per second and compression
 (codes per token), next to the reference figures recorded in ANCHORS.md, plus raw HF
-``tokenizers`` measured in this same run for the flat comparison, and this process's
+`tokenizers` measured in this same run for the flat comparison, and this process's
 2048^3 fp32 matmul GFLOP/s (the machines are noisy; compare throughput / GFLOP/s).
 """
 
@@ -103,7 +103,7 @@ def prefixes_aligned(codec: BPECodec, sequences: np.ndarray, count: int = 200) -
 
 
 def compare_with_raw_tokenizers(sequences: np.ndarray, repeats: int) -> dict[str, Any]:
-    """Our flat codec against HF ``tokenizers`` used directly with the same configuration."""
+    """Our flat codec against HF `tokenizers` used directly with the same configuration."""
     text = codes_to_text(sequences.reshape(-1))
     length = sequences.shape[1]
     strings = [text[i * length : (i + 1) * length] for i in range(len(sequences))]

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import matmul_gflops, peak_rss_mib  # noqa: E402
 
-from flextok.config import PriorConfig, PriorTrainConfig  # noqa: E402
-from flextok.training import lr_lambda  # noqa: E402
+from flextok.runtime import warmup_cosine  # noqa: E402
+from flextok.schema import SamplingConfig  # noqa: E402
+from priors.schema import PriorConfig, PriorTrainConfig  # noqa: E402
 from priors import DiscretePrior, sample_tokens  # noqa: E402
 from priors.deepspeed_utils import create_engine, ensure_launch_env, init_distributed, param_groups  # noqa: E402
 
@@ -71,7 +72,7 @@ def plain_step():
     """The same model, optimizer, clipping and schedule in a plain torch loop."""
     model = build_prior().train()
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 1000))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(10, 1000))
 
     def step(batch):
         loss = model(**batch)
@@ -119,16 +120,17 @@ def main() -> None:
     prior = build_prior().eval()
     labels = torch.arange(BATCH) % CLASSES
     n_matmul = sum(p.numel() for name, p in prior.named_parameters() if "token_emb" not in name)
+    guided = SamplingConfig(top_k=2000, guidance_scale=4.0)
     train_steps = {"train, DeepSpeed engine (ZeRO-0)": deepspeed_step(), "train, plain torch loop": plain_step()}
     samplers = {
-        "sample, top-k 2000, no CFG": lambda: sample_tokens(prior, labels, top_k=2000, cfg_scale=1.0),
-        "sample, top-k 2000, CFG 4.0": lambda: sample_tokens(prior, labels, top_k=2000, cfg_scale=4.0),
+        "sample, top-k 2000, no CFG": lambda: sample_tokens(prior, labels, sampling=SamplingConfig(top_k=2000)),
+        "sample, top-k 2000, CFG 4.0": lambda: sample_tokens(prior, labels, sampling=guided),
         "x-transformers generate (here)": xtransformers_generate(prior, labels),
     }
     generator = torch.Generator().manual_seed(0)
     for step in train_steps.values():  # warm-up
         step(random_batch(generator))
-    sample_tokens(prior, labels, length=8, top_k=2000, cfg_scale=4.0)
+    sample_tokens(prior, labels, length=8, sampling=guided)
 
     # Interleaved rounds, best time per figure: on a shared machine the best time is the one least
     # disturbed by other processes, for the matmul reference and for us alike.

@@ -16,11 +16,12 @@ import torch
 
 from machine import matmul_gflops, peak_rss_mib, throughput
 
-from flextok.config import Config, FlexTokConfig, GridConfig, load_config
+from flextok.config import load_config
 from flextok.data import train_loader
 from flextok.flextok_model import FlexTok
 from flextok.grid_autoencoder import GridAutoencoder
 from flextok.objectives import GridObjective
+from flextok.schema import FlexTokConfig, GridConfig, QuantizerConfig, SamplingConfig, TokenizerRunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +31,7 @@ REFERENCE_MATMUL = (140 + 177) / 2
 TARGET = {"tokenize": 1.2, "detokenize": 1.5, "detokenize_cfg": 1.5}
 
 
-def bench_grid(cfg: Config, batch: int = 32) -> dict[str, float]:
+def bench_grid(cfg: TokenizerRunConfig, batch: int = 32) -> dict[str, float]:
     model = GridAutoencoder(cfg.grid, cfg.data.resolution)
     objective = GridObjective(model, cfg.loss)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-4)
@@ -64,7 +65,8 @@ def anchor_flextok() -> tuple[FlexTok, torch.Tensor]:
     ae = GridConfig(downsample=8, latent_channels=16)
     cfg = FlexTokConfig(
         input="latents", patch_size=1, num_registers=32, dim=256, depth=4, heads=4, decoder_dim=256,
-        decoder_depth=4, decoder_heads=4, fsq_levels=[8, 5, 5, 5], decoder="rectified_flow", sample_steps=8,
+        decoder_depth=4, decoder_heads=4, quantizer=QuantizerConfig(fsq_levels=[8, 5, 5, 5]), decoder="rectified_flow",
+        sampling=SamplingConfig(steps=8),
     )
     from dataclasses import asdict
 
@@ -86,8 +88,8 @@ def bench_flextok(compile_trunks: bool = False) -> dict[str, float]:
 
         return {
             "tokenize": throughput(tokenize, len(x0)),
-            "detokenize": throughput(lambda: model.sample_targets(tokens, steps=8, guidance=1.0), len(x0), 2),
-            "detokenize_cfg": throughput(lambda: model.sample_targets(tokens, steps=8, guidance=7.5), len(x0), 2),
+            "detokenize": throughput(lambda: model.sample_targets(tokens, steps=8, guidance_scale=1.0), len(x0), 2),
+            "detokenize_cfg": throughput(lambda: model.sample_targets(tokens, steps=8, guidance_scale=7.5), len(x0), 2),
         }
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, matmul 2048^3 fp32: {gflops:.1f} GFLOP/s")
     if args.only in (None, "grid"):
         for name in ("grid_kl", "grid_vq"):
-            cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+            cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), cls=TokenizerRunConfig)
             r = bench_grid(cfg)
             print(
                 f"{name:8s} {cfg.data.resolution}px f{cfg.grid.downsample} c{cfg.grid.latent_channels}: "

@@ -1,5 +1,5 @@
 """Lossless BPE over VQ image codes: 1D with prefix-aligned merges, invertible 2D grid
-merges, and a flat baseline, on HF ``tokenizers`` or ``sentencepiece``."""
+merges, and a flat baseline, on HF `tokenizers` or `sentencepiece`."""
 
 from ._text import MAX_CODEBOOK_SIZE
 from .codec import MODES, BPECodec

@@ -1,7 +1,7 @@
-"""String BPE backends (HF ``tokenizers``, ``sentencepiece``) behind one small interface.
+"""String BPE backends (HF `tokenizers`, `sentencepiece`) behind one small interface.
 
 The codec hands a backend one text per sequence: private-use characters, one per code,
-with :data:`BLOCK_SEPARATOR` between position blocks that merges must never cross. A
+with `BLOCK_SEPARATOR` between position blocks that merges must never cross. A
 backend learns merges from such texts, encodes them into its own ids, and lists its
 pieces so the codec can map backend ids to public ids.
 """
@@ -36,14 +36,14 @@ class Backend(Protocol):
     def train(
         cls, texts: list[str], alphabet: list[str], vocab_size: int, max_token_length: int, blocked: bool
     ) -> Backend:
-        """Learn up to ``vocab_size - len(alphabet)`` merges, none across a separator.
+        """Learn up to `vocab_size - len(alphabet)` merges, none across a separator.
 
-        ``blocked`` says whether texts contain separators (1d) or not (flat).
+        `blocked` says whether texts contain separators (1d) or not (flat).
         """
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Backend:
-        """Load a model written by ``to_bytes``."""
+        """Load a model written by `to_bytes`."""
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Backend ids (int64) of each text (separators emit nothing), using every core."""
@@ -61,7 +61,7 @@ def _cores() -> int:
 
 
 class TokenizersBackend:
-    """HF ``tokenizers`` BPE: no normalizer, no unk, full base alphabet, ``Fuse`` decoder.
+    """HF `tokenizers` BPE: no normalizer, no unk, full base alphabet, `Fuse` decoder.
 
     Giving the trainer every code character as the initial alphabet (and no special
     tokens) makes base ids equal code ids and merged ids follow merge order. Flat mode
@@ -80,7 +80,7 @@ class TokenizersBackend:
     def train(
         cls, texts: list[str], alphabet: list[str], vocab_size: int, max_token_length: int, blocked: bool
     ) -> TokenizersBackend:
-        """Learn up to ``vocab_size - len(alphabet)`` merges from ``texts``."""
+        """Learn up to `vocab_size - len(alphabet)` merges from `texts`."""
         tokenizer = Tokenizer(models.BPE())
         tokenizer.decoder = decoders.Fuse()
         if blocked:
@@ -99,7 +99,7 @@ class TokenizersBackend:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TokenizersBackend:
-        """Load a model written by :meth:`to_bytes`."""
+        """Load a model written by `to_bytes`."""
         return cls(Tokenizer.from_str(data.decode("utf-8")))
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -128,7 +128,7 @@ class SentencePieceBackend:
     Identity normalization, no dummy prefix, no whitespace/script/number splitting and no
     byte fallback keep one code = one character. Each block is a separate sentence, so
     merges cannot cross blocks. Every code character is also fed once as its own
-    sentence: with ``character_coverage=1.0`` that puts all K codes in the vocabulary,
+    sentence: with `character_coverage=1.0` that puts all K codes in the vocabulary,
     so codes unseen in training still encode losslessly (instead of to <unk>).
     SentencePiece has no minimum pair count: it merges until the vocabulary is full or
     no pair is left.
@@ -144,7 +144,7 @@ class SentencePieceBackend:
     def train(
         cls, texts: list[str], alphabet: list[str], vocab_size: int, max_token_length: int, blocked: bool
     ) -> SentencePieceBackend:
-        """Learn up to ``vocab_size - len(alphabet)`` merges (SentencePiece adds one <unk>)."""
+        """Learn up to `vocab_size - len(alphabet)` merges (SentencePiece adds one <unk>)."""
         sentences = _blocks(texts) if blocked else texts
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(

@@ -36,7 +36,7 @@ class ShapeTable:
     """Height, width and cells of every token id, grown as merges are learned.
 
     A token's cells are stored as (flat offset from its anchor in a grid of width
-    ``grid_width``, code) pairs, concatenated over ids, so that painting a tiling and
+    `grid_width`, code) pairs, concatenated over ids, so that painting a tiling and
     rebuilding grids are single gathers rather than per-token loops.
     """
 
@@ -55,11 +55,11 @@ class ShapeTable:
         return len(self.height)
 
     def cells(self, ids: np.ndarray) -> np.ndarray:
-        """Indices into ``cell_offset``/``cell_code`` of all cells of ``ids``, id by id."""
+        """Indices into `cell_offset`/`cell_code` of all cells of `ids`, id by id."""
         return ranges(self.cell_start[ids], self.area[ids])
 
     def extend(self, left: np.ndarray, right: np.ndarray, vertical: np.ndarray) -> None:
-        """Append one id per merge: ``right`` placed right of (or below) ``left``."""
+        """Append one id per merge: `right` placed right of (or below) `left`."""
         left_h, left_w = self.height[left], self.width[left]
         left_area, right_area = self.area[left], self.area[right]
         shift = np.where(vertical, left_h * self.grid_width, left_w)
@@ -92,7 +92,7 @@ class Pairs:
     vertical: np.ndarray
 
     def ids(self) -> np.ndarray:
-        """Pair ids ``left * 2 + vertical`` (a left anchor has one pair per direction)."""
+        """Pair ids `left * 2 + vertical` (a left anchor has one pair per direction)."""
         return self.left * 2 + self.vertical
 
     def take(self, index: np.ndarray) -> Pairs:
@@ -101,11 +101,11 @@ class Pairs:
 
 
 class GridState:
-    """Current tiling of a batch of grids, flattened to cells ``(n * h + r) * w + c``.
+    """Current tiling of a batch of grids, flattened to cells `(n * h + r) * w + c`.
 
-    ``tok`` holds the token id at each anchor cell and -1 elsewhere; ``owner`` maps every
+    `tok` holds the token id at each anchor cell and -1 elsewhere; `owner` maps every
     cell to the anchor of the token covering it, which is how left and upper neighbours
-    are found. A pair is identified by ``left_anchor * 2 + vertical``.
+    are found. A pair is identified by `left_anchor * 2 + vertical`.
     """
 
     def __init__(self, grids: np.ndarray, table: ShapeTable) -> None:
@@ -158,7 +158,7 @@ class GridState:
         )
 
     def pairs_touching(self, anchors: np.ndarray) -> Pairs:
-        """Every mergeable pair in which any of ``anchors`` takes part, each listed once."""
+        """Every mergeable pair in which any of `anchors` takes part, each listed once."""
         involved = np.zeros(self.tok.size, bool)
         involved[anchors] = True
         parts = []
@@ -175,7 +175,7 @@ class GridState:
         )
 
     def right_member(self, left: np.ndarray, left_ids: np.ndarray, vertical: np.ndarray) -> np.ndarray:
-        """Anchor of the second token of pairs whose first token is ``left_ids`` at ``left``."""
+        """Anchor of the second token of pairs whose first token is `left_ids` at `left`."""
         return left + np.where(vertical, self.table.height[left_ids] * self.w, self.table.width[left_ids])
 
     def members(self, pair_ids: np.ndarray) -> Pairs:
@@ -188,7 +188,7 @@ class GridState:
         return (self.tok[pairs.left] * stride + self.tok[pairs.right]) * 2 + pairs.vertical
 
     def merge(self, left: np.ndarray, right: np.ndarray, new_ids: np.ndarray) -> None:
-        """Replace each (left, right) token pair by ``new_ids``, anchored at ``left``."""
+        """Replace each (left, right) token pair by `new_ids`, anchored at `left`."""
         right_ids = self.tok[right]
         area = self.table.area[right_ids]
         cells = np.repeat(right, area) + self.table.cell_offset[self.table.cells(right_ids)]
@@ -258,9 +258,9 @@ class _PairCounter:
         self.slot[pair_ids[live]] = -1
 
     def choose(self, budget: int, batch_ratio: float) -> np.ndarray:
-        """Most frequent slots with pairwise disjoint token types, at most ``budget``.
+        """Most frequent slots with pairwise disjoint token types, at most `budget`.
 
-        Only pairs within ``batch_ratio`` of the top count qualify, so one round stays
+        Only pairs within `batch_ratio` of the top count qualify, so one round stays
         close to what one-merge-at-a-time greedy BPE would pick.
         """
         if not self.counts.size or self.counts.max() < MIN_PAIR_COUNT:
@@ -281,7 +281,7 @@ class _PairCounter:
         return np.asarray(chosen, np.int64)
 
     def occurrences(self, slots: np.ndarray) -> np.ndarray:
-        """Sorted pair ids of all live occurrences of ``slots``."""
+        """Sorted pair ids of all live occurrences of `slots`."""
         wanted = np.zeros(len(self.counts) + 1, bool)
         wanted[slots + 1] = True
         return np.flatnonzero(wanted[self.slot + 1])
@@ -289,10 +289,10 @@ class _PairCounter:
 
 @dataclass(frozen=True)
 class GridMerges:
-    """Learned merges in order: id ``K + i`` joins ``left[i]`` and ``right[i]``.
+    """Learned merges in order: id `K + i` joins `left[i]` and `right[i]`.
 
-    ``vertical[i]`` says whether ``right[i]`` sits below (else right of) ``left[i]``;
-    ``rounds[i]`` is the training round, merges of one round are applied together.
+    `vertical[i]` says whether `right[i]` sits below (else right of) `left[i]`;
+    `rounds[i]` is the training round, merges of one round are applied together.
     """
 
     codebook_size: int
@@ -323,7 +323,7 @@ class GridMerges:
 
     @classmethod
     def from_json(cls, data: dict) -> GridMerges:
-        """Inverse of :meth:`to_json`, with sanity checks so a corrupt file fails loudly."""
+        """Inverse of `to_json`, with sanity checks so a corrupt file fails loudly."""
         try:
             k = int(data["codebook_size"])
             rows = np.asarray(data["merges"], np.int64).reshape(-1, 4)
@@ -368,7 +368,7 @@ def _apply_round(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge all occurrences of the chosen pairs at once; return (left id, right id, vertical).
 
-    The new ids follow the order of ``slots``.
+    The new ids follow the order of `slots`.
     """
     table = state.table
     pair = counter.keys[slots]
@@ -492,7 +492,7 @@ class GridEngine:
     def train(
         cls, grids: list[np.ndarray], codebook_size: int, vocab_size: int, max_area: int, batch_ratio: float
     ) -> GridEngine:
-        """Learn up to ``vocab_size - codebook_size`` merges from same-shape grids."""
+        """Learn up to `vocab_size - codebook_size` merges from same-shape grids."""
         shape = grids[0].shape
         stacked = cls._stack(grids, shape, codebook_size, "grid")
         merges = learn_merges(stacked, codebook_size, vocab_size - codebook_size, max_area, batch_ratio)
@@ -562,7 +562,7 @@ class GridEngine:
         return state.tokens()
 
     def _rebuild(self, token_lists: list[np.ndarray], first_index: int, item_name: str | None) -> list[np.ndarray]:
-        """Decode in-range token lists; ``first_index`` is their offset in the caller's batch."""
+        """Decode in-range token lists; `first_index` is their offset in the caller's batch."""
         if not token_lists:
             return []
         lengths = np.array([len(t) for t in token_lists], np.int64)

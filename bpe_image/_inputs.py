@@ -33,7 +33,7 @@ def is_torch(x: ArrayLike) -> bool:
 
 
 def as_output(arr: np.ndarray, torch_out: bool) -> np.ndarray | torch.Tensor:
-    """Return ``arr`` in the caller's array type (torch in -> torch.long out)."""
+    """Return `arr` in the caller's array type (torch in -> torch.long out)."""
     return torch.from_numpy(arr) if torch_out else arr
 
 
@@ -68,7 +68,7 @@ def concat_checked(
     """Concatenate a batch into one flat array, checking every value is in [0, upper).
 
     One vectorized check over the whole batch; on failure the message names the item
-    (``item_name`` i, left out when None: a lone item the caller passed unbatched) and
+    (`item_name` i, left out when None: a lone item the caller passed unbatched) and
     the position inside it.
     """
     flat = np.concatenate([item.reshape(-1) for item in items]) if items else np.zeros(0, np.int64)

@@ -21,7 +21,7 @@ MIN_CHUNK = 256
 
 
 def map_chunks(fn: Callable[[int, int], list[T]], n: int) -> list[T]:
-    """Concatenated ``fn(start, stop)`` over chunks of ``range(n)``, in order.
+    """Concatenated `fn(start, stop)` over chunks of `range(n)`, in order.
 
     An exception from the earliest failing chunk is raised, so errors still name the
     first bad item of the whole batch.

@@ -1,9 +1,9 @@
 """1D and flat BPE: merges learned and applied by a string BPE backend.
 
-Codes become private-use characters. In ``1d`` mode each sequence is cut into position
+Codes become private-use characters. In `1d` mode each sequence is cut into position
 blocks ([0,1), [1,2), [2,4), ... by default) with a separator character between blocks
 that the backend never merges across, so truncating the codes at a block edge is a
-prefix of the token sequence. ``flat`` mode passes whole sequences unseparated.
+prefix of the token sequence. `flat` mode passes whole sequences unseparated.
 
 Public ids are code ids for base tokens and K, K+1, ... for merged tokens in the
 backend's order; a lookup table translates when the backend numbers them differently.
@@ -28,7 +28,7 @@ _SEPARATOR_CODE = ord(BLOCK_SEPARATOR) - CODE_BASE
 
 @lru_cache(maxsize=1024)
 def block_edges(length: int, cuts: tuple[int, ...] | None) -> tuple[int, ...]:
-    """Block edges [0, ..., length] of a sequence; ``cuts=None`` means powers of two."""
+    """Block edges [0, ..., length] of a sequence; `cuts=None` means powers of two."""
     if cuts is None:
         inner = itertools.takewhile(lambda c: c < length, (1 << i for i in itertools.count()))
     else:
@@ -68,7 +68,7 @@ class TokenTable:
         return cls(lengths, np.cumsum(lengths) - lengths, codes)
 
     def expand(self, ids: np.ndarray) -> np.ndarray:
-        """Concatenated codes of ``ids``."""
+        """Concatenated codes of `ids`."""
         return self.codes[ranges(self.starts[ids], self.lengths[ids])]
 
 
@@ -76,7 +76,7 @@ def _public_ids(pieces: list[str | None], codebook_size: int) -> tuple[np.ndarra
     """Backend id -> public id (-1 for non-code pieces), and the table of public tokens.
 
     All pieces are converted to codes in one bulk call, so loading a large vocabulary
-    costs no per-piece Python work beyond ``len``.
+    costs no per-piece Python work beyond `len`.
     """
     backend_ids = np.array([i for i, piece in enumerate(pieces) if piece is not None], np.int64)
     texts = [pieces[i] for i in backend_ids.tolist()]

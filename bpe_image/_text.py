@@ -1,6 +1,6 @@
 """Codes <-> private-use characters, the alphabet the string BPE backends work on.
 
-Code ``i`` becomes ``chr(0xF0000 + i)`` (Supplementary Private Use Area-A). Nothing in a
+Code `i` becomes `chr(0xF0000 + i)` (Supplementary Private Use Area-A). Nothing in a
 real text pipeline normalizes or splits these characters, so a string BPE library sees
 exactly one symbol per code. The plane has 65,534 usable code points, hence the cap on K.
 """
@@ -19,7 +19,7 @@ def codes_to_text(codes: np.ndarray) -> str:
 
 
 def text_to_codes(text: str) -> np.ndarray:
-    """Inverse of :func:`codes_to_text`; returns int64 codes (negative or huge if foreign)."""
+    """Inverse of `codes_to_text`; returns int64 codes (negative or huge if foreign)."""
     return np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64) - CODE_BASE
 
 

@@ -1,20 +1,21 @@
-"""BPECodec: lossless BPE over VQ codes, in ``1d``, ``2d`` and ``flat`` modes.
+"""BPECodec: lossless BPE over VQ codes, in `1d`, `2d` and `flat` modes.
 
 Shorter token sequences make priors cheaper, but a prior over image tokens is only useful
 if the tokens decode back to the exact codes. Every mode here is exactly invertible:
 
-* ``1d``: for coarse-to-fine 1D tokenizers. Merges never cross position blocks
+* `1d`: for coarse-to-fine 1D tokenizers. Merges never cross position blocks
   ([0,1), [1,2), [2,4), ... by default), so cutting the codes at a block edge is a
-  prefix of the token sequence (:meth:`BPECodec.truncate`).
-* ``2d``: for h x w grids. Tokens are rectangles joined horizontally or vertically and
+  prefix of the token sequence (`BPECodec.truncate`).
+* `2d`: for h x w grids. Tokens are rectangles joined horizontally or vertically and
   emitted in raster order of their top-left cell; decoding rebuilds the grid.
-* ``flat``: plain BPE over the row-major sequence, the baseline.
+* `flat`: plain BPE over the row-major sequence, the baseline.
 
 Base token ids equal code ids (0..K-1); merged tokens get K..V-1.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -24,13 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flextok.files import atomic_write_bytes
+
 from ._backends import BACKENDS
 from ._grid import GridEngine
 from ._inputs import ArrayLike, as_output, concat_checked, is_torch, split_batch, to_int_array
-from ._io import sha256, write_atomic
 from ._sequence import SequenceEngine, block_edges
 from ._text import MAX_CODEBOOK_SIZE
 from .stats import BPEStats
+
+__all__ = ["BPECodec", "CONFIG_NAME", "GRID_BACKEND", "MODES"]
 
 MODES = ("1d", "2d", "flat")
 GRID_BACKEND = "grid"
@@ -56,7 +60,7 @@ Ids = np.ndarray | torch.Tensor
 class BPECodec:
     """Lossless BPE codec over VQ code sequences or grids.
 
-    Build one with :meth:`train` or :meth:`from_pretrained` (the constructor takes an
+    Build one with `train` or `from_pretrained` (the constructor takes an
     internal engine). Every method accepts numpy arrays, torch tensors or lists, and
     returns torch tensors when given torch input.
     """
@@ -66,8 +70,6 @@ class BPECodec:
         self._mode = mode
         self._backend = backend
         self._max_token_length = max_token_length
-
-    # ----------------------------------------------------------------- training
 
     @classmethod
     def train(
@@ -82,25 +84,24 @@ class BPECodec:
         max_token_length: int = 16,
         batch_ratio: float | None = None,
     ) -> BPECodec:
-        """Learn ``vocab_size - codebook_size`` merges from code sequences.
+        """Learn `vocab_size - codebook_size` merges from code sequences.
 
-        Args:
-            sequences: [N, L] array or list of 1D arrays (``1d``/``flat``, lengths may
-                differ), or [N, h, w] array or list of same-shape grids (``2d``).
-            codebook_size: K; codes must lie in [0, K), K <= 65534.
-            vocab_size: V >= K. If the data has too few repeated pairs, training stops
-                early with a warning and ``codec.vocab_size`` is the actual size.
-            mode: ``"1d"``, ``"2d"`` or ``"flat"``.
-            backend: ``"tokenizers"`` (default) or ``"sentencepiece"`` for 1d/flat.
-                2d merges cannot be expressed by a string BPE library; they run in the
-                built-in vectorized grid engine (``backend=None`` or ``"grid"``).
-            boundaries: 1d only; increasing positions where blocks start (merges never
-                cross them). Default: powers of two, 1, 2, 4, 8, ...
-            max_token_length: most codes in one token (cells, in 2d).
-            batch_ratio: 2d only, in (0, 1]; each training round merges, with disjoint
-                token types, every pair whose count is at least this fraction of the
-                round's top count. 1.0 is closest to one-merge-at-a-time greedy BPE;
-                the default 0.5 needs far fewer rounds.
+        `sequences` is an [N, L] array or list of 1D arrays (`1d`/`flat`, lengths may
+        differ), or an [N, h, w] array or list of same-shape grids (`2d`). `codebook_size`
+        is K: codes must lie in [0, K), K <= 65534. `vocab_size` is V >= K; if the data has
+        too few repeated pairs, training stops early with a warning and `codec.vocab_size`
+        is the actual size. `mode` is `"1d"`, `"2d"` or `"flat"`.
+
+        `backend` is `"tokenizers"` (default) or `"sentencepiece"` for 1d/flat. 2d merges
+        cannot be expressed by a string BPE library; they run in the built-in vectorized
+        grid engine (`backend=None` or `"grid"`).
+
+        `boundaries` (1d only) are increasing positions where blocks start (merges never
+        cross them); the default is powers of two, 1, 2, 4, 8, ... `max_token_length` is
+        the most codes in one token (cells, in 2d). `batch_ratio` (2d only) is in (0, 1]:
+        each training round merges, with disjoint token types, every pair whose count is
+        at least this fraction of the round's top count. 1.0 is closest to
+        one-merge-at-a-time greedy BPE; the default 0.5 needs far fewer rounds.
         """
         backend_name, cuts, ratio = _check_train_args(
             mode, codebook_size, vocab_size, backend, boundaries, max_token_length, batch_ratio
@@ -123,16 +124,14 @@ class BPECodec:
             )
         return cls(engine, mode=mode, backend=backend_name, max_token_length=max_token_length)
 
-    # --------------------------------------------------------------- properties
-
     @property
     def mode(self) -> str:
-        """``"1d"``, ``"2d"`` or ``"flat"``."""
+        """`"1d"`, `"2d"` or `"flat"`."""
         return self._mode
 
     @property
     def backend(self) -> str:
-        """``"tokenizers"``, ``"sentencepiece"`` or ``"grid"`` (2d)."""
+        """`"tokenizers"`, `"sentencepiece"` or `"grid"` (2d)."""
         return self._backend
 
     @property
@@ -169,8 +168,6 @@ class BPECodec:
         """Number of codes in each token id, shape [V]."""
         return self._engine.token_sizes.copy()
 
-    # ------------------------------------------------------------ encode/decode
-
     def encode(self, codes: ArrayLike) -> Ids:
         """Token ids of one sequence ([L]) or grid ([h, w]); ValueError names a bad code's position."""
         arr = self._item(codes, _item_ndim(self._mode), "codes")
@@ -186,17 +183,24 @@ class BPECodec:
         items, torch_out = split_batch(batch, _item_ndim(self._mode), "sequences")
         return [as_output(ids, torch_out) for ids in self._engine.encode(items)]
 
+    def encode_flat(self, sequences: list[np.ndarray]) -> list[Ids]:
+        """Token ids of flat code sequences ([L] each) as tokenizers emit them; a 2d codec lays each one out
+        on its `grid_shape` (row-major, the tokenizers' order) first."""
+        if self._mode == "2d":
+            sequences = [np.asarray(s).reshape(self.grid_shape) for s in sequences]
+        return self.encode_batch(sequences)
+
     def decode_batch(self, batch: ArrayLike) -> list[Ids]:
         """Codes of many token sequences (list of 1D id arrays, or a stacked [N, T] array)."""
         items, torch_out = split_batch(batch, 1, "token sequences")
         return [as_output(codes, torch_out) for codes in self._engine.decode(items)]
 
     def truncate(self, ids: ArrayLike, num_codes: int) -> Ids:
-        """Prefix of ``ids`` that decodes to the first ``num_codes`` codes.
+        """Prefix of `ids` that decodes to the first `num_codes` codes.
 
-        In 1d mode, when ``num_codes`` is a block edge (or the sequence length) this
-        equals ``encode(codes[:num_codes])``. Raises ValueError when no token ends at
-        ``num_codes``, and in 2d mode, whose tokens have no 1D code order.
+        In 1d mode, when `num_codes` is a block edge (or the sequence length) this
+        equals `encode(codes[:num_codes])`. Raises ValueError when no token ends at
+        `num_codes`, and in 2d mode, whose tokens have no 1D code order.
         """
         if self._mode == "2d":
             raise ValueError("truncate needs a 1D code order; 2d tokens are rectangles and have none")
@@ -214,18 +218,16 @@ class BPECodec:
         return as_output(arr[:cut], is_torch(ids))
 
     def stats(self, sequences: ArrayLike) -> BPEStats:
-        """Compression statistics of this codec on ``sequences`` (same input forms as encode_batch)."""
+        """Compression statistics of this codec on `sequences` (same input forms as encode_batch)."""
         items, _ = split_batch(sequences, _item_ndim(self._mode), "sequences")
         return BPEStats.measure(self._engine.encode(items), self._engine.token_sizes, self.codebook_size)
 
-    # -------------------------------------------------------------- persistence
-
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the backend file and ``bpe_config.json`` (atomically, config last)."""
+        """Write the backend file and `bpe_config.json` (atomically, config last)."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         data = self._engine.to_bytes()
-        write_atomic(path / self._engine.filename, data)
+        atomic_write_bytes(path / self._engine.filename, data)
         config = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -237,13 +239,13 @@ class BPECodec:
             "grid_shape": list(self.grid_shape) if self.grid_shape is not None else None,
             "max_token_length": self._max_token_length,
             "backend_file": self._engine.filename,
-            "backend_sha256": sha256(data),
+            "backend_sha256": hashlib.sha256(data).hexdigest(),
         }
-        write_atomic(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> BPECodec:
-        """Load a codec saved by :meth:`save_pretrained`.
+        """Load a codec saved by `save_pretrained`.
 
         Raises FileNotFoundError naming a missing file, ValueError naming a file that
         is corrupt or does not match the config.
@@ -254,7 +256,7 @@ class BPECodec:
         if not backend_path.is_file():
             raise FileNotFoundError(f"{backend_path}: backend file named in {path / CONFIG_NAME} is missing")
         data = backend_path.read_bytes()
-        if sha256(data) != config["backend_sha256"]:
+        if hashlib.sha256(data).hexdigest() != config["backend_sha256"]:  # a backend file swapped under it
             raise ValueError(f"{backend_path} does not match {path / CONFIG_NAME} (checksum differs)")
         engine = _load_engine(config, data)
         if (engine.codebook_size, engine.vocab_size) != (config["codebook_size"], config["vocab_size"]):
@@ -263,8 +265,6 @@ class BPECodec:
                 f"{path / CONFIG_NAME} says K={config['codebook_size']}, V={config['vocab_size']}"
             )
         return cls(engine, mode=config["mode"], backend=config["backend"], max_token_length=config["max_token_length"])
-
-    # ------------------------------------------------------------------ helpers
 
     def _item(self, x: ArrayLike, ndim: int, what: str) -> np.ndarray:
         """One unbatched input as int64, with the dimensionality this mode expects."""
@@ -325,7 +325,7 @@ def _check_train_args(
 
 
 def _read_config(config_path: Path) -> dict:
-    """Parse and sanity-check ``bpe_config.json``."""
+    """Parse and sanity-check `bpe_config.json`."""
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no saved BPE codec config here")
     try:

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = ["BPEStats"]
+
 
 @dataclass(frozen=True)
 class BPEStats:
     """How much a codec shortens a dataset.
 
-    ``compression_ratio`` is codes per token (higher is shorter). ``vocab_used`` counts
-    distinct ids that occur; ``vocab_usage`` is that over the vocabulary size.
-    ``mean_codes_per_merged_token`` averages over occurrences of merged tokens (ids >= K)
+    `compression_ratio` is codes per token (higher is shorter). `vocab_used` counts
+    distinct ids that occur; `vocab_usage` is that over the vocabulary size.
+    `mean_codes_per_merged_token` averages over occurrences of merged tokens (ids >= K)
     in the encoded data, NaN when none occurs.
     """
 

@@ -2,9 +2,9 @@
 
     python -m bpe_image.train --codes codes.npy --vocab-size 2048 --mode 1d --out DIR
 
-``codes.npy`` is an int array [N, L] (1d/flat) or [N, h, w] (2d). An ``.npz`` holding
-``codes`` (and, for variable-length 1D sequences, ``lengths``: sequence i is
-``codes[i, :lengths[i]]``) is accepted too. Bad arguments or files give a one-line error
+`codes.npy` is an int array [N, L] (1d/flat) or [N, h, w] (2d). An `.npz` holding
+`codes` (and, for variable-length 1D sequences, `lengths`: sequence i is
+`codes[i, :lengths[i]]`) is accepted too. Bad arguments or files give a one-line error
 and exit code 2.
 """
 
@@ -19,6 +19,8 @@ import numpy as np
 
 from ._backends import BACKENDS
 from .codec import MODES, BPECodec
+
+__all__ = ["EXIT_USAGE", "load_codes", "main"]
 
 EXIT_USAGE = 2
 

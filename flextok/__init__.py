@@ -1,17 +1,22 @@
-"""Adaptive image tokenization: grid KL/quantized autoencoders and FlexTok-style 1D tokenizers."""
+"""Adaptive image tokenization, the shared base and the tokenizers: grid KL/quantized autoencoders and
+FlexTok-style 1D tokenizers (importing the package registers both for `load_model`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from .errors import ConfigError, NonFiniteLoss, TokenizerMismatch, UserError
 from .flextok_model import FlexTok
 from .grid_autoencoder import GridAutoencoder
 from .hub import load_model
 
+__all__ = [
+    "ConfigError", "FlexTok", "GridAutoencoder", "NonFiniteLoss", "TokenizerMismatch", "UserError", "load_model",
+    "load_tokenizer",
+]
 
-def load_tokenizer(path: str | Path, map_location: str = "cpu"):
+
+def load_tokenizer(path, map_location: str = "cpu") -> FlexTok | GridAutoencoder:
     """Load any saved tokenizer (grid KL/quantized autoencoder or FlexTok) from a folder or hub id."""
-    return load_model(path, map_location)
-
-
-__all__ = ["FlexTok", "GridAutoencoder", "load_tokenizer", "load_model"]
+    model = load_model(path, map_location)
+    if not isinstance(model, (FlexTok, GridAutoencoder)):
+        raise UserError(f"{path}: holds a '{model.model_type}' model, not a tokenizer")
+    return model

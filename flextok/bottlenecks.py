@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .schema import QuantizerConfig
+
+__all__ = ["DiagonalGaussian", "Quantizer", "code_dim"]
 
 
 class DiagonalGaussian(nn.Module):
@@ -24,29 +30,19 @@ class Quantizer(nn.Module):
     One interface over the three vector-quantize-pytorch quantizers, so models never branch on the kind.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        dim: int,
-        fsq_levels: list[int],
-        codebook_size: int,
-        codebook_dim: int,
-        commitment_weight: float,
-        decay: float = 0.99,
-        entropy_weight: float = 0.1,
-    ):
+    def __init__(self, config: QuantizerConfig, dim: int):
         super().__init__()
         from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
-        self.kind = kind
+        kind, codebook_size, self.kind = config.kind, config.codebook_size, config.kind
         if kind == "fsq":
-            self.impl = FSQ(levels=list(fsq_levels), dim=dim)
+            self.impl = FSQ(levels=list(config.fsq_levels), dim=dim)
             self.codebook_size = self.impl.codebook_size
         elif kind == "vq":
             # sync_codebook=False: codebook all-reduce can hang outside DDP (DESIGN.md §5)
             self.impl = VectorQuantize(
-                dim=dim, codebook_size=codebook_size, codebook_dim=codebook_dim, decay=decay,
-                commitment_weight=commitment_weight, threshold_ema_dead_code=2, kmeans_init=True,
+                dim=dim, codebook_size=codebook_size, codebook_dim=config.codebook_dim, decay=config.vq_decay,
+                commitment_weight=config.commitment_weight, threshold_ema_dead_code=2, kmeans_init=True,
                 sync_codebook=False,
             )
             self.codebook_size = codebook_size
@@ -54,8 +50,8 @@ class Quantizer(nn.Module):
             if codebook_size & (codebook_size - 1):
                 raise ValueError(f"lfq needs a power-of-two codebook_size, got {codebook_size}")
             self.impl = LFQ(
-                dim=dim, codebook_size=codebook_size, entropy_loss_weight=entropy_weight,
-                commitment_loss_weight=commitment_weight,
+                dim=dim, codebook_size=codebook_size, entropy_loss_weight=config.entropy_weight,
+                commitment_loss_weight=config.commitment_weight,
             )
             self.codebook_size = codebook_size
         else:
@@ -81,9 +77,11 @@ class Quantizer(nn.Module):
         return self.impl.indices_to_codes(indices)
 
 
-def build_quantizer(kind: str, dim: int, cfg) -> Quantizer:
-    """Build from any config section with fsq_levels / codebook_size / codebook_dim / commitment_weight."""
-    return Quantizer(
-        kind, dim, cfg.fsq_levels, cfg.codebook_size, cfg.codebook_dim, cfg.commitment_weight,
-        decay=getattr(cfg, "vq_decay", 0.99), entropy_weight=getattr(cfg, "entropy_weight", 0.1),
-    )
+def code_dim(config: QuantizerConfig) -> int:
+    """The width of the vectors a quantizer of this config takes: one per FSQ level, log2(codebook) bits
+    for LFQ, and VQ's own width otherwise (a linear map connects it to the codebook's)."""
+    if config.kind == "fsq":
+        return len(config.fsq_levels)
+    if config.kind == "lfq":
+        return int(math.log2(config.codebook_size))
+    return config.codebook_dim

@@ -1,4 +1,4 @@
-"""Shared command-line plumbing for the entry scripts: `--config FILE`, dotted overrides, clean exits."""
+"""Command-line plumbing shared by the entry scripts: `--config FILE`, dotted overrides, clean exits."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import functools
 import sys
 from typing import Callable
 
-from .config import Config, ConfigError, load_config
+from .config import load_config
+from .errors import UserError
 
-
-class UserError(Exception):
-    """An input problem (missing file, unusable data, bad checkpoint) reported as one line, exit code 2."""
+__all__ = ["config_parser", "exits_cleanly", "load_from_args"]
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -23,8 +22,8 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+def load_from_args(args: argparse.Namespace, cls: type):
+    return load_config(args.config, args.overrides, cls=cls)
 
 
 def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
@@ -34,7 +33,7 @@ def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs) or 0
-        except (ConfigError, UserError, FileNotFoundError) as err:
+        except (UserError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
 

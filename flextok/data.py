@@ -7,6 +7,7 @@ crashing a run. Batches are addressed by step (see `StepBatchSampler`), which ma
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import itertools
@@ -20,17 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UserError
-from .config import DataConfig
+from .errors import UserError
+from .schema import DataConfig
+
+__all__ = [
+    "Batch", "EpochOrder", "FASHION_MNIST_DIR", "ImageDataset", "SKIMAGE_EVAL_PHOTOS", "SKIMAGE_TRAIN_PHOTOS",
+    "StepBatchSampler", "StreamingImages", "collate", "data_settings", "decode_image", "example_from_row",
+    "load_images", "load_source", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo", "tensor_to_uint8",
+    "to_rgb", "train_loader",
+]
 
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
 SKIMAGE_EVAL_PHOTOS = ("chelsea", "coffee")  # held out: different photographs, never cropped for training
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-# ----------------------------------------------------------------------------------------------
-# Pixel transforms
-# ----------------------------------------------------------------------------------------------
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -97,11 +100,6 @@ def decode_image(value: Any) -> Image.Image:
         raise TypeError(f"unsupported image value of type {type(value).__name__}")
     img.load()
     return img
-
-
-# ----------------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------------
 
 
 def load_source(cfg: DataConfig, split: str, seed: int = 0):
@@ -247,11 +245,6 @@ def _random_scaled_crop(photo: Image.Image, resolution: int, rng: np.random.Gene
     return np.asarray(crop)
 
 
-# ----------------------------------------------------------------------------------------------
-# Torch side
-# ----------------------------------------------------------------------------------------------
-
-
 def example_from_row(row: dict, index: int, resolution: int, train: bool, hflip: bool, aug_seed: int) -> dict:
     """Decode and transform one dataset row; an unreadable image becomes {'skipped': index}."""
     try:
@@ -395,6 +388,12 @@ def load_images(cfg: DataConfig, split: str, limit: int | None = None, seed: int
     if batch.images.numel() == 0:
         raise UserError(f"data: {cfg.source} [{split}] yielded no usable image")
     return batch
+
+
+def data_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The data settings that decide which images a split yields (the worker count does not): part of
+    every cache key built from a split."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_workers"}
 
 
 def report_skipped(skipped: list[int], where: str) -> None:

@@ -3,7 +3,7 @@
 Both share one trunk, a transformer over [noised patches | condition tokens] with AdaLN time conditioning
 whose modulation is zero-initialized (it starts as plain LayerNorm). x-transformers' extra adaptive
 layer-scale gate (full adaLN-zero) made register codes collapse on short CPU runs, so it is off. Both expose
-`loss(x0, cond)` and `sample(cond, null, steps, guidance, generator)`; classifier-free guidance runs the
+`loss(x0, cond)` and `sample(cond, null, shape, steps, guidance_scale, generator)`; classifier-free guidance runs the
 conditional and null rows in one batched forward pass.
 """
 
@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Encoder
 
+from .guidance import Guidance
 from .patching import sincos_2d, timestep_embedding
+
+__all__ = ["DecoderTrunk", "DiffusionDecoder", "RectifiedFlowDecoder", "build_decoder", "cosine_alpha_bar",
+           "start_from_noise"]
 
 
 class DecoderTrunk(nn.Module):
@@ -45,13 +49,10 @@ class DecoderTrunk(nn.Module):
 
 
 def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
-           guidance: float) -> torch.Tensor:
-    """Classifier-free guidance: null + g * (cond - null), with both rows in a single forward pass."""
-    if guidance == 1.0:
-        return trunk(x, t, cond)
-    both = trunk(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
-    pred_cond, pred_null = both.chunk(2)
-    return pred_null + guidance * (pred_cond - pred_null)
+           guidance_scale: float) -> torch.Tensor:
+    """The trunk's prediction under classifier-free guidance (`flextok.guidance`)."""
+    guidance = Guidance(guidance_scale)
+    return guidance.combine(trunk(guidance.repeat(x), guidance.repeat(t), guidance.conditions(cond, null)))
 
 
 def start_from_noise(shape: tuple[int, ...], steps: int, generator: torch.Generator,
@@ -78,12 +79,12 @@ class RectifiedFlowDecoder(nn.Module):
         return F.mse_loss(self.trunk(x_t, t, cond), eps - x0)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance: float,
+    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance_scale: float,
                generator: torch.Generator) -> torch.Tensor:
         x, times = start_from_noise(shape, steps, generator, cond.device)
         for i in range(steps):
             t = times[i].expand(shape[0])
-            v = guided(self.trunk, x, t, cond, null, guidance)
+            v = guided(self.trunk, x, t, cond, null, guidance_scale)
             x = x + (times[i + 1] - times[i]) * v
         return x
 
@@ -120,13 +121,13 @@ class DiffusionDecoder(nn.Module):
         return x0, eps
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance: float,
+    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance_scale: float,
                generator: torch.Generator) -> torch.Tensor:
         x, times = start_from_noise(shape, steps, generator, cond.device)
         for i in range(steps):
             t = times[i].expand(shape[0])
             a, a_next = cosine_alpha_bar(times[i]), cosine_alpha_bar(times[i + 1])
-            x0, eps = self._x0_eps(x, a, guided(self.trunk, x, t, cond, null, guidance))
+            x0, eps = self._x0_eps(x, a, guided(self.trunk, x, t, cond, null, guidance_scale))
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps if i + 1 < steps else x0
         return x
 

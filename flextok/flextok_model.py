@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bottlenecks import build_quantizer
-from .cli import UserError
-from .config import ConfigError, FlexTokConfig, GridConfig, from_dict
+from .bottlenecks import Quantizer, code_dim
+from .config import from_dict
+from .errors import ConfigError, UserError
 from .decoders import DecoderTrunk, build_decoder
 from .grid_autoencoder import GridAutoencoder
 from .hub import HubMixin, register_model
@@ -27,14 +27,9 @@ from .metrics import psnr
 from .nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
 from .patching import patchify, unpatchify
 from .register_encoder import RegisterEncoder
+from .schema import FlexTokConfig, GridConfig
 
-
-def _quantizer_dim(cfg: FlexTokConfig) -> int:
-    if cfg.quantizer == "fsq":
-        return len(cfg.fsq_levels)
-    if cfg.quantizer == "lfq":
-        return int(math.log2(cfg.codebook_size))
-    return cfg.codebook_dim
+__all__ = ["FlexTok", "FlexTokObjective"]
 
 
 @register_model("flextok")
@@ -48,7 +43,8 @@ class FlexTok(HubMixin, nn.Module):
         if config.input == "latents":
             if autoencoder_config is None:
                 raise ValueError("input 'latents' needs the grid autoencoder's config")
-            self.autoencoder = GridAutoencoder(from_dict(GridConfig, autoencoder_config), resolution)
+            # upgrade: tokenizers saved before a grid key was renamed embed the old spelling
+            self.autoencoder = GridAutoencoder(from_dict(GridConfig, autoencoder_config, upgrade=True), resolution)
             self.autoencoder.requires_grad_(False).eval()
             channels, side = self.autoencoder.config.latent_channels, self.autoencoder.grid_size
         else:
@@ -59,13 +55,13 @@ class FlexTok(HubMixin, nn.Module):
             raise ConfigError(f"flextok.patch_size: {p} does not divide the {side}x{side} input grid")
         self.channels, self.grid, r = channels, side // p, config.num_registers
         patch_dim = channels * p * p
-        q_dim = _quantizer_dim(config)
+        q_dim = code_dim(config.quantizer)
         self.encoder = RegisterEncoder(
             patch_dim, self.grid, r, config.dim, config.depth, config.heads, config.mlp_ratio,
             causal_registers=not config.token_set,
         )
         self.to_code = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, q_dim))
-        self.quantizer = build_quantizer(config.quantizer, q_dim, config)
+        self.quantizer = Quantizer(config.quantizer, q_dim)
         self.code_to_cond = nn.Linear(q_dim, config.decoder_dim)
         # Token sets carry no register position, so the decoder cannot see their order. Otherwise unit scale,
         # like the encoder's registers: at 0.02 the decoder could not tell registers apart (a code means the
@@ -106,7 +102,6 @@ class FlexTok(HubMixin, nn.Module):
             self.autoencoder.eval()  # frozen: never in training mode (no posterior sampling)
         return self
 
-    # -- properties shared by every tokenizer -----------------------------------------------------
     @property
     def num_registers(self) -> int:
         return self.config.num_registers
@@ -127,7 +122,6 @@ class FlexTok(HubMixin, nn.Module):
     def bits_per_token(self) -> float:
         return math.log2(self.vocab_size)
 
-    # -- building blocks --------------------------------------------------------------------------
     def to_target(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> the patch sequence the decoder generates (scaled latents or pixels)."""
         with torch.no_grad():
@@ -160,16 +154,15 @@ class FlexTok(HubMixin, nn.Module):
     def null_condition(self, batch: int) -> torch.Tensor:
         return self.mask_token.expand(batch, self.num_registers, -1)
 
-    # -- public API -------------------------------------------------------------------------------
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor, k: int | None = None, target_psnr: float | None = None,
-                 target_mse: float | None = None, steps: int | None = None, guidance: float | None = None,
+                 target_mse: float | None = None, steps: int | None = None, guidance_scale: float | None = None,
                  seed: int = 0) -> list[torch.Tensor]:
         """Images [B,3,H,W] in [-1,1] -> per image a 1D LongTensor of R tokens (or its first k).
 
         Adaptive length: `target_psnr` (pixel space, dB) or `target_mse` (scaled target space: latents
         or pixels) picks per image the shortest prefix among 1, 2, 4, ..., R whose decoding meets it, decoded
-        with the same `steps`, `guidance` and `seed` that a later `detokenize` call should use.
+        with the same `steps`, `guidance_scale` and `seed` that a later `detokenize` call should use.
         """
         images = self._fit_images(images)
         _, indices, _ = self.encode(images)
@@ -177,7 +170,7 @@ class FlexTok(HubMixin, nn.Module):
             indices = indices.sort(dim=1).values
         tokens = list(indices.cpu().unbind(0))
         if target_psnr is not None or target_mse is not None:
-            return self._adaptive(images, tokens, target_psnr, target_mse, steps, guidance, seed)
+            return self._adaptive(images, tokens, target_psnr, target_mse, steps, guidance_scale, seed)
         if k is not None:
             if self.token_set and k != self.num_registers:
                 raise ValueError(f"token sets have a fixed size of {self.num_registers}; got k={k}")
@@ -187,10 +180,10 @@ class FlexTok(HubMixin, nn.Module):
         return tokens
 
     @torch.no_grad()
-    def detokenize(self, tokens: list[torch.Tensor], steps: int | None = None, guidance: float | None = None,
+    def detokenize(self, tokens: list[torch.Tensor], steps: int | None = None, guidance_scale: float | None = None,
                    seed: int = 0) -> torch.Tensor:
         """Token sequences of any lengths 1..R (in one call) -> images; deterministic for a given seed."""
-        x0 = self.sample_targets(tokens, steps, guidance, seed)
+        x0 = self.sample_targets(tokens, steps, guidance_scale, seed)
         return self.from_target(x0)
 
     @torch.no_grad()
@@ -200,7 +193,7 @@ class FlexTok(HubMixin, nn.Module):
         ks = [self.num_registers] if self.token_set else powers_of_two_upto(self.num_registers)
         return {f"k={k}": self.detokenize([t[:k] for t in tokens], seed=seed) for k in ks}
 
-    def sample_targets(self, tokens: list[torch.Tensor], steps: int | None = None, guidance: float | None = None,
+    def sample_targets(self, tokens: list[torch.Tensor], steps: int | None = None, guidance_scale: float | None = None,
                        seed: int = 0) -> torch.Tensor:
         """Token lists -> decoded target patches (before `from_target`), for callers that stay in latent space."""
         indices, keep = self._pack(tokens)
@@ -210,10 +203,10 @@ class FlexTok(HubMixin, nn.Module):
         n_patches, patch_dim = self.grid**2, self.channels * self.config.patch_size**2
         return self.decoder.sample(
             cond, self.null_condition(len(tokens)), (len(tokens), n_patches, patch_dim),
-            steps or self.config.sample_steps, self.config.guidance if guidance is None else guidance, generator,
+            steps or self.config.sampling.steps,
+            self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale, generator,
         )
 
-    # -- internals --------------------------------------------------------------------------------
     def _pack(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate and pad variable-length token lists to [B, R] indices plus keep counts [B]."""
         if len(tokens) == 0:
@@ -234,7 +227,7 @@ class FlexTok(HubMixin, nn.Module):
             keep[i] = len(t)
         return indices, keep
 
-    def _adaptive(self, images, tokens, target_psnr, target_mse, steps, guidance, seed) -> list[torch.Tensor]:
+    def _adaptive(self, images, tokens, target_psnr, target_mse, steps, guidance_scale, seed) -> list[torch.Tensor]:
         """Shortest prefix (1, 2, 4, ..., R) meeting the target. Every pass decodes the whole batch so that
         each image keeps its own noise row, exactly as in a later `detokenize(result, seed=seed)` call."""
         if self.token_set:
@@ -243,7 +236,7 @@ class FlexTok(HubMixin, nn.Module):
         pending = set(range(len(tokens)))
         targets = self.to_target(images) if target_mse is not None else None
         for k in powers_of_two_upto(self.num_registers)[:-1]:
-            x0 = self.sample_targets([t[:k] for t in tokens], steps, guidance, seed)
+            x0 = self.sample_targets([t[:k] for t in tokens], steps, guidance_scale, seed)
             if target_mse is not None:
                 ok = F.mse_loss(x0, targets, reduction="none").flatten(1).mean(1) <= target_mse
             else:

@@ -7,9 +7,11 @@ import math
 import torch
 from torch import nn
 
-from .bottlenecks import DiagonalGaussian, build_quantizer
-from .config import GridConfig
+from .bottlenecks import DiagonalGaussian, Quantizer
+from .schema import GridConfig
 from .hub import HubMixin, register_model
+
+__all__ = ["ConvDecoder", "ConvEncoder", "GridAutoencoder", "ResBlock"]
 
 
 class ResBlock(nn.Module):
@@ -89,12 +91,11 @@ class GridAutoencoder(HubMixin, nn.Module):
         self.encoder = ConvEncoder(config, 2 * config.latent_channels if kl else config.latent_channels)
         self.decoder = ConvDecoder(config)
         self.gaussian = DiagonalGaussian() if kl else None
-        self.quantizer = None if kl else build_quantizer(config.quantizer, config.latent_channels, config)
+        self.quantizer = None if kl else Quantizer(config.quantizer, config.latent_channels)
 
     def extra_config(self) -> dict:
         return {"resolution": self.resolution}
 
-    # -- geometry ---------------------------------------------------------------------------------
     @property
     def is_quantized(self) -> bool:
         return self.quantizer is not None
@@ -116,7 +117,6 @@ class GridAutoencoder(HubMixin, nn.Module):
     def bits_per_token(self) -> float:
         return math.log2(self.vocab_size) if self.is_quantized else 16.0 * self.config.latent_channels
 
-    # -- encode / decode --------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, sample: bool = False) -> dict[str, torch.Tensor]:
         """Returns {'latents': [B,c,h,w]} plus 'kl' (KL) or 'indices' [B,h,w] and 'aux_loss' (quantized)."""
         h = self.encoder(images)
@@ -135,7 +135,6 @@ class GridAutoencoder(HubMixin, nn.Module):
         out = self.encode(images, sample=self.training)
         return self.decode(out["latents"]), out
 
-    # -- the tokenizer API shared by every family -------------------------------------------------
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> list[torch.Tensor]:
         self._check_images(images)

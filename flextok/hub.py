@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import tempfile
 from pathlib import Path
@@ -16,20 +15,16 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cli import UserError
 from .config import from_dict
-from .files import atomic_write
+from .errors import UserError
+from .files import atomic_write, atomic_write_text
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "HubMixin", "load_model", "read_model_meta", "register_model",
+           "resolve_model_dir"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPES: dict[str, type] = {}
-# model types whose module registers them on import; `load_model` imports it on demand
-MODEL_MODULES = {
-    "grid_autoencoder": "flextok.grid_autoencoder",
-    "flextok": "flextok.flextok_model",
-    "discrete_prior": "priors.discrete",
-    "flow_prior": "priors.flow",
-}
+MODEL_TYPES: dict[str, type] = {}  # filled by `register_model` where each model class is defined
 
 
 def register_model(name: str):
@@ -61,7 +56,7 @@ class HubMixin:
         meta = {"model_type": self.model_type, "config": dataclasses.asdict(self.config), **self.extra_config()}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
-        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))
         return directory
 
     @classmethod
@@ -107,10 +102,9 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_file}: not valid JSON ({err})") from None
-    if meta.get("model_type") in MODEL_MODULES:
-        importlib.import_module(MODEL_MODULES[meta["model_type"]])
     if meta.get("model_type") not in MODEL_TYPES:
-        raise UserError(f"{config_file}: unknown model_type {meta.get('model_type')!r} (known: {sorted(MODEL_TYPES)})")
+        raise UserError(f"{config_file}: unknown model_type {meta.get('model_type')!r} (registered: "
+                        f"{sorted(MODEL_TYPES)}; import the package that defines it first)")
     return directory, meta
 
 
@@ -118,7 +112,8 @@ def load_model(path: str | Path, map_location: str = "cpu") -> torch.nn.Module:
     """Rebuild whichever registered model is saved at `path`, with its exact weights."""
     directory, meta = read_model_meta(path)
     cls = MODEL_TYPES[meta.pop("model_type")]
-    config = from_dict(cls.config_class, meta.pop("config"), str(directory / CONFIG_NAME))
+    # upgrade: checkpoints saved before a config key was renamed still load
+    config = from_dict(cls.config_class, meta.pop("config"), str(directory / CONFIG_NAME), upgrade=True)
     model = cls(config, **meta)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():

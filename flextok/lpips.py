@@ -2,21 +2,21 @@
 
 Used both as an evaluation metric and as an optional autoencoder training loss, so the
 module is frozen but differentiable with respect to its inputs. The computation follows
-Zhang et al. 2018 (``lpips`` package, ``net='vgg'``, v0.1): shift/scale the [-1, 1] input,
+Zhang et al. 2018 (`lpips` package, `net='vgg'`, v0.1): shift/scale the [-1, 1] input,
 take VGG16 relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3 activations, unit-normalise each
 over channels, square the differences, weight channels with learned 1x1 "lin" convs,
 average spatially and sum over the five layers.
 
-Weights file (``.safetensors``, or ``.pth`` holding a plain state dict) with these keys,
-listed by ``lpips_state_dict_shapes()``:
+Weights file (`.safetensors`, or `.pth` holding a plain state dict) with these keys,
+listed by `lpips_state_dict_shapes()`:
 
-* ``features.{i}.weight`` / ``features.{i}.bias`` for i in 0, 2, 5, 7, 10, 12, 14, 17, 19,
-  21, 24, 26, 28: the VGG16 conv layers, named exactly as torchvision's ``vgg16().features``;
-* ``lins.{k}.weight`` for k in 0..4, shaped ``[1, C_k, 1, 1]``: the lpips package's
-  ``lin{k}.model.1.weight``.
+* `features.{i}.weight` / `features.{i}.bias` for i in 0, 2, 5, 7, 10, 12, 14, 17, 19,
+  21, 24, 26, 28: the VGG16 conv layers, named exactly as torchvision's `vgg16().features`;
+* `lins.{k}.weight` for k in 0..4, shaped `[1, C_k, 1, 1]`: the lpips package's
+  `lin{k}.model.1.weight`.
 
-``LPIPS.from_torchvision_and_lpips`` builds that file's content from torchvision's
-``vgg16-397923af.pth`` plus lpips' ``weights/v0.1/vgg.pth``; ``save_weights`` writes it.
+`LPIPS.from_torchvision_and_lpips` builds that file's content from torchvision's
+`vgg16-397923af.pth` plus lpips' `weights/v0.1/vgg.pth`; `save_weights` writes it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from .weights import resolve_local_weights
+
+__all__ = ["LPIPS", "LPIPS_LIN_URL", "LPIPS_WEIGHTS_ENV", "TORCHVISION_VGG16_URL", "lpips_state_dict_shapes"]
 
 LPIPS_WEIGHTS_ENV = "FLEXTOK_LPIPS_WEIGHTS"
 TORCHVISION_VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -70,9 +74,9 @@ def lpips_state_dict_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def _unit_normalize(features: torch.Tensor) -> torch.Tensor:
-    """Divide by the channel L2 norm, as lpips does (``x / (||x|| + eps)``).
+    """Divide by the channel L2 norm, as lpips does (`x / (||x|| + eps)`).
 
-    ``vector_norm`` has a zero (not NaN) gradient at an all-zero feature vector, which
+    `vector_norm` has a zero (not NaN) gradient at an all-zero feature vector, which
     ReLU features do produce, so training through the loss stays finite.
     """
     return features / (torch.linalg.vector_norm(features, dim=1, keepdim=True) + _NORM_EPS)
@@ -97,28 +101,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _resolve_weights(path: str | os.PathLike[str] | None) -> Path:
-    """The local weights file: ``path`` if given, else ``$FLEXTOK_LPIPS_WEIGHTS``."""
-    if path is None:
-        path = os.environ.get(LPIPS_WEIGHTS_ENV)
-        if not path:
-            raise FileNotFoundError(_missing_weights_message(f"{LPIPS_WEIGHTS_ENV} is not set"))
-    return _require_file(path, "LPIPS weights")
-
-
-def _require_file(path: str | os.PathLike[str], what: str) -> Path:
-    """``path`` as a Path, or FileNotFoundError explaining how to obtain the weights."""
-    resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise FileNotFoundError(_missing_weights_message(f"no {what} file at {resolved}"))
-    return resolved
-
-
 class LPIPS(nn.Module):
-    """Frozen LPIPS-VGG16 distance: ``forward(x, y)`` returns ``[B]`` for images in [-1, 1].
+    """Frozen LPIPS-VGG16 distance: `forward(x, y)` returns `[B]` for images in [-1, 1].
 
     Construction always takes a complete state dict (see module docstring for its keys),
-    so a model can never silently run with random weights; use ``from_pretrained`` for a
+    so a model can never silently run with random weights; use `from_pretrained` for a
     local file. Parameters are frozen, gradients still flow to the inputs, and there is
     no dropout or batch norm, so train and eval modes compute the same thing.
     """
@@ -135,20 +122,22 @@ class LPIPS(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str] | None = None) -> LPIPS:
-        """Load from ``path`` or ``$FLEXTOK_LPIPS_WEIGHTS``; FileNotFoundError says how to get it."""
-        return cls(_read_state_dict(_resolve_weights(path)))
+        """Load from `path` or `$FLEXTOK_LPIPS_WEIGHTS`; FileNotFoundError says how to get it."""
+        weights = resolve_local_weights(path, LPIPS_WEIGHTS_ENV, _missing_weights_message, what="LPIPS weights")
+        return cls(_read_state_dict(weights))
 
     @classmethod
     def from_torchvision_and_lpips(
         cls, vgg16_path: str | os.PathLike[str], lin_path: str | os.PathLike[str]
     ) -> LPIPS:
-        """Combine torchvision's ``vgg16`` state dict with the lpips package's v0.1 ``vgg.pth``.
+        """Combine torchvision's `vgg16` state dict with the lpips package's v0.1 `vgg.pth`.
 
-        Takes the ``features.*`` conv weights from the first (the classifier is unused) and
-        maps ``lin{k}.model.1.weight`` to ``lins.{k}.weight`` from the second.
+        Takes the `features.*` conv weights from the first (the classifier is unused) and
+        maps `lin{k}.model.1.weight` to `lins.{k}.weight` from the second.
         """
-        vgg_state = _read_state_dict(_require_file(vgg16_path, "torchvision vgg16"))
-        lin_state = _read_state_dict(_require_file(lin_path, "lpips vgg.pth"))
+        vgg_file = resolve_local_weights(vgg16_path, None, _missing_weights_message, what="torchvision vgg16")
+        lin_file = resolve_local_weights(lin_path, None, _missing_weights_message, what="lpips vgg.pth")
+        vgg_state, lin_state = _read_state_dict(vgg_file), _read_state_dict(lin_file)
         expected = lpips_state_dict_shapes()
         combined = {key: vgg_state[key] for key in expected if key.startswith("features.")}
         for k in range(len(_TAP_CHANNELS)):
@@ -156,7 +145,7 @@ class LPIPS(nn.Module):
         return cls(combined)
 
     def save_weights(self, path: str | os.PathLike[str]) -> None:
-        """Write the single-file weights (safetensors) that ``from_pretrained`` reads."""
+        """Write the single-file weights (safetensors) that `from_pretrained` reads."""
         state = {key: tensor.detach().cpu().contiguous() for key, tensor in self.state_dict().items()}
         save_file(state, str(path))
 
@@ -171,7 +160,7 @@ class LPIPS(nn.Module):
         return taps
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-image LPIPS distance ``[B]`` between images ``[B, 3, H, W]`` in [-1, 1]."""
+        """Per-image LPIPS distance `[B]` between images `[B, 3, H, W]` in [-1, 1]."""
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected two [B, 3, H, W] batches, got {tuple(x.shape)} and {tuple(y.shape)}")
         features = self._layer_features(torch.cat([x, y]))

@@ -1,9 +1,9 @@
 """Per-image reconstruction metrics (PSNR, SSIM) in torch.
 
-Images follow the project convention: float tensors ``[B, C, H, W]`` in ``[-1, 1]``.
-Both metrics are computed on the ``[0, 1]`` scale with a data range of 1, so the
+Images follow the project convention: float tensors `[B, C, H, W]` in `[-1, 1]`.
+Both metrics are computed on the `[0, 1]` scale with a data range of 1, so the
 numbers are the ones scikit-image reports for the same images saved as floats in
-``[0, 1]``. Values outside ``[-1, 1]`` are not clamped: clamp first if the images
+`[0, 1]`. Values outside `[-1, 1]` are not clamped: clamp first if the images
 would be clamped when saved, so that the metric scores what a viewer would see.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+__all__ = ["SSIM_K1", "SSIM_K2", "SSIM_SIGMA", "SSIM_TRUNCATE", "gaussian_kernel_1d", "psnr", "ssim"]
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
@@ -33,9 +35,9 @@ def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image, shape ``[B]``.
+    """Peak signal-to-noise ratio in dB per image, shape `[B]`.
 
-    Identical images give ``inf``, as in scikit-image's ``peak_signal_noise_ratio``.
+    Identical images give `inf`, as in scikit-image's `peak_signal_noise_ratio`.
     """
     _check_pair(x, y)
     mse = (_to_unit_range(x) - _to_unit_range(y)).square().flatten(1).mean(dim=1)
@@ -43,9 +45,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_kernel_1d(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> torch.Tensor:
-    """Normalised 1D Gaussian taps with scipy's radius rule, ``int(truncate * sigma + 0.5)``.
+    """Normalised 1D Gaussian taps with scipy's radius rule, `int(truncate * sigma + 0.5)`.
 
-    Using scipy's rule gives the 11-tap window that skimage's ``gaussian_weights=True`` uses.
+    Using scipy's rule gives the 11-tap window that skimage's `gaussian_weights=True` uses.
     """
     radius = int(truncate * sigma + 0.5)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
@@ -57,7 +59,7 @@ def _gaussian_blur_valid(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Separable depthwise Gaussian filter without padding.
 
     Only the 'valid' region is kept: it is exactly the region skimage averages after
-    cropping ``(win_size - 1) // 2`` pixels from each border, so no border rule is needed.
+    cropping `(win_size - 1) // 2` pixels from each border, so no border rule is needed.
     """
     channels = x.shape[1]
     taps = taps.to(dtype=x.dtype, device=x.device)
@@ -68,10 +70,10 @@ def _gaussian_blur_valid(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Structural similarity per image, shape ``[B]``, averaged over channels.
+    """Structural similarity per image, shape `[B]`, averaged over channels.
 
-    Matches ``skimage.metrics.structural_similarity(..., channel_axis=..., data_range=1.0,
-    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``: an 11x11 Gaussian
+    Matches `skimage.metrics.structural_similarity(..., channel_axis=..., data_range=1.0,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`: an 11x11 Gaussian
     window (sigma 1.5), K1 = 0.01, K2 = 0.03, population (not sample) covariances, and the
     mean over pixels at least 5 pixels from every border. Images must be at least 11x11.
     """

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["KEEP_DISTRIBUTIONS", "apply_nested_dropout", "keep_mask", "powers_of_two_upto", "sample_keep_counts"]
+
 KEEP_DISTRIBUTIONS = ("uniform", "pow2", "uniform_pow2")
 
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .config import LossConfig
+from .schema import LossConfig
+
+__all__ = ["GridObjective", "PatchDiscriminator"]
 
 
 class PatchDiscriminator(nn.Module):

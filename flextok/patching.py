@@ -7,6 +7,8 @@ import math
 import torch
 from einops import rearrange
 
+__all__ = ["patchify", "sincos_2d", "timestep_embedding", "unpatchify"]
+
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)(W/p), C*p*p], raster order."""

@@ -13,6 +13,8 @@ from x_transformers import Encoder
 
 from .patching import sincos_2d
 
+__all__ = ["RegisterEncoder", "register_attention_mask"]
+
 
 def register_attention_mask(num_patches: int, num_registers: int, causal_registers: bool = True) -> torch.Tensor:
     n = num_patches + num_registers

@@ -8,8 +8,6 @@ reproduces an uninterrupted run exactly.
 from __future__ import annotations
 
 import copy
-import json
-import math
 import random
 import time
 from pathlib import Path
@@ -18,29 +16,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cli import UserError
-from .config import Config, save_config
+from .config import save_config
 from .data import load_images, report_skipped, train_loader
-from .files import atomic_write
+from .errors import UserError
+from .files import MetricsLog, atomic_write
 from .metrics import psnr, ssim
+from .runtime import check_finite, pick_device, warmup_cosine
+from .schema import TokenizerRunConfig
 from .visualize import save_image_grid
+
+__all__ = ["TokenizerTrainer", "build_objective", "build_tokenizer"]
 
 CHECKPOINT = "latest.pt"
 
 
-class NonFiniteLoss(UserError):
-    """Raised when the loss turns NaN/inf; the last good checkpoint is left untouched."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: cuda requested but no GPU is available")
-    return torch.device(name)
-
-
-def build_tokenizer(cfg: Config) -> torch.nn.Module:
+def build_tokenizer(cfg: TokenizerRunConfig) -> torch.nn.Module:
     if cfg.tokenizer == "grid":
         from .grid_autoencoder import GridAutoencoder
 
@@ -50,7 +40,7 @@ def build_tokenizer(cfg: Config) -> torch.nn.Module:
     return FlexTok.from_config(cfg.flextok, resolution=cfg.data.resolution)
 
 
-def build_objective(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+def build_objective(cfg: TokenizerRunConfig, model: torch.nn.Module) -> torch.nn.Module:
     if cfg.tokenizer == "grid":
         from .objectives import GridObjective
 
@@ -60,20 +50,8 @@ def build_objective(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
     return FlexTokObjective(model)
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 class TokenizerTrainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: TokenizerRunConfig, resume: bool = False):
         self.cfg, self.run_dir = cfg, cfg.run_dir
         self.ckpt_path = self.run_dir / "checkpoints" / CHECKPOINT
         if self.ckpt_path.exists() and not resume:
@@ -90,15 +68,15 @@ class TokenizerTrainer:
         params = [p for p in self.objective.parameters() if p.requires_grad]
         t = cfg.train
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, t.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
         self.step = 0
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if resume:
             self._load_checkpoint()
         save_config(cfg, self.run_dir / "config.yaml")
         self.eval_batch = load_images(cfg.data, cfg.data.eval_split, cfg.data.eval_images, cfg.seed)
         self.skipped: list[int] = []
 
-    # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         state = {
             "objective": self.objective.state_dict(),
@@ -120,12 +98,11 @@ class TokenizerTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        self._drop_metrics_after(self.step)
+        self.metrics.truncate_after(self.step)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
 
-    # -- loop -------------------------------------------------------------------------------------
     def train(self) -> Path:
         t = self.cfg.train
         loader = train_loader(self.cfg.data, t.batch_size, self.cfg.seed, self.step, t.steps)
@@ -165,18 +142,11 @@ class TokenizerTrainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             loss, logs = self.objective(images, self.step)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss became {loss.item()} at step {self.step}; stopped, last good checkpoint kept at {self.ckpt_path}"
-            )
+        check_finite("loss", loss.item(), self.step, self.ckpt_path)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.train.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLoss(
-                f"gradients became {grad_norm.item()} at step {self.step}; stopped, last good checkpoint kept at "
-                f"{self.ckpt_path}"
-            )
+        check_finite("gradient norm", grad_norm.item(), self.step, self.ckpt_path)
         self.optimizer.step()
         self.scheduler.step()
         self._update_ema()
@@ -206,16 +176,7 @@ class TokenizerTrainer:
         return metrics
 
     def log(self, record: dict) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _drop_metrics_after(self, step: int) -> None:
-        """A resumed run re-logs the steps after its checkpoint: drop the killed run's copies of them."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+        self.metrics.append(record)
 
     def _collect_skipped(self, skipped: list[int], seen: int) -> None:
         self.skipped += skipped

@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw
 from .data import tensor_to_uint8
 from .files import atomic_write
 
+__all__ = ["class_columns", "save_image_grid"]
+
 HEADER = 14
 
 
@@ -34,3 +36,14 @@ def save_image_grid(columns: list[torch.Tensor], path: str | Path, titles: list[
     path = Path(path)
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return path
+
+
+def class_columns(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[list[torch.Tensor], list[str]]:
+    """One column per class in order of first appearance; unconditional samples in equal columns of <= 8
+    (the grid shows as many rows as its shortest column)."""
+    if labels is None:
+        rows = max(r for r in range(1, 9) if len(images) % r == 0)
+        columns = list(images.split(rows))
+        return columns, ["samples"] * len(columns)
+    classes = list(dict.fromkeys(labels.tolist()))
+    return [images[labels == c] for c in classes], [f"class {c}" for c in classes]

@@ -1,29 +1,39 @@
 """LLM-style priors over image tokens: a GPT over token ids, a rectified-flow prior over KL latents,
-cached token datasets, fast guided sampling, and DeepSpeed training (`train_prior.py`)."""
+cached token datasets, fast guided sampling, and DeepSpeed training (`train_prior.py`).
+
+Importing the package registers both prior models for `flextok.load_model`."""
+
+from flextok import UserError, load_model
 
 from .discrete import DiscretePrior
 from .flow import FlowPrior
 from .generate import generate_images
 from .kv_decoder import KVCacheDecoder
 from .sampling import filter_and_sample, sample_tokens
-from .token_dataset import (
-    TokenDataset,
-    TokenizerMismatch,
-    TokenSpec,
-    build_token_dataset,
-    fingerprint_model,
-)
+from .schema import PriorConfig, PriorRunConfig, PriorTrainConfig
+from .token_dataset import TokenDataset, TokenSpec, build_token_dataset, token_cache_dir
 
 __all__ = [
     "DiscretePrior",
     "FlowPrior",
     "KVCacheDecoder",
+    "PriorConfig",
+    "PriorRunConfig",
+    "PriorTrainConfig",
     "TokenDataset",
     "TokenSpec",
-    "TokenizerMismatch",
     "build_token_dataset",
     "filter_and_sample",
-    "fingerprint_model",
     "generate_images",
+    "load_prior",
     "sample_tokens",
+    "token_cache_dir",
 ]
+
+
+def load_prior(path, map_location: str = "cpu") -> DiscretePrior | FlowPrior:
+    """Load a saved prior (discrete or flow) from a folder or hub id."""
+    model = load_model(path, map_location)
+    if not isinstance(model, (DiscretePrior, FlowPrior)):
+        raise UserError(f"{path}: holds a '{model.model_type}' model, not a prior")
+    return model

@@ -18,16 +18,17 @@ from typing import Any
 
 import torch
 
-from flextok.cli import UserError
-from flextok.config import PriorTrainConfig
-from flextok.files import atomic_write
+from flextok.errors import UserError
+from flextok.files import atomic_write_text
+from flextok.runtime import warmup_cosine
+
+from .schema import PriorTrainConfig
+
+__all__ = ["POINTER", "barrier", "broadcast_object", "consolidated_weights", "create_engine", "deepspeed_config",
+    "ensure_launch_env", "free_port", "gathered_state_dict", "init_distributed", "load_checkpoint",
+    "local_device_name", "on_cuda", "param_groups", "read_pointer", "remove_stale_tags", "save_checkpoint"]
 
 POINTER = "latest.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# Process group
-# ----------------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -94,11 +95,6 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Engine
-# ----------------------------------------------------------------------------------------------
-
-
 def deepspeed_config(t: PriorTrainConfig, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config equivalent of a `prior_train` section.
 
@@ -135,13 +131,11 @@ def create_engine(model: torch.nn.Module, t: PriorTrainConfig, bf16: bool):
     schedule (linear warmup, cosine to 10%) as a client LR scheduler."""
     import deepspeed
 
-    from flextok.training import lr_lambda
-
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t.weight_decay),
         config=deepspeed_config(t, bf16),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.warmup_steps, t.steps)),
     )
     return engine
 
@@ -157,11 +151,6 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
         if torch.distributed.get_rank() != 0:
             return None
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
 
 
 def read_pointer(checkpoint_dir: Path) -> dict[str, Any] | None:
@@ -186,7 +175,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[
     barrier()  # every rank's shard is on disk before the pointer names it
     if torch.distributed.get_rank() == 0:
         pointer = {"tag": tag, "step": step, **{k: v for k, v in client_state.items() if isinstance(v, str)}}
-        atomic_write(checkpoint_dir / POINTER, lambda tmp: Path(tmp).write_text(json.dumps(pointer, indent=2)))
+        atomic_write_text(checkpoint_dir / POINTER, json.dumps(pointer, indent=2))
         remove_stale_tags(checkpoint_dir, keep=tag)
     return tag
 

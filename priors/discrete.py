@@ -10,8 +10,11 @@ from torch import nn
 from x_transformers import Decoder, TransformerWrapper
 from x_transformers.x_transformers import LayerNorm
 
-from flextok.config import PriorConfig
 from flextok.hub import HubMixin, register_model
+
+from .schema import PriorConfig
+
+__all__ = ["DiscretePrior", "FusedLayerNorm", "IGNORE", "LOGIT_CHUNK_BYTES"]
 
 IGNORE = -100
 LOGIT_CHUNK_BYTES = 2**24  # logits are made in chunks of at most 16 MiB (see `_token_nll`)
@@ -71,7 +74,6 @@ class DiscretePrior(HubMixin, nn.Module):
             "token_set": self.token_set, "tokenizer_hash": self.tokenizer_hash,
         }
 
-    # -- ids --------------------------------------------------------------------------------------
     @property
     def eos_id(self) -> int:
         return self.vocab_size
@@ -93,7 +95,6 @@ class DiscretePrior(HubMixin, nn.Module):
             ids = torch.where(torch.rand(batch, device=device) < drop, self.null_id, ids)
         return ids
 
-    # -- training and likelihood ------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss: mean next-token cross-entropy (nats) over real targets, with class dropout."""

@@ -15,9 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Encoder
 
-from flextok.config import PriorConfig
+from flextok.guidance import Guidance
 from flextok.hub import HubMixin, register_model
 from flextok.patching import timestep_embedding
+from flextok.schema import SamplingConfig
+
+from .schema import PriorConfig
+
+__all__ = ["FlowPrior"]
 
 
 @register_model("flow_prior")
@@ -108,11 +113,11 @@ class FlowPrior(HubMixin, nn.Module):
         return total / times
 
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor | None = None, num_samples: int | None = None, *, steps: int = 25,
-               cfg_scale: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+    def sample(self, labels: torch.Tensor | None = None, num_samples: int | None = None, *,
+               sampling: SamplingConfig | None = None, seed: int = 0) -> list[torch.Tensor]:
         """Euler integration from noise (t=1) to data (t=0); one [N, c] latent tensor per sample.
 
-        Guidance runs the conditional and null-class rows in one batch: v = v_u + scale·(v_c − v_u).
+        `sampling` (default: this prior's `config.sampling`) gives the steps and the guidance scale.
         """
         batch = len(labels) if labels is not None else num_samples
         if not batch:
@@ -120,17 +125,12 @@ class FlowPrior(HubMixin, nn.Module):
         device = self.pos_emb.device
         generator = torch.Generator(device=device).manual_seed(seed)
         x = torch.randn((batch, self.num_tokens, self.token_dim), generator=generator, device=device)
-        conditional = self.config.num_classes > 0 and labels is not None and cfg_scale != 0
-        class_ids = self.class_ids(labels if conditional else None, batch)
-        guided = conditional and cfg_scale != 1
-        if guided:
-            class_ids = torch.cat([class_ids, self.class_ids(None, batch)])
-        times = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        sampling = sampling or self.config.sampling
+        guidance = Guidance(sampling.guidance_scale, conditional=self.config.num_classes > 0 and labels is not None)
+        class_ids = guidance.conditions(self.class_ids(labels, batch), self.class_ids(None, batch))
+        times = torch.linspace(1.0, 0.0, sampling.steps + 1, device=device)
         for t, t_next in zip(times[:-1], times[1:]):
-            v = self.velocity(torch.cat([x, x]) if guided else x, t.expand(len(class_ids)), class_ids)
-            if guided:
-                v_cond, v_uncond = v.chunk(2)
-                v = torch.lerp(v_uncond, v_cond, cfg_scale)
+            v = guidance.combine(self.velocity(guidance.repeat(x), t.expand(len(class_ids)), class_ids))
             x = x + (t_next - t) * v
         latents = x * self.latent_std + self.latent_mean
         return list(latents.cpu().unbind(0))

@@ -17,6 +17,8 @@ from x_transformers.x_transformers import Attention, FeedForward, LayerNorm, Res
 
 from .discrete import DiscretePrior
 
+__all__ = ["KVCacheDecoder"]
+
 
 class KVCacheDecoder:
     """Feed ids for position 0, 1, 2, … of a fixed batch; each `step` returns the next-token logits."""

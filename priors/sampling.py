@@ -1,8 +1,7 @@
 """Sampling token sequences from a `DiscretePrior`: temperature, top-k, top-p, classifier-free guidance.
 
 Guided sampling puts the conditional and the unconditional rows in one batch, so each position costs one
-forward pass. Scale 1 is the conditional model and scale 0 the unconditional one; both run without the
-extra rows. Generation is fixed-length (k tokens) or runs until every row has produced EOS.
+forward pass. Generation is fixed-length (k tokens) or runs until every row has produced EOS.
 """
 
 from __future__ import annotations
@@ -10,8 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flextok.guidance import Guidance
+from flextok.schema import SamplingConfig
+
 from .discrete import DiscretePrior
 from .kv_decoder import KVCacheDecoder
+
+__all__ = ["filter_and_sample", "sample_categorical", "sample_tokens"]
 
 
 def filter_and_sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -57,40 +61,29 @@ def _sample_top_k(logits: torch.Tensor, k: int, generator: torch.Generator | Non
 
 
 class GuidedDecoder:
-    """Next-token logits under guidance: u + scale * (c - u), with both rows in one KV-cached batch."""
+    """Next-token logits under classifier-free guidance (`flextok.guidance`), every row in one KV-cached batch."""
 
-    def __init__(self, prior: DiscretePrior, labels: torch.Tensor | None, batch: int, cfg_scale: float,
+    def __init__(self, prior: DiscretePrior, labels: torch.Tensor | None, batch: int, guidance_scale: float,
                  max_positions: int):
-        conditional = prior.config.num_classes > 0 and labels is not None and cfg_scale != 0
-        condition = prior.condition_ids(labels if conditional else None, batch)
-        self.scale = cfg_scale
-        self.guided = conditional and cfg_scale != 1
-        if self.guided:
-            condition = torch.cat([condition, prior.condition_ids(None, batch)])
-        self.condition = condition
-        self.decoder = KVCacheDecoder(prior, len(condition), max_positions)
+        self.guidance = Guidance(guidance_scale, conditional=prior.config.num_classes > 0 and labels is not None)
+        self.condition = self.guidance.conditions(prior.condition_ids(labels, batch), prior.condition_ids(None, batch))
+        self.decoder = KVCacheDecoder(prior, len(self.condition), max_positions)
 
     def start(self) -> torch.Tensor:
         """Logits for the first token (after the condition token)."""
-        return self._combine(self.decoder.step(self.condition))
+        return self.guidance.combine(self.decoder.step(self.condition))
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the tokens just sampled [B]; logits for the token after them."""
-        return self._combine(self.decoder.step(tokens.repeat(2) if self.guided else tokens))
-
-    def _combine(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.guided:
-            return logits
-        conditional, unconditional = logits.chunk(2)
-        return torch.lerp(unconditional, conditional, self.scale)
+        return self.guidance.combine(self.decoder.step(self.guidance.repeat(tokens)))
 
 
 @torch.no_grad()
 def sample_tokens(prior: DiscretePrior, labels: torch.Tensor | None = None, num_samples: int | None = None, *,
-                  length: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  cfg_scale: float = 1.0, seed: int = 0, code_sizes: torch.Tensor | None = None,
-                  num_codes: int | None = None) -> list[torch.Tensor]:
-    """Sample one 1D LongTensor of ids per row (EOS stripped).
+                  sampling: SamplingConfig | None = None, length: int | None = None, seed: int = 0,
+                  code_sizes: torch.Tensor | None = None, num_codes: int | None = None) -> list[torch.Tensor]:
+    """Sample one 1D LongTensor of ids per row (EOS stripped), with `sampling` (default: the prior's own
+    `config.sampling`: temperature, top-k, top-p, guidance scale).
 
     `labels` [B] (or `num_samples` rows, unconditional). `length` forces exactly that many tokens
     (EOS is never drawn); by default a fixed-length prior gives its trained length and a variable-length
@@ -114,7 +107,8 @@ def sample_tokens(prior: DiscretePrior, labels: torch.Tensor | None = None, num_
     out = torch.empty(batch, steps, dtype=torch.long, device=device)
     ends = torch.full((batch,), steps, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    decoder = GuidedDecoder(prior, labels, batch, cfg_scale, steps)
+    sampling = sampling or prior.config.sampling
+    decoder = GuidedDecoder(prior, labels, batch, sampling.guidance_scale, steps)
     ids = torch.arange(prior.vocab_size + int(prior.variable_length), device=device)
     if budgeted:  # EOS spells no code; it is allowed only once nothing remains (below)
         sizes = F.pad(code_sizes.to(device=device, dtype=torch.long), (0, 1))
@@ -128,7 +122,7 @@ def sample_tokens(prior: DiscretePrior, labels: torch.Tensor | None = None, num_
             logits[:, prior.eos_id] = float("-inf")  # an image has at least one token
         if prior.token_set and i > 0:
             logits.masked_fill_(ids < out[:, i - 1, None], float("-inf"))
-        token = filter_and_sample(logits, temperature, top_k, top_p, generator)
+        token = filter_and_sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
         if budgeted:
             remaining -= sizes[token]
         out[:, i] = token

@@ -15,9 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,72 +23,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flextok.cli import UserError
-from flextok.config import DataConfig, PriorConfig
-from flextok.data import Batch, ImageDataset, collate, example_from_row, load_source, report_skipped
+from bpe_image import BPECodec
+
+from flextok.data import Batch, ImageDataset, collate, data_settings, example_from_row, load_source, report_skipped
+from flextok.errors import TokenizerMismatch, UserError
+from flextok.files import atomic_directory
+from flextok.fingerprint import fingerprint_files, fingerprint_model
+from flextok.schema import DataConfig
+
+from .schema import PriorConfig, PriorRunConfig
+
+__all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "load_codec", "token_cache_dir"]
 
 CACHE_VERSION = 1
-# data settings that cannot change the tokens (so changing them must not rebuild a cache)
-_DATA_KEYS_IGNORED = ("num_workers",)
 
 
-class TokenizerMismatch(UserError):
-    """Tokens (or a prior) made with one tokenizer were paired with another."""
+def token_cache_dir(cfg: PriorRunConfig) -> Path:
+    """Where an experiment's token caches live: `prior.cache_dir`, else <out_dir>/token_cache. Training,
+    BPE training and evaluation all use this folder, so each reuses the caches the others built."""
+    return Path(cfg.prior.cache_dir) if cfg.prior.cache_dir else Path(cfg.out_dir) / "token_cache"
 
 
-# ----------------------------------------------------------------------------------------------
-# Identity
-# ----------------------------------------------------------------------------------------------
-
-
-def fingerprint_model(model: torch.nn.Module) -> str:
-    """SHA-256 of a Hub-format model's type, config and every state tensor (what `save_pretrained` writes).
-
-    It is the same for a model in memory and the same model reloaded from disk, wherever it is stored.
-    Hashing gigabytes of weights takes seconds, and callers check the same tokenizer for every generated
-    batch, so the digest is cached on the model until a tensor is replaced or modified in place (each
-    tensor's storage and version counter are compared, which costs no hashing).
-    """
-    state = model.state_dict()
-    try:
-        key = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
-    except RuntimeError:  # inference-mode tensors have no version counter: no caching
-        key = None
-    cached = model.__dict__.get("_fingerprint_cache")
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    digest = hashlib.sha256()
-    meta = {"model_type": getattr(model, "model_type", type(model).__name__)}
-    if dataclasses.is_dataclass(getattr(model, "config", None)):
-        meta["config"] = dataclasses.asdict(model.config)
-    if hasattr(model, "extra_config"):
-        meta.update(model.extra_config())
-    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(state.items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes of any dtype (bf16 too)
-    if key is not None:
-        model.__dict__["_fingerprint_cache"] = (key, digest.hexdigest())
-    return digest.hexdigest()
-
-
-def fingerprint_files(directory: str | Path) -> str:
-    """SHA-256 over a folder's file names and bytes (a saved BPE codec)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"prior.bpe: codec folder not found: {directory}")
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(directory)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def load_codec(path: str | Path):
-    """A `bpe_image.BPECodec` (imported lazily: only BPE priors need it)."""
-    from bpe_image import BPECodec
-
+def load_codec(path: str | Path) -> BPECodec:
     try:
         return BPECodec.from_pretrained(path)
     except (FileNotFoundError, ValueError) as err:
@@ -101,7 +54,6 @@ def load_codec(path: str | Path):
 def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: str, limit: int | None,
               seed: int, flips: bool, bpe_hash: str | None) -> str:
     """Hash of every input the cached tokens depend on."""
-    data_settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in _DATA_KEYS_IGNORED}
     inputs = {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_hash,
@@ -109,18 +61,13 @@ def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: 
         "prefix_length": prior.prefix_length if prior.tokens == "prefix" else None,
         "target_psnr": prior.target_psnr if prior.tokens == "adaptive" else None,
         "bpe": bpe_hash,
-        "data": data_settings,
+        "data": data_settings(data),
         "split": split,
         "limit": limit,
         "seed": seed,
         "flips": flips,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# The dataset
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -170,25 +117,17 @@ class TokenDataset:
             batch["lengths"] = torch.from_numpy(lengths.astype(np.int64))
         return batch
 
-    # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Write into a temporary sibling folder, then rename: a killed build never leaves a partial cache."""
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-        try:
+        """Written as a whole folder at once: a killed build never leaves a partial cache."""
+
+        def fill(tmp: Path) -> None:
             np.save(tmp / "tokens.npy", self.tokens)
             np.save(tmp / "offsets.npy", self.offsets)
             np.save(tmp / "labels.npy", self.labels)
             meta = {k: v for k, v in self.meta.items() if k != "directory"}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, directory)
-        except OSError:
-            if directory.is_dir():  # another rank or run finished the same cache first: keep theirs
-                return
-            raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_directory(directory, fill)
 
     @classmethod
     def load(cls, directory: str | Path, expected_tokenizer_hash: str | None = None) -> TokenDataset:
@@ -209,11 +148,6 @@ class TokenDataset:
             )
         meta["directory"] = str(directory)
         return cls(tokens, offsets, labels, meta)
-
-
-# ----------------------------------------------------------------------------------------------
-# Building
-# ----------------------------------------------------------------------------------------------
 
 
 def build_token_dataset(
@@ -333,9 +267,7 @@ def _tokenize(tokenizer, images: torch.Tensor, prior: PriorConfig, codec) -> lis
         return arrays
     if arrays[0].dtype.kind == "f":
         raise UserError("prior.tokens: bpe needs a quantized tokenizer (integer codes)")
-    if codec.mode == "2d":
-        arrays = [a.reshape(codec.grid_shape) for a in arrays]
-    return [np.asarray(ids) for ids in codec.encode_batch(arrays)]
+    return [np.asarray(ids) for ids in codec.encode_flat(arrays)]
 
 
 def _spec(tokenizer, prior: PriorConfig, sequences: list[np.ndarray], codec, tokenizer_hash: str) -> TokenSpec:

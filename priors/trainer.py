@@ -9,8 +9,6 @@ data order and the random stream exactly, and a resumed run repeats an uninterru
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from pathlib import Path
@@ -20,12 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flextok.cli import UserError
-from flextok.config import Config, save_config
+from flextok import load_tokenizer
+from flextok.config import save_config
 from flextok.data import EpochOrder
-from flextok.files import atomic_write
-from flextok.hub import load_model
-from flextok.training import NonFiniteLoss
+from flextok.errors import TokenizerMismatch, UserError
+from flextok.files import MetricsLog
+from flextok.runtime import check_finite
 
 from .deepspeed_utils import (
     broadcast_object,
@@ -43,13 +41,16 @@ from .deepspeed_utils import (
 from .discrete import DiscretePrior
 from .flow import FlowPrior
 from .generate import generate_images
-from .token_dataset import TokenDataset, TokenizerMismatch, TokenSpec, build_token_dataset
+from .schema import PriorRunConfig
+from .token_dataset import TokenDataset, TokenSpec, build_token_dataset, token_cache_dir
+
+__all__ = ["PriorTrainer", "build_prior"]
 
 
 NORMALIZATION_ROWS = 2**20  # latent vectors the flow prior's per-channel statistics are estimated from
 
 
-def build_prior(cfg: Config, spec: TokenSpec, max_length: int) -> DiscretePrior | FlowPrior:
+def build_prior(cfg: PriorRunConfig, spec: TokenSpec, max_length: int) -> DiscretePrior | FlowPrior:
     """A freshly initialized prior of the configured kind for tokens described by `spec`."""
     if cfg.prior.kind == "flow":
         return FlowPrior(cfg.prior, num_tokens=max_length, token_dim=spec.token_dim,
@@ -60,8 +61,9 @@ def build_prior(cfg: Config, spec: TokenSpec, max_length: int) -> DiscretePrior 
 
 
 class PriorTrainer:
-    def __init__(self, cfg: Config, resume: bool = False):
-        self.cfg, self.run_dir = cfg, Path(cfg.out_dir) / (cfg.prior_train.run_name or cfg.name)
+    def __init__(self, cfg: PriorRunConfig, resume: bool = False):
+        self.cfg, self.run_dir = cfg, cfg.prior_run_dir
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoint_dir = self.run_dir / "checkpoints"
         if cfg.prior.tokenizer is None:
             raise UserError("prior.tokenizer: set it to the folder of a saved tokenizer")
@@ -106,16 +108,15 @@ class PriorTrainer:
             self._discard_stale_progress()
             save_config(cfg, self.run_dir / "config.yaml")
 
-    # -- data -------------------------------------------------------------------------------------
     def _token_datasets(self) -> tuple[torch.nn.Module | None, TokenDataset, TokenDataset]:
         """Rank 0 loads the tokenizer and builds (or reuses) both caches; the others then open them."""
         cfg = self.cfg
-        cache_root = Path(cfg.prior.cache_dir) if cfg.prior.cache_dir else Path(cfg.out_dir) / "token_cache"
+        cache_root = token_cache_dir(cfg)
         tokenizer = None
         found: tuple[str, str, str] | None = None
         if self.rank == 0:
             try:
-                tokenizer = load_model(cfg.prior.tokenizer)
+                tokenizer = load_tokenizer(cfg.prior.tokenizer)
                 common = dict(seed=cfg.seed, device=local_device_name())
                 train = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.train_split, cache_root,
                                             flips=cfg.data.hflip, **common)
@@ -144,7 +145,6 @@ class PriorTrainer:
         """The global batch of `step` (all ranks, all micro-steps), epoch-wise shuffled by (seed, epoch)."""
         return self.order.batch(step)[0]
 
-    # -- loop -------------------------------------------------------------------------------------
     def train(self) -> Path | None:
         """Train to `prior_train.steps`; rank 0 returns the exported Hub folder (other ranks: None)."""
         t = self.cfg.prior_train
@@ -190,11 +190,7 @@ class PriorTrainer:
             stats = torch.tensor([loss.item(), count], dtype=torch.float64, device=self.device)
             if self.world_size > 1:  # every rank sees the same numbers, so all stop together on NaN
                 torch.distributed.all_reduce(stats)
-            if not math.isfinite(stats[0].item()):
-                raise NonFiniteLoss(
-                    f"loss became {stats[0].item()} at step {self.step}; stopped, last good checkpoint kept in "
-                    f"{self.checkpoint_dir}"
-                )
+            check_finite("loss", stats[0].item(), self.step, self.checkpoint_dir)
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += stats[0].item() / self.world_size
@@ -211,7 +207,6 @@ class PriorTrainer:
             return int(batch["lengths"].sum()) + len(batch["lengths"])
         return batch["tokens"].shape[0] * batch["tokens"].shape[1]
 
-    # -- evaluation and samples (rank 0, on the shadow copy) ---------------------------------------
     def _refresh_shadow(self) -> None:
         state = gathered_state_dict(self.engine)  # collective under ZeRO-3
         if self.shadow is not None:
@@ -244,13 +239,9 @@ class PriorTrainer:
         t, classes = self.cfg.prior_train, self.cfg.prior.num_classes
         labels = torch.arange(t.num_samples) % classes if classes else None
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        generate_images(
-            self.shadow, self.tokenizer, labels, num_samples=t.num_samples, path=path, temperature=t.temperature,
-            top_k=t.top_k, top_p=t.top_p, cfg_scale=t.cfg_scale, steps=t.sample_steps, seed=self.cfg.seed,
-        )
+        generate_images(self.shadow, self.tokenizer, labels, num_samples=t.num_samples, path=path, seed=self.cfg.seed)
         return path
 
-    # -- checkpoints, export, logs -----------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
         return {"tokenizer_hash": self.train_tokens.spec.tokenizer_hash, "name": self.cfg.name}
 
@@ -265,19 +256,13 @@ class PriorTrainer:
         return model.save_pretrained(self.run_dir / "final")
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.rank == 0:
+            self.metrics.append(record)
 
     def _discard_stale_progress(self) -> None:
         """Drop metrics logged after the step this run starts from (a killed run's last steps are redone;
         a fresh start keeps none), and checkpoint folders a kill left half-written."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+        self.metrics.truncate_after(self.step)
         if self.checkpoint_dir.is_dir():
             pointer = read_pointer(self.checkpoint_dir)
             remove_stale_tags(self.checkpoint_dir, keep=pointer["tag"] if pointer else None)

@@ -12,20 +12,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-def fit(objective: torch.nn.Module, images: torch.Tensor, steps: int, lr: float) -> None:
-    """Plain AdamW on one fixed batch: the overfitting loop shared by the model tests."""
-    opt = torch.optim.AdamW(objective.parameters(), lr=lr)
-    for step in range(steps):
-        loss, _ = objective(images, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 @pytest.fixture(scope="session")
 def eight_images():
     """Eight 16x16 held-out crops of the embedded photographs (deterministic)."""
-    from flextok.config import DataConfig
+    from flextok.schema import DataConfig
     from flextok.data import load_images
 
     return load_images(DataConfig(resolution=16, eval_crops_per_photo=4), "test", limit=8).images

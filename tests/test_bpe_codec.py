@@ -79,9 +79,6 @@ def grid_strategy(alphabet: list[int]) -> st.SearchStrategy[np.ndarray]:
     )
 
 
-# --------------------------------------------------------------- round trips
-
-
 @SETTINGS
 @given(codes=code_lists)
 def test_1d_round_trip_any_codes(codec_1d, codes):
@@ -148,9 +145,6 @@ def test_deep_2d_codec_has_large_rectangles(codec_2d_deep):
     assert codec_2d_deep.token_sizes().max() > 4
 
 
-# ---------------------------------------------------------------- id layout
-
-
 def test_ids_below_k_are_single_codes_and_merged_ids_follow(codec_1d, codec_flat, codec_2d):
     for codec in (codec_1d, codec_flat, codec_2d):
         sizes = codec.token_sizes()
@@ -181,9 +175,6 @@ def test_2d_vertical_merges_rebuild_columns():
     ids = codec.encode(x)
     assert len(ids) < x.size
     assert np.array_equal(codec.decode(ids), x)
-
-
-# ------------------------------------------------------------ 1d prefixes
 
 
 def block_edges_of(length: int) -> list[int]:
@@ -239,9 +230,6 @@ def test_truncate_rejects_a_cut_inside_a_token(codec_flat, codec_2d, sequences, 
         codec_2d.truncate(codec_2d.encode(grids[0]), 4)
 
 
-# ------------------------------------------------------------ compression
-
-
 def test_compression_ratio_above_one_on_structured_codes(codec_1d, codec_flat, codec_2d, sequences, grids):
     for codec, data in ((codec_1d, sequences), (codec_flat, sequences), (codec_2d, grids)):
         stats = codec.stats(data)
@@ -257,9 +245,6 @@ def test_compression_ratio_above_one_on_structured_codes(codec_1d, codec_flat, c
 def test_2d_beats_flat_on_blocky_grids(codec_2d, grids):
     flat = BPECodec.train(grids.reshape(len(grids), -1), codebook_size=K, vocab_size=200, mode="flat")
     assert codec_2d.stats(grids).compression_ratio > flat.stats(grids.reshape(len(grids), -1)).compression_ratio
-
-
-# ------------------------------------------------------------ array types
 
 
 def test_torch_in_torch_out(codec_1d, codec_2d, sequences, grids):

@@ -44,9 +44,6 @@ def codecs(seqs, grids) -> list[tuple[BPECodec, np.ndarray]]:
     return out
 
 
-# ------------------------------------------------------------- persistence
-
-
 def test_save_load_gives_an_equal_codec(codecs, tmp_path):
     for i, (codec, data) in enumerate(codecs):
         codec.save_pretrained(tmp_path / str(i))
@@ -106,9 +103,6 @@ def test_load_rejects_foreign_config(tmp_path):
     (tmp_path / "bpe_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         BPECodec.from_pretrained(tmp_path)
-
-
-# ---------------------------------------------------------------- bad input
 
 
 def test_out_of_range_code_names_its_position(codecs):
@@ -202,9 +196,6 @@ def test_enough_data_does_not_warn(seqs):
         warnings.simplefilter("error")
         codec = BPECodec.train(seqs, codebook_size=K, vocab_size=30, mode="flat")
     assert codec.vocab_size == 30
-
-
-# ---------------------------------------------------------------------- CLI
 
 
 def test_cli_trains_saves_and_prints_stats(tmp_path, capsys, grids, seqs):

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from flextok.config import Config, ConfigError, load_config
+from evaluation.schema import ExperimentConfig as Config
+from flextok.config import from_dict, upgrade_keys
+from flextok.config import load_config as load_with_schema
+from flextok.errors import ConfigError
+from flextok.schema import FlexTokConfig
+
+
+def load_config(path, overrides=()):
+    return load_with_schema(path, overrides, cls=Config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,10 +26,10 @@ def write(tmp_path, name, text):
 def test_defaults_base_chain_and_overrides(tmp_path):
     write(tmp_path, "base.yaml", "name: parent\ngrid:\n  latent_channels: 8\ntrain:\n  steps: 10\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\ntrain:\n  lr: 0.01\n")
-    cfg = load_config(child, ["train.steps=7", "grid.fsq_levels=[4,4]", "data.label_column=null"])
+    cfg = load_config(child, ["train.steps=7", "grid.quantizer.fsq_levels=[4,4]", "data.label_column=null"])
     assert isinstance(cfg, Config)
     assert (cfg.name, cfg.grid.latent_channels, cfg.train.steps, cfg.train.lr) == ("child", 8, 7, 0.01)
-    assert cfg.grid.fsq_levels == [4, 4] and cfg.data.label_column is None
+    assert cfg.grid.quantizer.fsq_levels == [4, 4] and cfg.data.label_column is None
     assert cfg.train.batch_size == Config().train.batch_size  # untouched defaults come from the dataclass
 
 
@@ -35,6 +43,12 @@ def test_defaults_base_chain_and_overrides(tmp_path):
         ("data:\n  hflip: 1\n", [], "'data.hflip' must be true/false"),
         ("", ["nosuch.key=1"], "unknown key 'nosuch'"),
         ("", ["train.steps"], "must look like section.key=value"),
+        ("flextok:\n  guidance: 3.0\n", [], "'flextok.guidance' was renamed: use 'flextok.sampling.guidance_scale'"),
+        ("grid:\n  quantizer: vq\n", [], "'grid.quantizer' was renamed: use 'grid.quantizer.kind'"),
+        ("grid:\n  fsq_levels: [4]\n", [], "'grid.fsq_levels' was renamed: use 'grid.quantizer.fsq_levels'"),
+        ("prior_train:\n  cfg_scale: 2\n", [], "'prior_train.cfg_scale' has moved: use 'prior.sampling.guidance_scale'"),
+        ("eval:\n  flow_steps: 9\n", [], "'eval.flow_steps' was renamed: use 'eval.prior_sampling.steps'"),
+        ("", ["prior.sampling.top_p=0"], "'prior.sampling.top_p' must be in (0, 1]"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, override, fragment):
@@ -60,3 +74,15 @@ def test_entry_script_exits_2_with_one_line(args):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_checkpoint_configs_with_old_keys_are_upgraded():
+    """A tokenizer saved before the quantizer and sampling sections existed still loads: `upgrade` moves
+    its keys; a YAML file with the same keys is refused (see above)."""
+    old = {"quantizer": "vq", "fsq_levels": [5, 3], "codebook_size": 64, "sample_steps": 4, "guidance": 2.5}
+    cfg = from_dict(FlexTokConfig, old, "config.json", upgrade=True)
+    assert (cfg.quantizer.kind, cfg.quantizer.fsq_levels, cfg.quantizer.codebook_size) == ("vq", [5, 3], 64)
+    assert (cfg.sampling.steps, cfg.sampling.guidance_scale) == (4, 2.5)
+    assert upgrade_keys(FlexTokConfig, {"quantizer": {"kind": "lfq"}}) == {"quantizer": {"kind": "lfq"}}
+    with pytest.raises(ConfigError, match="renamed"):
+        from_dict(FlexTokConfig, old, "config.json")

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flextok.cli import UserError
-from flextok.config import DataConfig
+from flextok.errors import UserError
+from flextok.schema import DataConfig
 from flextok.data import StepBatchSampler, load_images, to_rgb, train_loader
 
 

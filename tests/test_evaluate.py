@@ -17,13 +17,17 @@ from PIL import Image
 import evaluate
 from bpe_image import BPECodec
 from flextok import FlexTok, GridAutoencoder
-from flextok.config import ConfigError, DataConfig, FlexTokConfig, GridConfig, PriorConfig, load_config
+from evaluation.schema import ExperimentConfig
+from flextok.config import load_config
+from flextok.errors import ConfigError
+from flextok.fingerprint import fingerprint_model
+from flextok.schema import DataConfig, FlexTokConfig, GridConfig, QuantizerConfig, SamplingConfig
 from flextok.data import load_images
 from flextok.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
-from priors import DiscretePrior, FlowPrior, fingerprint_model
+from priors import DiscretePrior, FlowPrior, PriorConfig
 
 DATA = {"source": "builtin:skimage", "resolution": 16, "crops_per_photo": 8, "eval_crops_per_photo": 4}
-FSQ = [8, 5]  # 40 codes
+FSQ = QuantizerConfig(fsq_levels=[8, 5])  # 40 codes
 NUM_IMAGES, GFID_SAMPLES, TRAIN_IMAGES = 8, 12, 48
 SMALL_PRIOR = dict(dim=32, depth=1, heads=2)
 
@@ -36,12 +40,12 @@ def save_tokenizers(root: Path) -> dict[str, torch.nn.Module]:
     """A quantized and a KL grid autoencoder, a pixel-space FlexTok (R=8), and a VQ at the wrong resolution."""
     torch.manual_seed(0)
     models = {
-        "vq": GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=FSQ), resolution=16),
+        "vq": GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=FSQ), resolution=16),
         "kl": GridAutoencoder(GridConfig(channels=16, bottleneck="kl"), resolution=16),
         "oned": FlexTok.from_config(FlexTokConfig(
             input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2, decoder_dim=32,
-            decoder_depth=1, decoder_heads=2, fsq_levels=FSQ, sample_steps=2), 16),
-        "vq32": GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=FSQ), resolution=32),
+            decoder_depth=1, decoder_heads=2, quantizer=FSQ, sampling=SamplingConfig(steps=2)), 16),
+        "vq32": GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=FSQ), resolution=32),
     }
     models["oned"].to_target(images("train")[:8])  # what training does first: fix the target scale
     for name, model in models.items():
@@ -108,7 +112,7 @@ def run(config: Path, overrides: list[str] = ()) -> tuple[int, dict]:
     with pytest.MonkeyPatch.context() as patch:  # LPIPS only where a test passes weights
         patch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
         code = evaluate.main(["--config", str(config), *overrides])
-    report = load_config(config, overrides).run_dir / "report" / "report.json"
+    report = load_config(config, overrides, cls=ExperimentConfig).run_dir / "report" / "report.json"
     return code, json.loads(report.read_text())
 
 
@@ -141,7 +145,7 @@ def first_run(artifacts) -> tuple[Path, int, dict]:
 def test_report_files_schema_and_error_rows(first_run):
     config, code, report = first_run
     assert code == 1  # the report is complete, but two entries failed
-    directory = load_config(config).run_dir / "report"
+    directory = load_config(config, cls=ExperimentConfig).run_dir / "report"
     for name in ("report.json", "report.csv", "summary.md", "config.yaml"):
         assert (directory / name).is_file(), name
     for name in ("rate_distortion", "bits_distortion", "reconstructions", "samples_prior_1d", "samples_prior_bpe",
@@ -175,7 +179,9 @@ def test_report_files_schema_and_error_rows(first_run):
     assert priors["prior_1d"]["nll_bits_per_image"] > 0 and priors["prior_bpe"]["nll_bits_per_image"] > 0
     assert priors["prior_kl"]["nll_bits_per_image"] is None and priors["prior_kl"]["flow_val_loss"] > 0
     assert priors["prior_1d"]["sampler"]["labels"] == "classes 0..5 in turn"
-    assert priors["prior_kl"]["sampler"]["flow_steps"] == 25
+    kl_sampler, oned_sampler = priors["prior_kl"]["sampler"], priors["prior_1d"]["sampler"]
+    assert kl_sampler["flow"] and kl_sampler["sampling"] == {**vars(SamplingConfig())} and kl_sampler["decoder"] is None
+    assert not oned_sampler["flow"] and oned_sampler["decoder"]["steps"] == 2  # the 1D tokenizer's own setting
 
     errors = {e["name"]: e["error"] for e in report["errors"]}
     assert set(errors) == {"missing", "wrong_res"}
@@ -226,10 +232,13 @@ def test_second_run_recomputes_nothing(first_run, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a cached result")
 
-    import flextok.evaluation as evaluation
+    import evaluation.prior_rows as prior_rows
+    import evaluation.tokenizer_rows as tokenizer_rows
 
-    for name in ("psnr", "ssim", "fid_from_stats", "generate_images", "build_token_dataset"):
-        monkeypatch.setattr(evaluation, name, fail)
+    for module, names in ((tokenizer_rows, ("psnr", "ssim", "fid_from_stats")),
+                          (prior_rows, ("fid_from_stats", "generate_images", "build_token_dataset"))):
+        for name in names:
+            monkeypatch.setattr(module, name, fail)
     for cls in (FlexTok, GridAutoencoder):
         monkeypatch.setattr(cls, "tokenize", fail)
         monkeypatch.setattr(cls, "detokenize", fail)
@@ -244,7 +253,7 @@ def test_second_run_recomputes_nothing(first_run, monkeypatch):
 def test_a_new_tokenizer_computes_only_its_rows(artifacts, first_run):
     root, _ = artifacts
     torch.manual_seed(1)
-    GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=FSQ), resolution=16).eval() \
+    GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=FSQ), resolution=16).eval() \
         .save_pretrained(root / "vq_other")
     entries = tokenizer_entries(root) + [{"name": "vq_other", "path": str(root / "vq_other")}]
     _, report = run(write_config(root, "more", entries, []))
@@ -290,7 +299,7 @@ def test_config_errors_name_the_key(tmp_path, entry, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"eval": {"tokenizers": [entry]}}))
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        load_config(path)
+        load_config(path, cls=ExperimentConfig)
     assert evaluate.main(["--config", str(path)]) == 2
 
 
@@ -298,7 +307,7 @@ def test_duplicate_names_and_empty_config_are_rejected(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text(yaml.safe_dump({"eval": {"tokenizers": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}}))
     with pytest.raises(ConfigError, match="names must be unique"):
-        load_config(path)
+        load_config(path, cls=ExperimentConfig)
     empty = tmp_path / "empty.yaml"
     empty.write_text(yaml.safe_dump({"name": "e", "out_dir": str(tmp_path)}))
     assert evaluate.main(["--config", str(empty)]) == 2

@@ -11,19 +11,15 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-import flextok.fid as fid_module
-from flextok.fid import (
+import evaluation.dataset_classifier as dataset_classifier_module
+import evaluation.inception as inception_module
+from evaluation.dataset_classifier import DatasetClassifierFeatures, train_dataset_classifier
+from evaluation.frechet import FeatureStats, compute_feature_stats, fid, fid_from_stats, frechet_distance
+from evaluation.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILENAME,
-    DatasetClassifierFeatures,
-    FeatureStats,
     FIDInceptionV3,
     InceptionV3Features,
-    compute_feature_stats,
-    fid,
-    fid_from_stats,
-    frechet_distance,
-    train_dataset_classifier,
 )
 
 NUM_CLASSES = 4
@@ -65,8 +61,6 @@ def random_covariance(dim: int, rank: int, rng: np.random.Generator) -> np.ndarr
     factors = rng.standard_normal((dim, rank))
     return factors @ factors.T / rank
 
-
-# --------------------------------------------------------------------------- Fréchet distance
 
 
 def test_frechet_distance_matches_direct_scipy_computation() -> None:
@@ -116,8 +110,6 @@ def test_fid_refuses_to_mix_backbones() -> None:
         fid_from_stats(a, b)
 
 
-# --------------------------------------------------------------------------- dataset classifier FID
-
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -148,7 +140,7 @@ def test_classifier_is_named_and_cached(
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached classifier must not be retrained")
 
-    monkeypatch.setattr(fid_module, "_fit_classifier", fail)
+    monkeypatch.setattr(dataset_classifier_module, "_fit_classifier", fail)
     images, labels = synthetic_labelled_images(512, seed=0)
     reloaded = train_dataset_classifier(
         images, labels, NUM_CLASSES, cache_dir=classifier_dir, **CLASSIFIER_CONFIG
@@ -200,8 +192,6 @@ def test_fid_grows_with_blur_and_noise(classifier: DatasetClassifierFeatures) ->
     assert clean < noisy[0] < noisy[1] < noisy[2]
 
 
-# --------------------------------------------------------------------------- Inception-v3
-
 
 def test_inception_architecture_matches_the_fid_checkpoint_layout() -> None:
     model = FIDInceptionV3()
@@ -215,7 +205,7 @@ def test_inception_architecture_matches_the_fid_checkpoint_layout() -> None:
 
 
 def test_inception_pooling_excludes_padding() -> None:
-    pooled = fid_module._avg_pool_3x3_excluding_pad(torch.ones(1, 1, 4, 4))
+    pooled = inception_module._avg_pool_3x3_excluding_pad(torch.ones(1, 1, 4, 4))
     torch.testing.assert_close(pooled, torch.ones(1, 1, 4, 4))
 
 

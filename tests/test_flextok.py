@@ -1,16 +1,18 @@
+import json
+
 import pytest
 import torch
-from conftest import fit
+from helpers import fit
 
 from flextok import FlexTok, load_tokenizer
-from flextok.config import FlexTokConfig
 from flextok.decoders import guided
 from flextok.flextok_model import FlexTokObjective
 from flextok.metrics import psnr
 from flextok.nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
+from flextok.schema import FlexTokConfig, QuantizerConfig, SamplingConfig
 
 SMALL = dict(input="pixels", patch_size=4, num_registers=8, dim=64, depth=2, heads=4, decoder_dim=64,
-             decoder_depth=2, decoder_heads=4, sample_steps=6)
+             decoder_depth=2, decoder_heads=4, sampling=SamplingConfig(steps=6))
 
 
 def train(cfg: FlexTokConfig, images: torch.Tensor, steps: int, lr: float = 2e-3) -> FlexTok:
@@ -21,7 +23,7 @@ def train(cfg: FlexTokConfig, images: torch.Tensor, steps: int, lr: float = 2e-3
 
 @pytest.fixture(scope="module")
 def sixteen_images():
-    from flextok.config import DataConfig
+    from flextok.schema import DataConfig
     from flextok.data import load_images
 
     return load_images(DataConfig(resolution=16, crops_per_photo=3), "train", seed=0).images[:16]
@@ -31,7 +33,7 @@ def sixteen_images():
 def trained(request, sixteen_images):
     torch.manual_seed(0)
     # 15 codes per token, so one token cannot single out each of 16 images: more tokens must help
-    cfg = FlexTokConfig(**SMALL, fsq_levels=[5, 3], decoder=request.param, nested_dropout="uniform",
+    cfg = FlexTokConfig(**SMALL, quantizer=QuantizerConfig(fsq_levels=[5, 3]), decoder=request.param, nested_dropout="uniform",
                         cond_dropout=0.1, time_logit_mean=1.0)
     return train(cfg, sixteen_images, steps=500)
 
@@ -97,7 +99,7 @@ def test_nested_dropout_masking_is_exact():
     assert uniform.min() == 1 and uniform.max() == 32
 
 
-def test_cfg_scale_one_is_conditional_and_batched_guidance_is_exact():
+def test_guidance_scales_one_and_zero_run_one_branch_and_batched_guidance_is_exact():
     model = FlexTok.from_config(FlexTokConfig(**SMALL), 16).eval()
     trunk = model.decoder.trunk
     torch.nn.init.normal_(trunk.proj_out.weight, std=0.1)  # zero-init output would make this trivial
@@ -105,6 +107,7 @@ def test_cfg_scale_one_is_conditional_and_batched_guidance_is_exact():
     cond, null = torch.randn(2, 8, 64), model.null_condition(2)
     with torch.no_grad():
         assert torch.equal(guided(trunk, x, t, cond, null, 1.0), trunk(x, t, cond))
+        assert torch.equal(guided(trunk, x, t, cond, null, 0.0), trunk(x, t, null))
         separate = trunk(x, t, null) + 3.0 * (trunk(x, t, cond) - trunk(x, t, null))
         assert torch.allclose(guided(trunk, x, t, cond, null, 3.0), separate, atol=1e-5)
 
@@ -140,7 +143,7 @@ def test_save_load_round_trip_and_bad_tokens(tmp_path, trained, sixteen_images):
 
 
 def test_latent_input_embeds_the_frozen_autoencoder(tmp_path):
-    from flextok.config import GridConfig
+    from flextok.schema import GridConfig
     from flextok.grid_autoencoder import GridAutoencoder
 
     ae = GridAutoencoder(GridConfig(channels=16, latent_channels=4), resolution=16)
@@ -152,3 +155,30 @@ def test_latent_input_embeds_the_frozen_autoencoder(tmp_path):
     loaded = load_tokenizer(tmp_path / "tok")
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(model.eval().detokenize(model.tokenize(images)), loaded.detokenize(loaded.tokenize(images)))
+
+
+def test_tokenizer_saved_with_old_config_keys_loads(tmp_path):
+    """Checkpoints written before `quantizer` and `sampling` became sections (flat `fsq_levels`,
+    `sample_steps`, `guidance`; the embedded autoencoder's `quantizer: fsq`) load unchanged."""
+    from flextok.schema import GridConfig
+    from flextok.grid_autoencoder import GridAutoencoder
+
+    ae = GridAutoencoder(GridConfig(channels=16, latent_channels=4), resolution=16)
+    ae.save_pretrained(tmp_path / "ae")
+    cfg = FlexTokConfig(**{**SMALL, "input": "latents", "patch_size": 1}, autoencoder=str(tmp_path / "ae"),
+                        quantizer=QuantizerConfig(fsq_levels=[5, 3]))
+    cfg.sampling = SamplingConfig(steps=3, guidance_scale=2.0)
+    model = FlexTok.from_config(cfg, 16).eval()
+    model.save_pretrained(tmp_path / "tok")
+    meta = json.loads((tmp_path / "tok" / "config.json").read_text())
+    config = meta["config"]
+    quantizer, sampling = config.pop("quantizer"), config.pop("sampling")
+    config.update(quantizer=quantizer["kind"], fsq_levels=quantizer["fsq_levels"], sample_steps=sampling["steps"],
+                  guidance=sampling["guidance_scale"])
+    ae_config = meta["autoencoder_config"]
+    ae_config.update(quantizer=ae_config["quantizer"]["kind"], fsq_levels=ae_config.pop("quantizer")["fsq_levels"])
+    (tmp_path / "tok" / "config.json").write_text(json.dumps(meta))
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.config == model.config and loaded.autoencoder.config == model.autoencoder.config
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.detokenize(model.tokenize(images)), loaded.detokenize(loaded.tokenize(images)))

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from conftest import fit
+from helpers import fit
 
 from flextok import load_tokenizer
-from flextok.config import GridConfig, LossConfig
+from flextok.schema import GridConfig, LossConfig, QuantizerConfig
 from flextok.grid_autoencoder import GridAutoencoder
 from flextok.metrics import psnr
 from flextok.objectives import GridObjective
@@ -22,7 +22,7 @@ def overfit(cfg: GridConfig, images: torch.Tensor, steps: int) -> GridAutoencode
     [("kl", "fsq", 20.0), ("quantized", "fsq", 18.0), ("quantized", "vq", 17.0), ("quantized", "lfq", 16.0)],
 )
 def test_autoencoders_overfit_eight_images(eight_images, bottleneck, quantizer, bar):
-    cfg = GridConfig(**TINY, bottleneck=bottleneck, quantizer=quantizer, codebook_size=256)
+    cfg = GridConfig(**TINY, bottleneck=bottleneck, quantizer=QuantizerConfig(kind=quantizer, codebook_size=256))
     model = overfit(cfg, eight_images, steps=150)
     recon = model.detokenize(model.tokenize(eight_images))
     assert psnr(recon, eight_images).mean() > bar
@@ -45,7 +45,7 @@ def test_tokenize_shapes_and_bad_tokens(eight_images):
 
 @pytest.mark.parametrize("bottleneck", ["kl", "quantized"])
 def test_save_load_round_trip_is_bit_identical(tmp_path, eight_images, bottleneck):
-    model = overfit(GridConfig(**TINY, bottleneck=bottleneck, quantizer="vq", codebook_size=64), eight_images, 3)
+    model = overfit(GridConfig(**TINY, bottleneck=bottleneck, quantizer=QuantizerConfig(kind="vq", codebook_size=64)), eight_images, 3)
     model.save_pretrained(tmp_path / "ae")
     loaded = load_tokenizer(tmp_path / "ae")
     assert type(loaded) is GridAutoencoder
@@ -54,7 +54,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, eight_images, bottlenec
 
 
 def test_load_errors(tmp_path):
-    from flextok.cli import UserError
+    from flextok.errors import UserError
 
     with pytest.raises(UserError, match="not found"):
         load_tokenizer(tmp_path / "missing")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from flextok.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
+from flextok.weights import resolve_local_weights
 
 
 def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -114,3 +116,35 @@ def test_missing_weights_explain_how_to_provide_them(
     assert "vgg16-397923af.pth" in str(error.value) and "vgg.pth" in str(error.value)
     with pytest.raises(FileNotFoundError, match="no LPIPS weights file at"):
         LPIPS.from_pretrained(tmp_path / "absent.safetensors")
+
+
+def test_resolve_local_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_var = "FLEXTOK_TEST_WEIGHTS"
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"")
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"")
+
+    def message(detail: str) -> str:
+        return f"weights missing ({detail})"
+
+    monkeypatch.setenv(env_var, str(other))
+    assert resolve_local_weights(weights, env_var, message) == weights, "an explicit path wins over the env var"
+    assert resolve_local_weights(None, env_var, message) == other
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_local_weights("~/weights.bin", env_var, message) == weights
+
+    monkeypatch.delenv(env_var)
+    with pytest.raises(FileNotFoundError, match=rf"^weights missing \({env_var} is not set\)$"):
+        resolve_local_weights(None, env_var, message)
+    monkeypatch.setenv(env_var, "")
+    with pytest.raises(FileNotFoundError, match=f"{env_var} is not set"):
+        resolve_local_weights(None, env_var, message)
+    absent = tmp_path / "absent.bin"
+    with pytest.raises(FileNotFoundError, match=rf"^weights missing \(no file at {re.escape(str(absent))}\)$"):
+        resolve_local_weights(absent, env_var, message)
+    monkeypatch.setenv(env_var, str(absent))
+    with pytest.raises(FileNotFoundError, match="no demo file at"):
+        resolve_local_weights(None, env_var, message, what="demo")
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        resolve_local_weights(tmp_path, env_var, message)

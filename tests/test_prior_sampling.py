@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextok.config import GridConfig, PriorConfig
+from flextok import TokenizerMismatch, load_model
+from flextok.fingerprint import fingerprint_model
 from flextok.grid_autoencoder import GridAutoencoder
-from flextok.hub import load_model
-from priors import (
-    DiscretePrior,
-    KVCacheDecoder,
-    TokenizerMismatch,
-    filter_and_sample,
-    fingerprint_model,
-    generate_images,
-    sample_tokens,
-)
+from flextok.schema import GridConfig, QuantizerConfig, SamplingConfig
+from priors import DiscretePrior, KVCacheDecoder, PriorConfig, filter_and_sample, generate_images, sample_tokens
 from priors.sampling import GuidedDecoder
 
 VOCAB, CLASSES = 40, 3
@@ -43,7 +36,7 @@ def test_kv_cache_decoder_matches_full_forward(variable_length):
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
-def test_cfg_scales_0_and_1_are_the_unconditional_and_conditional_model(scale):
+def test_guidance_scales_0_and_1_are_the_unconditional_and_conditional_model(scale):
     prior = make_prior()
     labels = torch.tensor([0, 2, 1])
     tokens = torch.randint(0, VOCAB, (3, 5))
@@ -69,12 +62,12 @@ def test_fixed_length_and_forced_length():
 def test_variable_length_stops_at_eos():
     prior = make_prior(variable_length=True, max_length=12)
     # a flat distribution (high temperature) draws EOS at about 1 in 41 per position
-    samples = sample_tokens(prior, num_samples=32, temperature=3.0, seed=0)
+    samples = sample_tokens(prior, num_samples=32, sampling=SamplingConfig(temperature=3.0), seed=0)
     lengths = [len(s) for s in samples]
     assert all(1 <= n <= 12 for n in lengths)
     assert min(lengths) < 12 and len(set(lengths)) > 2, "EOS never ended a row early"
     assert all(int(s.max()) < VOCAB for s in samples), "EOS or special ids leaked into a sequence"
-    forced = sample_tokens(prior, num_samples=32, length=12, temperature=3.0, seed=0)
+    forced = sample_tokens(prior, num_samples=32, sampling=SamplingConfig(temperature=3.0), length=12, seed=0)
     assert [len(s) for s in forced] == [12] * 32  # a forced length never draws EOS
     assert all(int(s.max()) < VOCAB for s in forced)
 
@@ -113,7 +106,7 @@ def test_sampled_frequencies_match_the_filtered_softmax(top_k, top_p):
 def test_top_k_1_sampling_is_greedy_decoding():
     prior = make_prior(max_length=6)
     labels = torch.tensor([0, 1])
-    samples = torch.stack(sample_tokens(prior, labels, top_k=1))
+    samples = torch.stack(sample_tokens(prior, labels, sampling=SamplingConfig(top_k=1)))
     condition = prior.condition_ids(labels, 2)
     greedy = torch.empty(2, 0, dtype=torch.long)
     for _ in range(6):
@@ -123,31 +116,32 @@ def test_top_k_1_sampling_is_greedy_decoding():
 
 def test_sampling_is_seeded():
     prior = make_prior()
-    a = sample_tokens(prior, torch.tensor([0, 1]), seed=3, cfg_scale=2.0)
-    b = sample_tokens(prior, torch.tensor([0, 1]), seed=3, cfg_scale=2.0)
-    c = sample_tokens(prior, torch.tensor([0, 1]), seed=4, cfg_scale=2.0)
+    a = sample_tokens(prior, torch.tensor([0, 1]), seed=3, sampling=SamplingConfig(guidance_scale=2.0))
+    b = sample_tokens(prior, torch.tensor([0, 1]), seed=3, sampling=SamplingConfig(guidance_scale=2.0))
+    c = sample_tokens(prior, torch.tensor([0, 1]), seed=4, sampling=SamplingConfig(guidance_scale=2.0))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
 def test_token_set_samples_are_sorted_multisets():
     prior = make_prior(token_set=True)
-    for s in sample_tokens(prior, num_samples=6, temperature=2.0):
+    for s in sample_tokens(prior, num_samples=6, sampling=SamplingConfig(temperature=2.0)):
         assert torch.equal(s, s.sort().values)
 
 
 def test_generate_images_end_to_end_and_tokenizer_check(tmp_path):
     torch.manual_seed(0)
-    tokenizer = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=[8, 5]), resolution=16)
+    tokenizer = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=QuantizerConfig(fsq_levels=[8, 5])), resolution=16)
     prior = DiscretePrior(PriorConfig(dim=64, depth=2, heads=2, num_classes=CLASSES), tokenizer.vocab_size,
                           tokenizer.tokens_per_image, tokenizer_hash=fingerprint_model(tokenizer)).eval()
     prior.save_pretrained(tmp_path / "prior")
     reloaded = load_model(tmp_path / "prior")
     assert isinstance(reloaded, DiscretePrior) and reloaded.tokenizer_hash == prior.tokenizer_hash
     path = tmp_path / "grid.png"
-    images = generate_images(reloaded, tokenizer, [0, 1, 2, 0, 1, 2], path=path, top_k=10, cfg_scale=2.0)
+    images = generate_images(reloaded, tokenizer, [0, 1, 2, 0, 1, 2], path=path,
+                             sampling=SamplingConfig(top_k=10, guidance_scale=2.0))
     assert images.shape == (6, 3, 16, 16) and images.abs().max() <= 1
     assert path.stat().st_size > 0
-    other = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", fsq_levels=[8, 5]), resolution=16)
+    other = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=QuantizerConfig(fsq_levels=[8, 5])), resolution=16)
     with pytest.raises(TokenizerMismatch):
         generate_images(reloaded, other, [0])

@@ -7,18 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from flextok.cli import UserError
-from flextok.config import DataConfig, GridConfig, PriorConfig
+from flextok.errors import TokenizerMismatch, UserError
+from flextok.fingerprint import fingerprint_model
 from flextok.grid_autoencoder import GridAutoencoder
-from priors import DiscretePrior, TokenDataset, TokenizerMismatch, build_token_dataset, generate_images
-from priors.token_dataset import fingerprint_model
+from flextok.schema import DataConfig, GridConfig, QuantizerConfig, SamplingConfig
+from priors import DiscretePrior, PriorConfig, TokenDataset, build_token_dataset, generate_images
 
 DATA = DataConfig(resolution=16, crops_per_photo=4, eval_crops_per_photo=2, eval_images=4)
 
 
 def grid_tokenizer(bottleneck: str = "quantized", seed: int = 0) -> GridAutoencoder:
     torch.manual_seed(seed)
-    return GridAutoencoder(GridConfig(channels=16, bottleneck=bottleneck, fsq_levels=[8, 5]), resolution=16)
+    return GridAutoencoder(GridConfig(channels=16, bottleneck=bottleneck, quantizer=QuantizerConfig(fsq_levels=[8, 5])), resolution=16)
 
 
 class PrefixTokenizer(nn.Module):
@@ -66,7 +66,7 @@ def test_fingerprint_follows_the_weights(tmp_path):
     first = fingerprint_model(tokenizer)
     assert fingerprint_model(tokenizer) == first  # cached
     tokenizer.save_pretrained(tmp_path / "tok")
-    from flextok.hub import load_model
+    from flextok import load_model
 
     assert fingerprint_model(load_model(tmp_path / "tok")) == first  # a reloaded copy is the same tokenizer
     with torch.no_grad():
@@ -127,5 +127,5 @@ def test_bpe_tokens_round_trip_and_samples_decode(tmp_path):
         assert np.array_equal(codec.decode(dataset.sequence(i)), codes.sequence(i))
     prior = DiscretePrior(prior_cfg, codec.vocab_size, dataset.spec.max_length, variable_length=True,
                           tokenizer_hash=dataset.spec.tokenizer_hash).eval()
-    images = generate_images(prior, tokenizer, num_samples=4, temperature=2.0)  # every sample spells 16 codes
+    images = generate_images(prior, tokenizer, num_samples=4, sampling=SamplingConfig(temperature=2.0))  # every sample spells 16 codes
     assert images.shape == (4, 3, 16, 16)

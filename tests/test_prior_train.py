@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextok.config import GridConfig, load_config
+from evaluation.schema import ExperimentConfig
+from flextok import load_model
+from flextok.config import load_config
 from flextok.grid_autoencoder import GridAutoencoder
-from flextok.hub import load_model
+from flextok.schema import GridConfig, SamplingConfig
 from priors import DiscretePrior, FlowPrior, generate_images
 from priors.deepspeed_utils import POINTER, consolidated_weights, ensure_launch_env, free_port, read_pointer
 from priors.trainer import PriorTrainer
@@ -58,9 +60,9 @@ def vq_tokenizer(workdir) -> Path:
     """A quantized grid autoencoder, freshly trained for a few steps with the tokenizer trainer."""
     from flextok.training import TokenizerTrainer
 
-    cfg = load_config(REPO / "configs/grid_vq.yaml", [
+    cfg = load_config(REPO / "configs/grid_vq.yaml", cls=ExperimentConfig, overrides=[
         f"out_dir={workdir}", "name=vq", "data.resolution=16", "data.crops_per_photo=16", "data.eval_crops_per_photo=4",
-        "data.eval_images=8", "grid.channels=16", "grid.fsq_levels=[8,5]", "train.steps=3", "train.batch_size=8",
+        "data.eval_images=8", "grid.channels=16", "grid.quantizer.fsq_levels=[8,5]", "train.steps=3", "train.batch_size=8",
         "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3", "train.threads=1",
     ])
     return TokenizerTrainer(cfg).train()
@@ -73,7 +75,7 @@ def kl_tokenizer(workdir) -> Path:
 
 
 def config(workdir: Path, tokenizer: Path, name: str, *overrides: str):
-    return load_config(REPO / "configs/prior_tiny.yaml", [
+    return load_config(REPO / "configs/prior_tiny.yaml", cls=ExperimentConfig, overrides=[
         f"out_dir={workdir}", f"name={name}", f"prior.tokenizer={tokenizer}", f"prior.cache_dir={workdir / 'cache'}",
         *TINY, *overrides,
     ])
@@ -96,7 +98,8 @@ def test_one_process_deepspeed_run_learns(workdir, vq_tokenizer):
     assert (cfg.run_dir / "samples" / "step_0000040.png").is_file()
     prior = load_model(final)
     assert isinstance(prior, DiscretePrior) and prior.max_length == 16 and prior.config.num_classes == 6
-    images = generate_images(prior, load_model(vq_tokenizer), [0, 1, 2], cfg_scale=2.0, top_k=20)
+    images = generate_images(prior, load_model(vq_tokenizer), [0, 1, 2],
+                             sampling=SamplingConfig(guidance_scale=2.0, top_k=20))
     assert images.shape == (3, 3, 16, 16)
 
 
@@ -156,14 +159,15 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_loadable(workdi
 def test_flow_prior_loss_falls_and_samples(workdir, kl_tokenizer):
     cfg = config(workdir, kl_tokenizer, "flow", "prior.kind=flow", "prior_train.steps=40", "prior_train.lr=0.002",
                  "prior_train.eval_every=20", "prior_train.sample_every=40", "prior_train.checkpoint_every=40",
-                 "prior_train.sample_steps=4")
+                 "prior.sampling.steps=4")
     final = PriorTrainer(cfg).train()
     losses, val = records(cfg.run_dir, "loss"), records(cfg.run_dir, "val_loss")
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
     assert len(val) == 2 and val[1] < val[0]
     prior = load_model(final)
     assert isinstance(prior, FlowPrior) and prior.latent_std.min() > 0 and (prior.latent_std != 1).all()
-    images = generate_images(prior, load_model(kl_tokenizer), [0, 5], steps=4, cfg_scale=2.0)
+    images = generate_images(prior, load_model(kl_tokenizer), [0, 5],
+                             sampling=SamplingConfig(steps=4, guidance_scale=2.0))
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 

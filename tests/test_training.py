@@ -5,7 +5,9 @@ import torch
 
 from flextok import load_tokenizer
 from flextok.config import load_config
-from flextok.training import NonFiniteLoss, TokenizerTrainer
+from flextok.errors import NonFiniteLoss
+from flextok.schema import TokenizerRunConfig
+from flextok.training import TokenizerTrainer
 
 TINY = [
     "data.resolution=16", "data.crops_per_photo=4", "data.eval_crops_per_photo=2", "data.eval_images=4",
@@ -15,7 +17,8 @@ TINY = [
 
 
 def config(tmp_path, name, extra=()):
-    return load_config("configs/grid_vq.yaml", [*TINY, f"out_dir={tmp_path}", f"name={name}", *extra])
+    return load_config("configs/grid_vq.yaml", [*TINY, f"out_dir={tmp_path}", f"name={name}", *extra],
+                       cls=TokenizerRunConfig)
 
 
 def losses(run_dir):

@@ -8,6 +8,7 @@ label and JSON row names it, so a dataset-classifier FID can never pass for an I
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -16,16 +17,17 @@ from typing import Any
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from priors.generate import class_columns
+from flextok.files import atomic_write, atomic_write_text
+from flextok.visualize import class_columns, save_image_grid
 
-from .evaluation import EvaluationResult
-from .files import atomic_write
-from .visualize import save_image_grid
+from .rows import EvaluationResult, PriorRow, SamplerSettings, TokenizerRow
+
+__all__ = ["plot_tradeoff", "save_reconstruction_grid", "summary_markdown", "write_report"]
 
 CSV_COLUMNS = (
     "name", "family", "mode", "k", "target_psnr", "tokens_per_image", "tokens_min", "tokens_max", "bits_per_token",
     "bits_per_image", "bits_basis", "vocab_size", "psnr", "ssim", "rfid", "rfid_backbone", "rfid_num_real",
-    "rfid_num_fake", "lpips", "target_met", "decoder_steps", "decoder_guidance", "path", "bpe", "error",
+    "rfid_num_fake", "lpips", "target_met", "decoder_steps", "decoder_guidance_scale", "path", "bpe", "error",
 )
 FAMILY_COLOURS = {  # BPE variants get a related colour and a dashed line
     "1d": "tab:blue", "1d+bpe": "tab:cyan", "token_set": "tab:purple", "token_set+bpe": "tab:pink",
@@ -39,9 +41,9 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
     rows = result.tokenizer_rows
     backbone = result.meta["fid"]["backbone"]
     paths = [
-        _write_text(directory / "report.json", json.dumps(_json_report(result), indent=2)),
-        _write_text(directory / "report.csv", _csv_text(result)),
-        _write_text(directory / "summary.md", summary_markdown(result)),
+        atomic_write_text(directory / "report.json", json.dumps(_json_report(result), indent=2)),
+        atomic_write_text(directory / "report.csv", _csv_text(result)),
+        atomic_write_text(directory / "summary.md", summary_markdown(result)),
     ]
     if rows:
         paths.append(plot_tradeoff(rows, "tokens_per_image", "tokens per image", backbone,
@@ -58,14 +60,10 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
     return paths
 
 
-def _write_text(path: Path, text: str) -> Path:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
-
-
 def _json_report(result: EvaluationResult) -> dict[str, Any]:
-    return {"meta": result.meta, "tokenizers": result.tokenizer_rows, "priors": result.prior_rows,
-            "errors": result.errors}
+    rows = lambda items: [dataclasses.asdict(item) for item in items]  # noqa: E731
+    return {"meta": result.meta, "tokenizers": rows(result.tokenizer_rows), "priors": rows(result.prior_rows),
+            "errors": rows(result.errors)}
 
 
 def _csv_text(result: EvaluationResult) -> str:
@@ -73,14 +71,9 @@ def _csv_text(result: EvaluationResult) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(result.tokenizer_rows)
-    writer.writerows(e for e in result.errors if e["kind"] == "tokenizer")
+    writer.writerows(row.flat() for row in result.tokenizer_rows)
+    writer.writerows(dataclasses.asdict(e) for e in result.errors if e.kind == "tokenizer")
     return buffer.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------
-# summary.md
-# ----------------------------------------------------------------------------------------------
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -93,46 +86,48 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _tokenizer_table(rows: list[dict[str, Any]]) -> str:
+def _decoder_text(decoder) -> str:
+    return f"{decoder.steps} steps, guidance {decoder.guidance_scale:g}"
+
+
+def _tokenizer_table(rows: list[TokenizerRow]) -> str:
     header = ["tokenizer", "family", "mode", "tokens/img", "bits/img", "bits counted as", "PSNR dB", "SSIM", "LPIPS",
               "rFID", "decoder"]
     body = []
     for r in rows:
-        adaptive = r["target_psnr"] is not None
-        tokens = f"{r['tokens_per_image']:.2f}".removesuffix(".00")
-        tokens += f" ({r['tokens_min']}–{r['tokens_max']})" if r["tokens_min"] != r["tokens_max"] else ""
-        psnr = _fmt(r["psnr"], ".2f") + (f" (target met {r['target_met']:.0%})" if adaptive else "")
-        decoder = f"{r['decoder_steps']} steps, guidance {r['decoder_guidance']:g}" if r["decoder_steps"] else "—"
-        body.append([f"`{r['name']}`", r["family"], r["mode"], tokens, _fmt(r["bits_per_image"], ".0f"),
-                     r["bits_basis"], psnr, _fmt(r["ssim"], ".3f"), _fmt(r["lpips"], ".3f"),
-                     _fmt(r["rfid"], ".2f"), decoder])
+        tokens = f"{r.tokens_per_image:.2f}".removesuffix(".00")
+        tokens += f" ({r.tokens_min}–{r.tokens_max})" if r.tokens_min != r.tokens_max else ""
+        psnr = _fmt(r.psnr, ".2f") + (f" (target met {r.target_met:.0%})" if r.adaptive else "")
+        decoder = _decoder_text(r.decoder) if r.decoder else "—"
+        body.append([f"`{r.name}`", r.family, r.mode, tokens, _fmt(r.bits_per_image, ".0f"), r.bits_basis, psnr,
+                     _fmt(r.ssim, ".3f"), _fmt(r.lpips, ".3f"), _fmt(r.rfid, ".2f"), decoder])
     return _table(header, body)
 
 
-def _sampler_text(s: dict[str, Any]) -> str:
-    parts = [s["labels"]]
-    if s.get("cfg_scale") is not None:
-        parts.append(f"cfg {s['cfg_scale']:g}")
-    if "flow_steps" in s:
-        parts.append(f"{s['flow_steps']} Euler steps")
+def _sampler_text(s: SamplerSettings) -> str:
+    parts = [s.labels]
+    if s.labels != "unconditional":
+        parts.append(f"guidance {s.sampling.guidance_scale:g}")
+    if s.flow:
+        parts.append(f"{s.sampling.steps} Euler steps")
     else:
-        parts.append(f"temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}")
-    if "decoder_steps" in s:
-        parts.append(f"decoder {s['decoder_steps']} steps, guidance {s['decoder_guidance']:g}")
-    return "; ".join(parts + [f"seed {s['seed']}, batch {s['batch_size']}"])
+        parts.append(f"temperature {s.sampling.temperature:g}, top-k {s.sampling.top_k}, top-p {s.sampling.top_p:g}")
+    if s.decoder is not None:
+        parts.append(f"decoder {_decoder_text(s.decoder)}")
+    return "; ".join(parts + [f"seed {s.seed}, batch {s.batch_size}"])
 
 
-def _prior_table(rows: list[dict[str, Any]]) -> str:
+def _prior_table(rows: list[PriorRow]) -> str:
     header = ["prior", "tokens of", "held-out NLL bits/img", "tokens/img", "gFID", "samples / reference",
               "images/s", "sampler"]
     body = []
     for r in rows:
-        flow = r["nll_bits_per_image"] is None
-        nll = f"— (flow prior; velocity loss {r['flow_val_loss']:.4f})" if flow else f"{r['nll_bits_per_image']:.1f}"
-        source = f"{r['tokenizer_family']} ({r['tokens']}{', ' + r['bpe'] if r['bpe'] else ''})"
-        body.append([f"`{r['name']}`", source, f"{nll} (n={r['nll_images']})", _fmt(r["tokens_per_image"], ".1f"),
-                     _fmt(r["gfid"], ".2f"), f"{r['gfid_num_fake']} / {r['gfid_num_real']}",
-                     _fmt(r["sampling_images_per_s"], ".1f"), _sampler_text(r["sampler"])])
+        flow = r.nll_bits_per_image is None
+        nll = f"— (flow prior; velocity loss {r.flow_val_loss:.4f})" if flow else f"{r.nll_bits_per_image:.1f}"
+        source = f"{r.tokenizer_family} ({r.tokens}{', ' + r.bpe if r.bpe else ''})"
+        body.append([f"`{r.name}`", source, f"{nll} (n={r.nll_images})", _fmt(r.tokens_per_image, ".1f"),
+                     _fmt(r.gfid, ".2f"), f"{r.gfid_num_fake} / {r.gfid_num_real}",
+                     _fmt(r.sampling_images_per_s, ".1f"), _sampler_text(r.sampler)])
     return _table(header, body)
 
 
@@ -176,41 +171,37 @@ def summary_markdown(result: EvaluationResult) -> str:
                   _prior_table(result.prior_rows), ""]
     if result.errors:
         lines += ["## Errors", ""]
-        lines += [f"- {e['kind']} `{e['name']}` ({e['path']}{', ' + e['mode'] if e['mode'] else ''}): {e['error']}"
+        lines += [f"- {e.kind} `{e.name}` ({e.path}{', ' + e.mode if e.mode else ''}): {e.error}"
                   for e in result.errors]
         lines.append("")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Plots and grids
-# ----------------------------------------------------------------------------------------------
-
-
-def _by_name(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = {}
+def _by_name(rows: list[TokenizerRow]) -> dict[str, list[TokenizerRow]]:
+    groups: dict[str, list[TokenizerRow]] = {}
     for row in rows:
-        groups.setdefault(row["name"], []).append(row)
+        groups.setdefault(row.name, []).append(row)
     return groups
 
 
-def plot_tradeoff(rows: list[dict[str, Any]], x_key: str, x_label: str, backbone: str, path: Path) -> Path:
+def plot_tradeoff(rows: list[TokenizerRow], x_key: str, x_label: str, backbone: str, path: Path) -> Path:
     """PSNR and rFID against `x_key` on a log2 axis: one line per tokenizer coloured by family, adaptive
     length as a star, fixed-length grid baselines as single points."""
     figure = Figure(figsize=(12, 5.2), layout="constrained")
     axes = figure.subplots(1, 2)
     for name, group in _by_name(rows).items():
-        family = group[0]["family"]
+        family = group[0].family
         colour = FAMILY_COLOURS.get(family, "tab:gray")
         style = "--" if family.endswith("+bpe") else "-"
-        fixed = [r for r in group if r["target_psnr"] is None]
+        fixed = [r for r in group if not r.adaptive]
         for ax, metric in zip(axes, ("psnr", "rfid")):
-            ax.plot([r[x_key] for r in fixed], [r[metric] for r in fixed], style, marker="o" if len(fixed) > 1 else "s",
-                    markersize=6 if len(fixed) > 1 else 9, color=colour, label=f"{name} ({family})")
+            ax.plot([getattr(r, x_key) for r in fixed], [getattr(r, metric) for r in fixed], style,
+                    marker="o" if len(fixed) > 1 else "s", markersize=6 if len(fixed) > 1 else 9, color=colour,
+                    label=f"{name} ({family})")
             for r in group:
-                if r["target_psnr"] is not None:
-                    ax.plot(r[x_key], r[metric], "*", markersize=15, color=colour, markeredgecolor="black",
-                            label=f"{name} adaptive @{r['target_psnr']:g} dB")
+                if r.adaptive:
+                    ax.plot(getattr(r, x_key), getattr(r, metric), "*", markersize=15, color=colour,
+                            markeredgecolor="black", label=f"{name} adaptive @{r.target_psnr:g} dB")
     axes[1].set_title(f"FID backbone: {backbone}", fontsize=9)
     for ax, ylabel in zip(axes, ("PSNR (dB), higher is better", "rFID, lower is better")):
         ax.set_xscale("log", base=2)
@@ -225,19 +216,19 @@ def plot_tradeoff(rows: list[dict[str, Any]], x_key: str, x_label: str, backbone
     return path
 
 
-def _grid_title(row: dict[str, Any], one_1d: bool) -> str:
+def _grid_title(row: TokenizerRow, one_1d: bool) -> str:
     """Short enough for a 64-pixel column: k for the 1D tokenizer, name:tokens for the others."""
-    if row["family"] == "1d":
-        return f"k={row['k']}" if one_1d else f"{row['name']}:{row['k']}"
-    return f"{row['name']}:{row['tokens_per_image']:g}"
+    if row.family == "1d":
+        return f"k={row.k}" if one_1d else f"{row.name}:{row.k}"
+    return f"{row.name}:{row.tokens_per_image:g}"
 
 
 def save_reconstruction_grid(result: EvaluationResult, path: Path) -> Path:
     """Rows: held-out images. Columns: each 1D tokenizer at k = 1, 2, 4, ..., R, then the fixed-length
     tokenizers (token sets, grid baselines), then the original. BPE rows are skipped: BPE is lossless."""
-    plain = [r for r in result.tokenizer_rows if not r["family"].endswith("+bpe") and r["target_psnr"] is None]
-    chosen = sorted(plain, key=lambda r: r["family"] != "1d")  # 1D first; stable: config order otherwise
-    one_1d = len({r["name"] for r in chosen if r["family"] == "1d"}) == 1
-    columns = [result.previews[(r["name"], r["mode"])] for r in chosen] + [result.originals]
+    plain = [r for r in result.tokenizer_rows if not r.family.endswith("+bpe") and not r.adaptive]
+    chosen = sorted(plain, key=lambda r: r.family != "1d")  # 1D first; stable: config order otherwise
+    one_1d = len({r.name for r in chosen if r.family == "1d"}) == 1
+    columns = [result.previews[(r.name, r.mode)] for r in chosen] + [result.originals]
     titles = [_grid_title(r, one_1d) for r in chosen] + ["original"]
     return save_image_grid(columns, path, titles)

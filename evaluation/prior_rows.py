@@ -1,0 +1,151 @@
+"""Prior rows: held-out NLL in bits per image (the modelability axis), gFID from seeded samples, and
+sampling speed, for every prior entry with the tokenizer (and BPE codec) its tokens belong to."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpe_image import BPECodec
+from flextok.data import data_settings
+from flextok.errors import TokenizerMismatch, UserError
+from priors import DiscretePrior, FlowPrior, build_token_dataset, generate_images
+
+from .context import EvalContext
+from .frechet import compute_feature_stats, fid_from_stats
+from .rows import PriorRow, SamplerSettings
+from .schema import EvalPriorConfig
+from .tokenizer_rows import base_family, check_resolution, decoder_sampling, open_codec
+
+__all__ = ["PriorUnderTest", "evaluate_prior", "open_prior"]
+
+SAMPLE_PREVIEW = 32  # samples kept per prior for its PNG grid
+
+
+@dataclass
+class PriorUnderTest:
+    """A loaded prior with the tokenizer (and BPE codec) its tokens belong to."""
+
+    entry: EvalPriorConfig
+    prior: DiscretePrior | FlowPrior
+    fingerprint: str
+    tokenizer_path: str
+    tokenizer: nn.Module
+    tokenizer_fingerprint: str
+    codec: BPECodec | None = None
+    codec_fingerprint: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.prior.config.num_classes
+
+    def sampler(self, ctx: EvalContext) -> SamplerSettings:
+        """Every setting a gFID depends on, stated next to it in the report."""
+        settings, classes = ctx.settings, self.num_classes
+        return SamplerSettings(
+            samples=settings.gfid_samples, seed=ctx.cfg.seed, batch_size=settings.batch_size,
+            labels=f"classes 0..{classes - 1} in turn" if classes else "unconditional",
+            flow=isinstance(self.prior, FlowPrior), sampling=settings.prior_sampling or self.prior.config.sampling,
+            decoder=decoder_sampling(self.tokenizer, settings),
+        )
+
+
+def open_prior(entry: EvalPriorConfig, ctx: EvalContext) -> PriorUnderTest:
+    prior, fingerprint = ctx.model(entry.path)
+    if not isinstance(prior, (DiscretePrior, FlowPrior)):
+        raise UserError(f"holds a '{getattr(prior, 'model_type', type(prior).__name__)}' model, not a prior")
+    tokenizer_path = entry.tokenizer or prior.config.tokenizer
+    if not tokenizer_path:
+        raise UserError("the prior's config names no tokenizer: set 'tokenizer' in this eval.priors entry")
+    tokenizer, tokenizer_fingerprint = ctx.model(tokenizer_path)
+    base_family(tokenizer)
+    check_resolution(tokenizer, ctx.cfg.data, f"its tokenizer {tokenizer_path}")
+    if prior.tokenizer_hash and prior.tokenizer_hash != tokenizer_fingerprint:
+        raise TokenizerMismatch(f"trained on tokens of tokenizer {prior.tokenizer_hash[:12]}, but {tokenizer_path} "
+                                f"is tokenizer {tokenizer_fingerprint[:12]}")
+    put = PriorUnderTest(entry, prior, fingerprint, tokenizer_path, tokenizer, tokenizer_fingerprint)
+    if prior.config.tokens == "bpe":
+        put.codec, put.codec_fingerprint = open_codec(prior.config.bpe)
+    return put
+
+
+@torch.no_grad()
+def nll_record(put: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
+    """Held-out bits per image under the null condition (held-out images may belong to unseen classes).
+
+    A flow prior has no discrete likelihood: its fixed-noise validation loss is reported instead."""
+    data = build_token_dataset(put.tokenizer, put.prior.config, ctx.cfg.data, ctx.cfg.data.eval_split,
+                               ctx.token_cache, limit=ctx.settings.num_images, seed=ctx.cfg.seed,
+                               device=ctx.device, progress=False)
+    flow = isinstance(put.prior, FlowPrior)
+    values = []
+    for start in range(0, len(data), ctx.settings.batch_size):
+        batch = data.batch(np.arange(start, min(start + ctx.settings.batch_size, len(data))))
+        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k != "labels"}
+        if flow:
+            values.append(put.prior.validation_loss(**inputs, seed=ctx.cfg.seed))
+        else:
+            values.append(put.prior.nll_bits(**inputs))
+    mean = torch.cat(values).mean().item()
+    return {"nll_bits_per_image": None if flow else mean, "flow_val_loss": mean if flow else None,
+            "nll_images": len(data), "tokens_per_image": float(data.lengths.mean())}
+
+
+class Sampling:
+    """The gFID samples of one prior, generated on first use, with the time generation took."""
+
+    def __init__(self, put: PriorUnderTest, sampler: SamplerSettings, ctx: EvalContext) -> None:
+        self.put, self.sampler, self.ctx = put, sampler, ctx
+        n, classes = sampler.samples, put.num_classes
+        self.labels = torch.arange(n) % classes if classes else None
+
+    @cached_property
+    def run(self) -> tuple[torch.Tensor, float]:
+        s, put = self.sampler, self.put
+        chunks = []
+        started = time.perf_counter()
+        for b, start in enumerate(range(0, s.samples, s.batch_size)):
+            count = min(s.batch_size, s.samples - start)
+            labels = None if self.labels is None else self.labels[start : start + count]
+            chunks.append(generate_images(put.prior, put.tokenizer, labels, num_samples=count, sampling=s.sampling,
+                                          decoder_sampling=s.decoder, seed=s.seed + b, codec=put.codec))
+        return torch.cat(chunks).float(), time.perf_counter() - started
+
+    def record(self) -> dict[str, Any]:
+        images, seconds = self.run
+        fake = compute_feature_stats(self.ctx.backbone, images.split(self.sampler.batch_size))
+        result = fid_from_stats(self.ctx.reference_stats, fake)
+        return {"gfid": result.value, "gfid_backbone": result.backbone, "gfid_num_real": result.num_real,
+                "gfid_num_fake": result.num_fake, "sampling_seconds": seconds,
+                "sampling_images_per_s": len(images) / seconds}
+
+
+def evaluate_prior(entry: EvalPriorConfig, ctx: EvalContext) -> tuple[PriorRow, torch.Tensor, torch.Tensor | None]:
+    """One prior row, plus a preview of its samples and their labels."""
+    put = open_prior(entry, ctx)
+    sampler = put.sampler(ctx)
+    base = {"prior": put.fingerprint, "tokenizer": put.tokenizer_fingerprint, "bpe": put.codec_fingerprint}
+    sampling = Sampling(put, sampler, ctx)
+    gfid_inputs = {**base, "sampler": sampler, "backbone": ctx.backbone.name, "reference": ctx.reference_key,
+                   "timed_on": {"device": str(ctx.device), "threads": torch.get_num_threads()}}  # images/s is measured
+    nll, nll_fresh = ctx.cache.record({**base, "metric": "nll", "held_out": ctx.held_out_key,
+                                       "data": data_settings(ctx.cfg.data)}, lambda: nll_record(put, ctx))
+    gfid, gfid_fresh = ctx.cache.record({**gfid_inputs, "metric": "gfid"}, sampling.record)
+    count = min(SAMPLE_PREVIEW, sampler.samples)
+    preview, preview_fresh = ctx.cache.images({**gfid_inputs, "metric": "samples", "count": count},
+                                              lambda: sampling.run[0][:count])
+    fresh = {"nll": nll_fresh, "gfid": gfid_fresh, "samples": preview_fresh}
+    config = put.prior.config
+    row = PriorRow(
+        name=entry.name, path=entry.path, kind=config.kind, tokens=config.tokens, tokenizer=put.tokenizer_path,
+        tokenizer_family=base_family(put.tokenizer), bpe=config.bpe, num_classes=put.num_classes, sampler=sampler,
+        **nll, **gfid, computed=[name for name, was_fresh in fresh.items() if was_fresh],
+    )
+    labels = None if sampling.labels is None else sampling.labels[:count]
+    return row, preview, labels

@@ -1,0 +1,128 @@
+"""The typed records an evaluation produces and a report reads: one row per tokenizer x mode, one per
+prior, one per failure, and the whole result."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from flextok.errors import UserError
+from flextok.schema import SamplingConfig
+
+__all__ = ["ErrorRow", "EvaluationResult", "PriorRow", "SamplerSettings", "TokenizerRow"]
+
+
+@dataclass
+class TokenizerRow:
+    """One tokenizer at one token mode: its rate, its held-out reconstruction quality, how it decoded."""
+
+    name: str
+    family: str  # 1d, token_set, grid_vq, grid_kl; "+bpe" when measured through a BPE codec
+    path: str
+    bpe: Optional[str]
+    mode: str  # k=<n>, adaptive@<target>dB, or all
+    k: Optional[int]
+    target_psnr: Optional[float]
+    vocab_size: Optional[int]
+    bits_basis: str  # how bits per image are counted
+    decoder: Optional[SamplingConfig]  # generative decoders' steps and guidance; None for grid decoders
+    tokens_per_image: float
+    tokens_min: int
+    tokens_max: int
+    bits_per_token: float
+    bits_per_image: float
+    psnr: float
+    ssim: float
+    rfid: float
+    rfid_backbone: str
+    rfid_num_real: int
+    rfid_num_fake: int
+    lpips: Optional[float] = None
+    target_met: Optional[float] = None  # adaptive rows: share of images that reached the target PSNR
+    computed: list[str] = field(default_factory=list)  # metrics computed in this run (the rest came from cache)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_psnr is not None
+
+    def flat(self) -> dict[str, Any]:
+        """The row as one level of columns (the decoder's settings as decoder_steps, decoder_guidance_scale)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "decoder"}
+        out["decoder_steps"] = self.decoder.steps if self.decoder else None
+        out["decoder_guidance_scale"] = self.decoder.guidance_scale if self.decoder else None
+        return out
+
+
+@dataclass
+class SamplerSettings:
+    """Every setting a prior's gFID depends on; stated next to it in the report and part of its cache key."""
+
+    samples: int
+    seed: int
+    batch_size: int
+    labels: str  # "classes 0..C-1 in turn" or "unconditional"
+    flow: bool  # a flow prior: `sampling.steps` Euler steps; else temperature / top-k / top-p
+    sampling: SamplingConfig  # the prior's
+    decoder: Optional[SamplingConfig]  # the tokenizer's generative decoder; None for grid decoders
+
+
+@dataclass
+class PriorRow:
+    """One prior: held-out bits per image (the modelability axis), gFID and sampling speed."""
+
+    name: str
+    path: str
+    kind: str  # discrete or flow
+    tokens: str  # the token mode it models: full, prefix, adaptive, bpe
+    tokenizer: str
+    tokenizer_family: str
+    bpe: Optional[str]
+    num_classes: int
+    sampler: SamplerSettings
+    nll_bits_per_image: Optional[float]  # None for flow priors (no discrete likelihood)
+    flow_val_loss: Optional[float]  # flow priors' fixed-noise velocity loss instead
+    nll_images: int
+    tokens_per_image: float
+    gfid: float
+    gfid_backbone: str
+    gfid_num_real: int
+    gfid_num_fake: int
+    sampling_seconds: float
+    sampling_images_per_s: float
+    computed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ErrorRow:
+    """An entry (or one mode of it) that could not be measured, and why."""
+
+    kind: str  # tokenizer or prior
+    name: str
+    path: str
+    mode: Optional[str]
+    error: str
+
+
+@dataclass
+class EvaluationResult:
+    """Everything a report shows: rows, errors, shared settings, and the images of its PNG grids."""
+
+    meta: dict[str, Any]
+    originals: torch.Tensor  # the held-out images shown in reconstructions.png
+    tokenizer_rows: list[TokenizerRow] = field(default_factory=list)
+    prior_rows: list[PriorRow] = field(default_factory=list)
+    errors: list[ErrorRow] = field(default_factory=list)
+    previews: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (tokenizer, mode) -> images
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)  # prior -> images
+
+    def fail(self, kind: str, name: str, path: str, err: Exception, mode: str | None = None) -> None:
+        """Record one failed entry (or row) by name and path, and say so right away."""
+        message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        self.errors.append(ErrorRow(kind, name, path, mode, message))
+        where = f"{kind} '{name}' ({path}{', ' + mode if mode else ''})"
+        tqdm.write(f"error: {where}: {message}", file=sys.stderr)

@@ -1,0 +1,89 @@
+"""Config sections of the evaluation layer (`eval`), and `ExperimentConfig`: a whole experiment file,
+every section of every layer, as the entry scripts load it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from flextok.config import check
+from flextok.schema import SamplingConfig
+from priors.schema import PriorRunConfig
+
+__all__ = ["EvalConfig", "EvalEntry", "EvalPriorConfig", "EvalTokenizerConfig", "ExperimentConfig"]
+
+
+@dataclass
+class EvalEntry:
+    """One saved model `evaluate.py` measures: a row label and where the model is."""
+
+    name: str = ""  # row label and file-name part: letters, digits, . _ + -
+    path: str = ""  # folder or hub id
+
+    def __post_init__(self):
+        # entry names label rows and name files (samples_<name>.png), so they stay file-name safe
+        safe = bool(self.name) and all(c.isalnum() or c in "._+-" for c in self.name)
+        check(safe, "name' must be non-empty letters, digits, '.', '_', '+' or '-'", self.name)
+        check(bool(self.path), "path' must be set", self.path)
+
+
+@dataclass
+class EvalTokenizerConfig(EvalEntry):
+    """A tokenizer; its family (1d, token_set, grid_vq, grid_kl) is read from the model."""
+
+    bpe: Optional[str] = None  # a bpe_image codec over its codes: rate from the post-BPE count, quality unchanged
+    adaptive_psnr: Optional[float] = None  # 1D tokenizers: this entry's target instead of eval.adaptive_psnr
+
+
+@dataclass
+class EvalPriorConfig(EvalEntry):
+    """A prior (held-out NLL, gFID, sampling speed)."""
+
+    tokenizer: Optional[str] = None  # None = the tokenizer path stored in the prior's own config
+
+
+@dataclass
+class EvalConfig:
+    """`evaluate.py`: tokenizers and priors side by side; the report goes to runs/<name>/report/."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "decoder_steps": "decoder_sampling.steps", "guidance": "decoder_sampling.guidance_scale",
+        "cfg_scale": "prior_sampling.guidance_scale", "flow_steps": "prior_sampling.steps",
+        "temperature": "prior_sampling.temperature", "top_k": "prior_sampling.top_k", "top_p": "prior_sampling.top_p",
+    }
+
+    tokenizers: list[EvalTokenizerConfig] = field(default_factory=list)
+    priors: list[EvalPriorConfig] = field(default_factory=list)
+    num_images: int = 64  # held-out images (the first ones of data.eval_split): reconstruction metrics, prior NLL
+    train_images: int = 2048  # seeded subset of data.train_split: the dataset classifier's data, the gFID reference
+    fid_backbone: Literal["dataset_classifier", "inception"] = "dataset_classifier"
+    inception_weights: Optional[str] = None  # None = $FLEXTOK_INCEPTION_WEIGHTS; never downloaded
+    lpips_weights: Optional[str] = None  # None = $FLEXTOK_LPIPS_WEIGHTS; no weights: no LPIPS column
+    classifier_steps: int = 500  # dataset classifier training steps (trained once, cached)
+    adaptive_psnr: Optional[float] = 25.0  # 1D tokenizers' adaptive-length target in dB; null = no adaptive row
+    # Replace a model's own sampling settings (`flextok.sampling`, `prior.sampling`) as a whole; None = its own
+    decoder_sampling: Optional[SamplingConfig] = None
+    prior_sampling: Optional[SamplingConfig] = None
+    gfid_samples: int = 64
+    batch_size: int = 32
+    grid_rows: int = 8  # held-out images shown in reconstructions.png
+    cache_dir: Optional[str] = None  # None = <out_dir>/eval_cache
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = torch's default (tiny models are faster on 1 on a busy machine)
+
+    def __post_init__(self):
+        for key in ("num_images", "train_images", "gfid_samples"):
+            check(getattr(self, key) >= 2, f"{key}' must be at least 2 (FID needs a covariance)", getattr(self, key))
+        check(self.threads >= 0, "threads' must be >= 0", self.threads)
+        for key in ("classifier_steps", "batch_size", "grid_rows"):
+            check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
+        for key, entries in (("tokenizers", self.tokenizers), ("priors", self.priors)):
+            names = [e.name for e in entries]
+            check(len(set(names)) == len(names), f"{key}' names must be unique", names)
+
+
+@dataclass
+class ExperimentConfig(PriorRunConfig):
+    """A whole experiment file: every section `train_tokenizer.py`, `train_prior.py` and `evaluate.py` read."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,245 @@
+"""Tokenizer rows: for every tokenizer entry and token mode (1D: every k = 1, 2, 4, ..., R and the
+adaptive length; grid: all codes), tokens and bits per image against held-out PSNR, SSIM, rFID and LPIPS."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bpe_image import BPECodec
+from flextok import FlexTok, GridAutoencoder
+from flextok.errors import UserError
+from flextok.fingerprint import fingerprint_files
+from flextok.metrics import psnr, ssim
+from flextok.nested_dropout import powers_of_two_upto
+from flextok.schema import DataConfig, SamplingConfig
+
+from .context import EvalContext
+from .frechet import compute_feature_stats, fid_from_stats
+from .rows import TokenizerRow
+from .schema import EvalConfig, EvalTokenizerConfig
+
+__all__ = ["Mode", "TokenizerUnderTest", "base_family", "check_resolution", "decoder_sampling", "evaluate_mode",
+           "open_codec", "open_tokenizer"]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Which tokens of each image a row keeps: the first k (1D), an adaptive length, or all of them."""
+
+    k: int | None = None
+    target_psnr: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.target_psnr is not None:
+            return f"adaptive@{self.target_psnr:g}dB"
+        return "all" if self.k is None else f"k={self.k}"
+
+
+def open_codec(path: str) -> tuple[BPECodec, str]:
+    """A saved bpe_image codec and the hash of its files."""
+    try:
+        return BPECodec.from_pretrained(path), fingerprint_files(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"bpe codec {path}: {err}") from None
+
+
+def base_family(model: nn.Module) -> str:
+    if isinstance(model, FlexTok):
+        return "token_set" if model.token_set else "1d"
+    if isinstance(model, GridAutoencoder):
+        return "grid_vq" if model.is_quantized else "grid_kl"
+    raise UserError(f"holds a '{getattr(model, 'model_type', type(model).__name__)}' model, not a tokenizer")
+
+
+def decoder_sampling(model: nn.Module, settings: EvalConfig) -> SamplingConfig | None:
+    """A generative decoder's settings: eval's `decoder_sampling` where given, else the tokenizer's own;
+    None for the deterministic grid decoders."""
+    if not isinstance(model, FlexTok):
+        return None
+    return settings.decoder_sampling or model.config.sampling
+
+
+def check_resolution(model: nn.Module, data: DataConfig, what: str = "tokenizer") -> None:
+    if model.resolution != data.resolution:
+        raise UserError(f"{what} has resolution {model.resolution}, but data.resolution is {data.resolution}")
+
+
+@dataclass
+class TokenizerUnderTest:
+    """A loaded tokenizer entry: the model, its identity, family, decoding settings and optional BPE codec."""
+
+    entry: EvalTokenizerConfig
+    model: nn.Module
+    fingerprint: str
+    settings: EvalConfig
+    codec: BPECodec | None = None
+    codec_fingerprint: str | None = None
+
+    @property
+    def family(self) -> str:
+        return base_family(self.model) + ("+bpe" if self.codec is not None else "")
+
+    @property
+    def decoder(self) -> SamplingConfig | None:
+        return decoder_sampling(self.model, self.settings)
+
+    def modes(self) -> list[Mode]:
+        if base_family(self.model) != "1d":
+            return [Mode()]
+        modes = [Mode(k=k) for k in powers_of_two_upto(self.model.num_registers)]
+        target = self.settings.adaptive_psnr if self.entry.adaptive_psnr is None else self.entry.adaptive_psnr
+        return modes + ([Mode(target_psnr=target)] if target is not None else [])
+
+    def tokenize(self, images: torch.Tensor, mode: Mode, seed: int) -> list[torch.Tensor]:
+        if self.decoder is None:
+            return self.model.tokenize(images)
+        return self.model.tokenize(images, k=mode.k, target_psnr=mode.target_psnr, steps=self.decoder.steps,
+                                   guidance_scale=self.decoder.guidance_scale, seed=seed)
+
+    def detokenize(self, tokens: list[torch.Tensor], seed: int) -> torch.Tensor:
+        if self.decoder is None:
+            return self.model.detokenize(tokens)
+        return self.model.detokenize(tokens, steps=self.decoder.steps, guidance_scale=self.decoder.guidance_scale,
+                                     seed=seed)
+
+    def describe(self, mode: Mode) -> dict[str, Any]:
+        """The row's fixed columns: what was measured and how bits are counted."""
+        if self.codec is not None:
+            vocab, basis = self.codec.vocab_size, "post-BPE tokens x log2(BPE vocab)"
+        elif self.model.vocab_size:
+            vocab, basis = self.model.vocab_size, "tokens x log2(vocab)"
+        else:
+            vocab, basis = None, "latent elements x 16 bits (float16 KL latents)"
+        return {"name": self.entry.name, "family": self.family, "path": self.entry.path, "bpe": self.entry.bpe,
+                "mode": mode.label, "k": mode.k, "target_psnr": mode.target_psnr, "vocab_size": vocab,
+                "bits_basis": basis, "decoder": self.decoder}
+
+    def identity(self, mode: Mode, ctx: EvalContext) -> dict[str, Any]:
+        """What this row's numbers depend on (its cache key): weights, mode, held-out pixels, decoding
+        settings (the decoder's noise also depends on the seed and batch composition)."""
+        decoding = None if self.decoder is None else {**dataclasses.asdict(self.decoder), "seed": ctx.cfg.seed,
+                                                      "batch_size": self.settings.batch_size}
+        return {"tokenizer": self.fingerprint, "mode": dataclasses.asdict(mode), "held_out": ctx.held_out_key,
+                "decoder": decoding}
+
+
+def open_tokenizer(entry: EvalTokenizerConfig, ctx: EvalContext) -> TokenizerUnderTest:
+    """Load and check an entry; every failure says what is wrong, and the caller names the entry."""
+    model, fingerprint = ctx.model(entry.path)
+    base_family(model)
+    check_resolution(model, ctx.cfg.data)
+    tut = TokenizerUnderTest(entry, model, fingerprint, ctx.settings)
+    if entry.bpe is None:
+        return tut
+    if not model.vocab_size:
+        raise UserError(f"bpe {entry.bpe}: BPE needs integer codes, but this is a KL tokenizer (continuous latents)")
+    tut.codec, tut.codec_fingerprint = open_codec(entry.bpe)
+    if tut.codec.codebook_size != model.vocab_size:
+        raise UserError(f"bpe {entry.bpe}: codec is for {tut.codec.codebook_size} codes, the tokenizer has "
+                        f"{model.vocab_size}")
+    return tut
+
+
+class Reconstruction:
+    """Held-out tokens and decodings of one (tokenizer, mode), each computed on first use only, so a row
+    whose metrics are all cached never runs the tokenizer.
+
+    Batch b is tokenized and decoded with seed + b and the same batch composition: FlexTok's adaptive
+    length is chosen with exactly the noise its final decoding then uses."""
+
+    def __init__(self, tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext, identity: dict[str, Any]) -> None:
+        self.tut, self.mode, self.ctx = tut, mode, ctx
+        self.memo_key = json.dumps(identity, sort_keys=True)
+
+    @cached_property
+    def tokens(self) -> list[list[torch.Tensor]]:
+        """Per batch, the tokens of each image; shared within a run by entries with the same tokenizer."""
+        if self.memo_key not in self.ctx.token_memo:
+            batches, seed = self.ctx.held_out.images.split(self.ctx.settings.batch_size), self.ctx.cfg.seed
+            self.ctx.token_memo[self.memo_key] = [self.tut.tokenize(images.to(self.ctx.device), self.mode, seed + b)
+                                                  for b, images in enumerate(batches)]
+        return self.ctx.token_memo[self.memo_key]
+
+    @cached_property
+    def images(self) -> torch.Tensor:
+        return torch.cat([self.tut.detokenize(tokens, self.ctx.cfg.seed + b).float().cpu()
+                          for b, tokens in enumerate(self.tokens)])
+
+
+def rate_record(tut: TokenizerUnderTest, batches: list[list[torch.Tensor]]) -> dict[str, Any]:
+    """Tokens and bits per image; BPE counts come from encoding the codes, checked to decode back exactly."""
+    sequences = [t for batch in batches for t in batch]
+    if tut.codec is None:
+        counts, bits_per_token = np.array([len(t) for t in sequences]), float(tut.model.bits_per_token)
+    else:
+        counts, bits_per_token = bpe_counts(tut, sequences), math.log2(tut.codec.vocab_size)
+    return {
+        "tokens_per_image": float(counts.mean()), "tokens_min": int(counts.min()), "tokens_max": int(counts.max()),
+        "bits_per_token": bits_per_token, "bits_per_image": float(counts.mean() * bits_per_token),
+    }
+
+
+def bpe_counts(tut: TokenizerUnderTest, sequences: list[torch.Tensor]) -> np.ndarray:
+    codes = [t.cpu().numpy() for t in sequences]
+    ids = tut.codec.encode_flat(codes)
+    for i, (original, decoded) in enumerate(zip(codes, tut.codec.decode_batch(ids))):
+        if not np.array_equal(np.asarray(decoded).reshape(-1), original):
+            raise ValueError(f"bpe {tut.entry.bpe}: held-out image {i} does not decode back to its codes (lossy)")
+    return np.array([len(i) for i in ids])
+
+
+def quality_record(metric: Callable, name: str, rec: Reconstruction, originals: torch.Tensor) -> dict[str, Any]:
+    values = metric(rec.images, originals)
+    record = {name: values.mean().item()}
+    if name == "psnr" and rec.mode.target_psnr is not None:  # how often the adaptive target was reached
+        record["target_met"] = (values >= rec.mode.target_psnr).float().mean().item()
+    return record
+
+
+@torch.no_grad()
+def lpips_record(rec: Reconstruction, ctx: EvalContext) -> dict[str, Any]:
+    model, bs = ctx.lpips[0], ctx.settings.batch_size
+    pairs = zip(rec.images.split(bs), ctx.held_out.images.split(bs))
+    distances = [model(x.to(ctx.device), y.to(ctx.device)).cpu() for x, y in pairs]
+    return {"lpips": torch.cat(distances).mean().item()}
+
+
+def rfid_record(rec: Reconstruction, ctx: EvalContext) -> dict[str, Any]:
+    fake = compute_feature_stats(ctx.backbone, rec.images.split(ctx.settings.batch_size))
+    result = fid_from_stats(ctx.held_out_stats, fake)
+    return {"rfid": result.value, "rfid_backbone": result.backbone, "rfid_num_real": result.num_real,
+            "rfid_num_fake": result.num_fake}
+
+
+def evaluate_mode(tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tuple[TokenizerRow, torch.Tensor]:
+    """One report row (metrics from cache where present) and the reconstructions for the image grid."""
+    originals = ctx.held_out.images
+    base = tut.identity(mode, ctx)
+    rec = Reconstruction(tut, mode, ctx, base)
+    jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {
+        "rate": ({"bpe": tut.codec_fingerprint}, lambda: rate_record(tut, rec.tokens)),
+        "psnr": ({}, lambda: quality_record(psnr, "psnr", rec, originals)),
+        "ssim": ({}, lambda: quality_record(ssim, "ssim", rec, originals)),
+        "rfid": ({"backbone": ctx.backbone.name}, lambda: rfid_record(rec, ctx)),
+    }
+    if ctx.lpips is not None:
+        jobs["lpips"] = ({"lpips_weights": ctx.lpips[1]}, lambda: lpips_record(rec, ctx))
+    values, computed = {}, []
+    for metric, (extra, compute) in jobs.items():
+        value, fresh = ctx.cache.record({**base, **extra, "metric": metric}, compute)
+        values.update(value)
+        computed += [metric] if fresh else []
+    index = ctx.preview_index
+    preview, fresh = ctx.cache.images({**base, "metric": "preview", "rows": index.tolist()}, lambda: rec.images[index])
+    row = TokenizerRow(**tut.describe(mode), **values, computed=computed + (["preview"] if fresh else []))
+    return row, preview

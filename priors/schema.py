@@ -1,0 +1,93 @@
+"""Config sections of the prior layer: the prior model (`prior`) and its DeepSpeed training
+(`prior_train`), and `PriorRunConfig` (what `train_prior.py` reads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
+
+from flextok.config import check
+from flextok.schema import SamplingConfig, TokenizerRunConfig
+
+__all__ = ["PriorConfig", "PriorRunConfig", "PriorTrainConfig"]
+
+
+@dataclass
+class PriorConfig:
+    """Decoder-only prior over a tokenizer's token stream (or a flow prior over KL latents)."""
+
+    tokenizer: Optional[str] = None  # path of the tokenizer the tokens come from
+    kind: Literal["discrete", "flow"] = "discrete"
+    tokens: Literal["full", "prefix", "adaptive", "bpe"] = "full"
+    prefix_length: int = 0  # tokens: prefix
+    target_psnr: float = 30.0  # tokens: adaptive, the per-image reconstruction PSNR that sets its length
+    bpe: Optional[str] = None  # tokens: bpe, path of a bpe_image codec
+    cache_dir: Optional[str] = None  # token caches; None = <out_dir>/token_cache (see `token_cache_dir`)
+    tokenize_batch_size: int = 64
+    dim: int = 256
+    depth: int = 6
+    heads: int = 4
+    num_classes: int = 0  # 0 = unconditional
+    class_dropout: float = 0.1
+    dropout: float = 0.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # this prior's sampling defaults
+
+    def __post_init__(self):
+        check(self.dim % max(self.heads, 1) == 0 and self.heads > 0, "heads' must divide dim", self.heads)
+        check(self.depth > 0, "depth' must be positive", self.depth)
+        check(self.num_classes >= 0, "num_classes' must be >= 0", self.num_classes)
+        check(0.0 <= self.class_dropout < 1.0, "class_dropout' must be in [0, 1)", self.class_dropout)
+        check(0.0 <= self.dropout < 1.0, "dropout' must be in [0, 1)", self.dropout)
+        check(self.tokenize_batch_size > 0, "tokenize_batch_size' must be positive", self.tokenize_batch_size)
+        check(self.tokens != "prefix" or self.prefix_length > 0, "prefix_length' must be > 0 for tokens: prefix",
+              self.prefix_length)
+        check(self.tokens != "bpe" or bool(self.bpe), "bpe' must name a bpe_image codec for tokens: bpe", self.bpe)
+        check(self.kind != "flow" or self.tokens == "full", "tokens' must be full for kind: flow", self.tokens)
+
+
+@dataclass
+class PriorTrainConfig:
+    MOVED: ClassVar[dict[str, str]] = {
+        "temperature": "prior.sampling.temperature", "top_k": "prior.sampling.top_k", "top_p": "prior.sampling.top_p",
+        "cfg_scale": "prior.sampling.guidance_scale", "sample_steps": "prior.sampling.steps",
+    }
+
+    run_name: Optional[str] = None  # run folder under out_dir; None = the top-level name
+    steps: int = 2000
+    micro_batch_size: int = 16  # per rank
+    grad_accumulation: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05  # on matrices and embeddings; never on norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    eval_every: int = 500
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 50
+    num_samples: int = 16  # images in each periodic sample grid (drawn with `prior.sampling`)
+    threads: int = 0  # torch threads per rank on CPU; 0 = cores / local ranks
+
+    def __post_init__(self):
+        check(self.steps > 0, "steps' must be positive", self.steps)
+        check(self.micro_batch_size > 0, "micro_batch_size' must be positive", self.micro_batch_size)
+        check(self.grad_accumulation > 0, "grad_accumulation' must be positive", self.grad_accumulation)
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage' must be 0, 1, 2 or 3", self.zero_stage)
+        check(len(self.betas) == 2, "betas' must have two values", self.betas)
+        for key in ("eval_every", "sample_every", "checkpoint_every", "log_every"):
+            check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
+        check(self.num_samples >= 0, "num_samples' must be >= 0", self.num_samples)
+
+
+@dataclass
+class PriorRunConfig(TokenizerRunConfig):
+    """One experiment file as the prior layer sees it (`train_prior.py`)."""
+
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+    @property
+    def prior_run_dir(self) -> Path:
+        return Path(self.out_dir) / (self.prior_train.run_name or self.name)
