@@ -21,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_from_args(args, ExperimentConfig)
     # after config validation (bad configs fail fast, before DeepSpeed is imported)
-    from priors.deepspeed_utils import ensure_launch_env
+    from priors.deepspeed_utils import ensure_launch_env, shutdown_distributed
     from priors.trainer import PriorTrainer
 
     ensure_launch_env(args.local_rank)
     final = PriorTrainer(cfg, resume=args.resume).train()
+    shutdown_distributed()
     if final is not None:
         print(f"saved {final}")
     return 0

@@ -26,7 +26,8 @@ from .schema import PriorTrainConfig
 
 __all__ = ["POINTER", "barrier", "broadcast_object", "consolidated_weights", "create_engine", "deepspeed_config",
     "ensure_launch_env", "free_port", "gathered_state_dict", "init_distributed", "load_checkpoint",
-    "local_device_name", "on_cuda", "param_groups", "read_pointer", "remove_stale_tags", "save_checkpoint"]
+    "local_device_name", "on_cuda", "param_groups", "read_pointer", "remove_stale_tags", "save_checkpoint",
+    "shutdown_distributed"]
 
 POINTER = "latest.json"
 
@@ -68,6 +69,15 @@ def init_distributed(timeout_minutes: int = 120) -> tuple[int, int]:
     # a long timeout: rank 0 alone builds the token caches while the other ranks wait at a barrier
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def shutdown_distributed() -> None:
+    """All ranks finish together, then the process group is torn down. A rank that exits while another
+    still holds gloo connections (rank 0 exporting) can abort at interpreter exit with
+    "terminate called without an active exception"."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def local_device_name() -> str:
