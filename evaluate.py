@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
     cfg = load_from_args(args, ExperimentConfig)
-    from flextok.config import save_config  # after config validation: bad configs fail fast
+    from flextok.config import save_config
     from evaluation import run_evaluation, write_report
 
     result = run_evaluation(cfg)

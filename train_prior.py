@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
     cfg = load_from_args(args, ExperimentConfig)
-    # after config validation (bad configs fail fast, before DeepSpeed is imported)
+    # DeepSpeed is imported only once the config is valid
     from priors.deepspeed_utils import ensure_launch_env, shutdown_distributed
     from priors.trainer import PriorTrainer
 

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.pt")
     args = parser.parse_args(argv)
     cfg = load_from_args(args, ExperimentConfig)
-    from flextok.training import TokenizerTrainer  # after config validation: bad configs fail fast
+    from flextok.training import TokenizerTrainer
 
     trainer = TokenizerTrainer(cfg, resume=args.resume)
     final = trainer.train()

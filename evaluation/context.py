@@ -49,7 +49,7 @@ class EvalContext:
         if cfg.data.streaming:
             raise UserError("data.streaming: evaluation needs fixed, indexable splits; set data.streaming=false")
         self.cfg, self.settings, self.progress = cfg, cfg.eval, progress
-        self.device = pick_device(cfg.eval.device)
+        self.device = pick_device(cfg.eval.device, "eval.device")
         self.cache_root = Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else Path(cfg.out_dir) / "eval_cache"
         self.cache = ResultCache(self.cache_root / "results")
         self.token_cache = token_cache_dir(cfg)  # the folder prior training fills: its caches are reused

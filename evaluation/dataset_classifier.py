@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from flextok.files import atomic_write
 
-from .frechet import FeatureExtractor, _batched_features
+from .frechet import FeatureExtractor, batched_features
 
 __all__ = [
     "DatasetClassifier",
@@ -92,7 +92,7 @@ class DatasetClassifierFeatures(FeatureExtractor):
         self.feature_dim = network.feature_dim
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return _batched_features(self.network.features, images, self.device, self.batch_size)
+        return batched_features(self.network.features, images, self.device, self.batch_size)
 
 
 def _classifier_config(

@@ -20,6 +20,7 @@ import scipy.linalg
 import torch
 
 __all__ = [
+    "batched_features",
     "FIDResult",
     "FeatureExtractor",
     "FeatureStats",
@@ -168,7 +169,7 @@ def fid(
     return fid_from_stats(real, fake)
 
 
-def _batched_features(
+def batched_features(
     model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device, batch_size: int
 ) -> torch.Tensor:
     """Run a frozen feature model over `images` in chunks and return float32 CPU features."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from flextok.weights import resolve_local_weights
 
-from .frechet import FeatureExtractor, _batched_features
+from .frechet import FeatureExtractor, batched_features
 
 __all__ = [
     "INCEPTION_FEATURE_DIM",
@@ -301,4 +301,4 @@ class InceptionV3Features(FeatureExtractor):
         self.name = inception_backbone_name(path)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return _batched_features(self.model, images, self.device, self.batch_size)
+        return batched_features(self.model, images, self.device, self.batch_size)

@@ -14,14 +14,16 @@ from torch import nn
 
 from bpe_image import BPECodec
 from flextok.data import data_settings
-from flextok.errors import TokenizerMismatch, UserError
+from flextok.errors import UserError
 from priors import DiscretePrior, FlowPrior, build_token_dataset, generate_images
+from priors.pairing import check_tokenizer
+from priors.token_dataset import open_codec
 
 from .context import EvalContext
 from .frechet import compute_feature_stats, fid_from_stats
 from .rows import PriorRow, SamplerSettings
 from .schema import EvalPriorConfig
-from .tokenizer_rows import base_family, check_resolution, decoder_sampling, open_codec
+from .tokenizer_rows import base_family, check_resolution, decoder_sampling
 
 __all__ = ["PriorUnderTest", "evaluate_prior", "open_prior"]
 
@@ -51,7 +53,7 @@ class PriorUnderTest:
         return SamplerSettings(
             samples=settings.gfid_samples, seed=ctx.cfg.seed, batch_size=settings.batch_size,
             labels=f"classes 0..{classes - 1} in turn" if classes else "unconditional",
-            flow=isinstance(self.prior, FlowPrior), sampling=settings.prior_sampling or self.prior.config.sampling,
+            flow=isinstance(self.prior, FlowPrior), sampling=settings.prior_sampling.apply(self.prior.config.sampling),
             decoder=decoder_sampling(self.tokenizer, settings),
         )
 
@@ -66,9 +68,7 @@ def open_prior(entry: EvalPriorConfig, ctx: EvalContext) -> PriorUnderTest:
     tokenizer, tokenizer_fingerprint = ctx.model(tokenizer_path)
     base_family(tokenizer)
     check_resolution(tokenizer, ctx.cfg.data, f"its tokenizer {tokenizer_path}")
-    if prior.tokenizer_hash and prior.tokenizer_hash != tokenizer_fingerprint:
-        raise TokenizerMismatch(f"trained on tokens of tokenizer {prior.tokenizer_hash[:12]}, but {tokenizer_path} "
-                                f"is tokenizer {tokenizer_fingerprint[:12]}")
+    check_tokenizer(prior, tokenizer_fingerprint, tokenizer_path)
     put = PriorUnderTest(entry, prior, fingerprint, tokenizer_path, tokenizer, tokenizer_fingerprint)
     if prior.config.tokens == "bpe":
         put.codec, put.codec_fingerprint = open_codec(prior.config.bpe)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
 from flextok.config import check
-from flextok.schema import SamplingConfig
+from flextok.schema import SamplingOverrides
 from priors.schema import PriorRunConfig
 
 __all__ = ["EvalConfig", "EvalEntry", "EvalPriorConfig", "EvalTokenizerConfig", "ExperimentConfig"]
@@ -61,9 +61,9 @@ class EvalConfig:
     lpips_weights: Optional[str] = None  # None = $FLEXTOK_LPIPS_WEIGHTS; no weights: no LPIPS column
     classifier_steps: int = 500  # dataset classifier training steps (trained once, cached)
     adaptive_psnr: Optional[float] = 25.0  # 1D tokenizers' adaptive-length target in dB; null = no adaptive row
-    # Replace a model's own sampling settings (`flextok.sampling`, `prior.sampling`) as a whole; None = its own
-    decoder_sampling: Optional[SamplingConfig] = None
-    prior_sampling: Optional[SamplingConfig] = None
+    # Replace fields of each model's own sampling settings (`flextok.sampling`, `prior.sampling`)
+    decoder_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
+    prior_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     gfid_samples: int = 64
     batch_size: int = 32
     grid_rows: int = 8  # held-out images shown in reconstructions.png

@@ -17,10 +17,10 @@ from torch import nn
 from bpe_image import BPECodec
 from flextok import FlexTok, GridAutoencoder
 from flextok.errors import UserError
-from flextok.fingerprint import fingerprint_files
 from flextok.metrics import psnr, ssim
 from flextok.nested_dropout import powers_of_two_upto
 from flextok.schema import DataConfig, SamplingConfig
+from priors.token_dataset import open_codec
 
 from .context import EvalContext
 from .frechet import compute_feature_stats, fid_from_stats
@@ -28,7 +28,7 @@ from .rows import TokenizerRow
 from .schema import EvalConfig, EvalTokenizerConfig
 
 __all__ = ["Mode", "TokenizerUnderTest", "base_family", "check_resolution", "decoder_sampling", "evaluate_mode",
-           "open_codec", "open_tokenizer"]
+           "open_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,6 @@ class Mode:
         return "all" if self.k is None else f"k={self.k}"
 
 
-def open_codec(path: str) -> tuple[BPECodec, str]:
-    """A saved bpe_image codec and the hash of its files."""
-    try:
-        return BPECodec.from_pretrained(path), fingerprint_files(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"bpe codec {path}: {err}") from None
-
-
 def base_family(model: nn.Module) -> str:
     if isinstance(model, FlexTok):
         return "token_set" if model.token_set else "1d"
@@ -62,11 +54,11 @@ def base_family(model: nn.Module) -> str:
 
 
 def decoder_sampling(model: nn.Module, settings: EvalConfig) -> SamplingConfig | None:
-    """A generative decoder's settings: eval's `decoder_sampling` where given, else the tokenizer's own;
+    """A generative decoder's settings: the tokenizer's own, with the fields eval's `decoder_sampling` sets;
     None for the deterministic grid decoders."""
     if not isinstance(model, FlexTok):
         return None
-    return settings.decoder_sampling or model.config.sampling
+    return settings.decoder_sampling.apply(model.config.sampling)
 
 
 def check_resolution(model: nn.Module, data: DataConfig, what: str = "tokenizer") -> None:

@@ -20,21 +20,29 @@ import yaml
 from .errors import ConfigError
 from .files import atomic_write_text
 
-__all__ = ["ConfigError", "check", "from_dict", "load_config", "save_config", "upgrade_keys"]
+__all__ = ["check", "from_dict", "load_config", "save_config", "upgrade_keys"]
 
 
 def check(ok: bool, message: str, value: Any) -> None:
-    """A section's value check; `message` starts with the key name and its closing quote (`steps' must ...`)."""
+    """A section's value check; `message` starts with the key name and its closing quote (`steps' must ...`),
+    so the error reads `'steps' must ...`, and `from_dict` puts the section's path in front of the key."""
     if not ok:
-        raise ConfigError(f"{message}, got {value!r}")
+        raise ConfigError(f"'{message}, got {value!r}")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, cls: type):
-    """Load `path` (following `base:` chains), apply `section.key=value` overrides, validate into `cls`."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, cls: type,
+                own_sections_only: bool = False):
+    """Load `path` (following `base:` chains), apply `section.key=value` overrides, validate into `cls`.
+
+    `own_sections_only` ignores top-level keys `cls` does not know: a tool of an early layer reading an
+    experiment file whose other sections belong to later layers."""
     raw: dict[str, Any] = _read_with_bases(Path(path), seen=()) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     for item in overrides:
         _apply_override(raw, item)
+    if own_sections_only:
+        names = {f.name for f in dataclasses.fields(cls)}
+        raw = {key: value for key, value in raw.items() if key in names}
     return from_dict(cls, raw, source)
 
 
@@ -57,8 +65,8 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
         kwargs[key] = _coerce(hints[key], value, source, dotted, upgrade)
     try:
         return cls(**kwargs)
-    except ConfigError as err:  # raised by a section's value checks, which don't know the file
-        raise ConfigError(f"{source}: '{prefix}{err}") from None
+    except ConfigError as err:  # raised by a section's value checks (`check`), which don't know the file
+        raise ConfigError(f"{source}: '{prefix}{str(err).removeprefix(chr(39))}") from None
 
 
 def upgrade_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:

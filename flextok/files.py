@@ -77,8 +77,3 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]

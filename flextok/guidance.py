@@ -22,7 +22,7 @@ class Guidance:
     then only the null rows run, whatever the scale.
     """
 
-    scale: float = 1.0
+    scale: float
     conditional: bool = True
 
     @property

@@ -9,15 +9,15 @@ import torch
 
 from .errors import NonFiniteLoss, UserError
 
-__all__ = ["NonFiniteLoss", "check_finite", "pick_device", "warmup_cosine"]
+__all__ = ["check_finite", "pick_device", "warmup_cosine"]
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one; asking for `cuda` without one is a user error."""
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto` is the GPU when there is one; asking for `cuda` without one is a user error (naming `key`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda requested but no GPU is available")
+        raise UserError(f"{key}: cuda requested but no GPU is available")
     return torch.device(name)
 
 

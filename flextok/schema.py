@@ -7,6 +7,7 @@ sections (`priors.schema`, `evaluation.schema`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -15,7 +16,7 @@ from .config import check
 
 __all__ = [
     "DataConfig", "FlexTokConfig", "GridConfig", "LossConfig", "QuantizerConfig", "SamplingConfig",
-    "TokenizerRunConfig", "TrainConfig",
+    "SamplingOverrides", "TokenizerRunConfig", "TrainConfig",
 ]
 
 
@@ -81,6 +82,27 @@ class SamplingConfig:
         check(self.temperature > 0, "temperature' must be positive", self.temperature)
         check(self.top_k >= 0, "top_k' must be >= 0", self.top_k)
         check(0.0 < self.top_p <= 1.0, "top_p' must be in (0, 1]", self.top_p)
+
+
+@dataclass
+class SamplingOverrides:
+    """Fields of a model's own `SamplingConfig` to replace (an evaluation's settings); None keeps the
+    model's value, field by field."""
+
+    guidance_scale: Optional[float] = None
+    steps: Optional[int] = None
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    def __post_init__(self):
+        SamplingConfig(**self.given())  # the same value checks
+
+    def given(self) -> dict[str, float | int]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def apply(self, own: SamplingConfig) -> SamplingConfig:
+        return dataclasses.replace(own, **self.given())
 
 
 _QUANTIZER_KEYS = ("fsq_levels", "codebook_size", "codebook_dim", "vq_decay", "commitment_weight", "entropy_weight")

@@ -30,7 +30,7 @@ __all__ = ["main", "tokenizer_codes"]
 
 def tokenizer_codes(tokenizer_path: str, config_path: str) -> tuple[np.ndarray, object]:
     """[N, L] codes of the config's training split, via the priors' token-dataset cache."""
-    cfg = load_config(config_path, cls=PriorRunConfig)
+    cfg = load_config(config_path, cls=PriorRunConfig, own_sections_only=True)  # other sections: later stages
     tokenizer = load_tokenizer(tokenizer_path)
     if getattr(tokenizer, "vocab_size", 0) == 0:
         raise UserError(f"{tokenizer_path}: a continuous (KL) tokenizer has no codes to merge")

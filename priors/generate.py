@@ -7,15 +7,16 @@ from typing import Any
 
 import torch
 
-from flextok import FlexTok, TokenizerMismatch
+from flextok import FlexTok
 from flextok.fingerprint import fingerprint_model
 from flextok.schema import SamplingConfig
 from flextok.visualize import class_columns, save_image_grid
 
 from .discrete import DiscretePrior
 from .flow import FlowPrior
+from .pairing import check_tokenizer
 from .sampling import sample_tokens
-from .token_dataset import load_codec
+from .token_dataset import open_codec
 
 __all__ = ["generate_images"]
 
@@ -41,11 +42,7 @@ def generate_images(
     seeded with `seed`. Discrete priors may force a `length`. BPE priors decode ids with `codec` (loaded
     from the prior's config when not given). The tokenizer must be the one the prior was trained on.
     """
-    if prior.tokenizer_hash and prior.tokenizer_hash != fingerprint_model(tokenizer):
-        raise TokenizerMismatch(
-            f"this prior was trained on tokens of tokenizer {prior.tokenizer_hash[:12]}, "
-            f"not of the given {type(tokenizer).__name__}"
-        )
+    check_tokenizer(prior, fingerprint_model(tokenizer), f"the given {type(tokenizer).__name__}")
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long)
     if isinstance(prior, FlowPrior):
@@ -53,7 +50,7 @@ def generate_images(
     else:
         budget = {}
         if prior.config.tokens == "bpe":  # BPE ids were encoded from full code sequences: spell exactly that many
-            codec = codec or load_codec(prior.config.bpe)
+            codec = codec or open_codec(prior.config.bpe)[0]
             budget = {"code_sizes": torch.as_tensor(codec.token_sizes()), "num_codes": tokenizer.tokens_per_image}
         tokens = sample_tokens(prior, labels, num_samples, sampling=sampling, length=length, seed=seed, **budget)
         if budget:

@@ -31,7 +31,9 @@ class PriorConfig:
     num_classes: int = 0  # 0 = unconditional
     class_dropout: float = 0.1
     dropout: float = 0.0
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # this prior's sampling defaults
+    # this prior's sampling defaults; a flow prior integrates 25 Euler steps (SamplingConfig's 8 suit the
+    # 1D decoder), as it did before the sampling section existed, so older flow priors sample the same
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=25))
 
     def __post_init__(self):
         check(self.dim % max(self.heads, 1) == 0 and self.heads > 0, "heads' must divide dim", self.heads)

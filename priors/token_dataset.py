@@ -33,7 +33,7 @@ from flextok.schema import DataConfig
 
 from .schema import PriorConfig, PriorRunConfig
 
-__all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "load_codec", "token_cache_dir"]
+__all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "open_codec", "token_cache_dir"]
 
 CACHE_VERSION = 1
 
@@ -44,11 +44,12 @@ def token_cache_dir(cfg: PriorRunConfig) -> Path:
     return Path(cfg.prior.cache_dir) if cfg.prior.cache_dir else Path(cfg.out_dir) / "token_cache"
 
 
-def load_codec(path: str | Path) -> BPECodec:
+def open_codec(path: str | Path) -> tuple[BPECodec, str]:
+    """A saved bpe_image codec and the hash of its files (its identity in cache keys)."""
     try:
-        return BPECodec.from_pretrained(path)
+        return BPECodec.from_pretrained(path), fingerprint_files(path)
     except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"prior.bpe: cannot load codec {path}: {err}") from None
+        raise UserError(f"bpe codec {path}: {err}") from None
 
 
 def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: str, limit: int | None,
@@ -166,13 +167,12 @@ def build_token_dataset(
     """Tokenize `split` of `data` with `tokenizer` as `prior` asks (full / prefix / adaptive / bpe), or
     reuse the cache built from exactly the same inputs. `flips` adds each image's mirror image."""
     tokenizer_hash = fingerprint_model(tokenizer)
-    bpe_hash = fingerprint_files(prior.bpe) if prior.tokens == "bpe" else None
+    codec, bpe_hash = open_codec(prior.bpe) if prior.tokens == "bpe" else (None, None)
     key = cache_key(tokenizer_hash, prior, data, split, limit, seed, flips, bpe_hash)
     directory = Path(cache_root) / f"{split}-{key[:20]}"
     if (directory / "meta.json").is_file():
         return TokenDataset.load(directory, tokenizer_hash)
 
-    codec = load_codec(prior.bpe) if prior.tokens == "bpe" else None
     was_training = tokenizer.training
     tokenizer.eval().to(device)
     sequences: list[np.ndarray] = []

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.schema import ExperimentConfig as Config
+from evaluation.schema import ExperimentConfig
 from flextok.config import from_dict, upgrade_keys
 from flextok.config import load_config as load_with_schema
 from flextok.errors import ConfigError
@@ -12,7 +12,7 @@ from flextok.schema import FlexTokConfig
 
 
 def load_config(path, overrides=()):
-    return load_with_schema(path, overrides, cls=Config)
+    return load_with_schema(path, overrides, cls=ExperimentConfig)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,10 @@ def test_defaults_base_chain_and_overrides(tmp_path):
     write(tmp_path, "base.yaml", "name: parent\ngrid:\n  latent_channels: 8\ntrain:\n  steps: 10\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\ntrain:\n  lr: 0.01\n")
     cfg = load_config(child, ["train.steps=7", "grid.quantizer.fsq_levels=[4,4]", "data.label_column=null"])
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, ExperimentConfig)
     assert (cfg.name, cfg.grid.latent_channels, cfg.train.steps, cfg.train.lr) == ("child", 8, 7, 0.01)
     assert cfg.grid.quantizer.fsq_levels == [4, 4] and cfg.data.label_column is None
-    assert cfg.train.batch_size == Config().train.batch_size  # untouched defaults come from the dataclass
+    assert cfg.train.batch_size == ExperimentConfig().train.batch_size  # untouched defaults come from the dataclass
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,18 @@ def test_checkpoint_configs_with_old_keys_are_upgraded():
     assert upgrade_keys(FlexTokConfig, {"quantizer": {"kind": "lfq"}}) == {"quantizer": {"kind": "lfq"}}
     with pytest.raises(ConfigError, match="renamed"):
         from_dict(FlexTokConfig, old, "config.json")
+
+
+def test_eval_sampling_overrides_replace_only_the_fields_given(tmp_path):
+    import dataclasses
+
+    from flextok.schema import SamplingConfig, SamplingOverrides
+
+    names = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
+    assert names(SamplingOverrides) == names(SamplingConfig)
+    path = write(tmp_path, "eval.yaml", "eval:\n  decoder_sampling: {steps: 4}\n")
+    own = SamplingConfig(steps=25, guidance_scale=7.5)
+    assert load_config(path).eval.decoder_sampling.apply(own) == SamplingConfig(steps=4, guidance_scale=7.5)
+    bad = write(tmp_path, "bad.yaml", "eval:\n  prior_sampling: {steps: 0}\n")
+    with pytest.raises(ConfigError, match="'eval.prior_sampling.steps' must be positive"):
+        load_config(bad)

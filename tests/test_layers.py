@@ -5,7 +5,7 @@ Layers, in pipeline order; a module may import only its own layer or earlier one
 0. `flextok`: the shared base and the tokenizers. Within it the base modules (`BASE`) must not
    import the tokenizer modules (every other `flextok` module); package `__init__.py` files are
    exempt, since they re-export.
-1. `bpe_image`: may depend only on `flextok`.
+1. `bpe_image`: may depend only on `flextok`'s base modules, or on nothing.
 2. `priors`: may depend on `flextok` and `bpe_image`.
 3. `evaluation`: may depend on all of the above.
 4. scripts: the top-level `*.py` files and `benchmarks/*.py`; may import anything.
@@ -110,6 +110,8 @@ def violations(edges) -> list[str]:
             why = f"layer {e.layer} `{e.src.split('.')[0]}` must not depend on layer {layer} `{name.split('.')[0]}`"
         elif e.kind == "import" and not e.is_init and src in BASE and dst is not None and dst not in BASE:
             why = f"flextok base module `{src}` must not import tokenizer module `{dst}`"
+        elif e.layer == 1 and layer == 0 and dst not in BASE:
+            why = f"`bpe_image` may use only flextok's base modules, not `{name}`"
         else:
             continue
         out.append(f"{e.file}:{e.line}: {name} ({e.kind}): {why}")
