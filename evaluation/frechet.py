@@ -67,12 +67,12 @@ def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.nda
 
 
 class FeatureStats:
-    """Streaming mean and covariance of features, accumulated in float64.
+    """Streaming mean and covariance of features, accumulated in float64, plus the features themselves
+    (float32) for KID, which needs samples rather than moments.
 
-    Keeps the sum, the sum of outer products and the count, so arbitrarily many batches
-    fit in `O(D^2)` memory. The covariance is the unbiased one (`np.cov` with
-    `rowvar=False`), as in the reference FID code. `backbone` names the feature
-    extractor, so statistics from different backbones cannot be mixed by accident.
+    The covariance is the unbiased one (`np.cov` with `rowvar=False`), as in the reference FID code.
+    `backbone` names the feature extractor, so statistics from different backbones cannot be mixed by
+    accident.
     """
 
     def __init__(self, feature_dim: int, backbone: str) -> None:
@@ -81,6 +81,7 @@ class FeatureStats:
         self.count = 0
         self._sum = np.zeros(feature_dim, dtype=np.float64)
         self._outer = np.zeros((feature_dim, feature_dim), dtype=np.float64)
+        self._features: list[np.ndarray] = []
 
     def update(self, features: torch.Tensor | np.ndarray) -> None:
         """Add a batch of features shaped `[B, D]`."""
@@ -92,6 +93,12 @@ class FeatureStats:
         self.count += features.shape[0]
         self._sum += features.sum(axis=0)
         self._outer += features.T @ features
+        self._features.append(features.astype(np.float32))
+
+    @property
+    def features(self) -> np.ndarray:
+        """Every feature row added, `[count, D]`."""
+        return np.concatenate(self._features) if self._features else np.zeros((0, self.feature_dim), np.float32)
 
     @property
     def mean(self) -> np.ndarray:

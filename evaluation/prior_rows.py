@@ -21,6 +21,7 @@ from priors.token_dataset import open_codec
 
 from .context import EvalContext
 from .frechet import compute_feature_stats, fid_from_stats
+from .kid import kernel_inception_distance
 from .rows import PriorRow, SamplerSettings
 from .schema import EvalPriorConfig
 from .tokenizer_rows import base_family, check_resolution, decoder_sampling
@@ -121,8 +122,9 @@ class Sampling:
         images, seconds = self.run
         fake = compute_feature_stats(self.ctx.backbone, images.split(self.sampler.batch_size))
         result = fid_from_stats(self.ctx.reference_stats, fake)
+        kid = kernel_inception_distance(self.ctx.reference_stats.features, fake.features, seed=self.sampler.seed)
         return {"gfid": result.value, "gfid_backbone": result.backbone, "gfid_num_real": result.num_real,
-                "gfid_num_fake": result.num_fake, "sampling_seconds": seconds,
+                "gfid_num_fake": result.num_fake, "gkid": kid.value, "gkid_std": kid.std, "sampling_seconds": seconds,
                 "sampling_images_per_s": len(images) / seconds}
 
 

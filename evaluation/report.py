@@ -25,9 +25,10 @@ from .rows import EvaluationResult, PriorRow, SamplerSettings, TokenizerRow
 __all__ = ["plot_tradeoff", "save_reconstruction_grid", "summary_markdown", "write_report"]
 
 CSV_COLUMNS = (
-    "name", "family", "mode", "k", "target_psnr", "tokens_per_image", "tokens_min", "tokens_max", "bits_per_token",
-    "bits_per_image", "bits_basis", "vocab_size", "psnr", "ssim", "rfid", "rfid_backbone", "rfid_num_real",
-    "rfid_num_fake", "lpips", "target_met", "decoder_steps", "decoder_guidance_scale", "path", "bpe", "error",
+    "name", "family", "mode", "decoding", "k", "target_psnr", "tokens_per_image", "tokens_min", "tokens_max",
+    "bits_per_token", "bits_per_image", "bits_basis", "vocab_size", "psnr", "psnr_ci_low", "psnr_ci_high", "ssim",
+    "ssim_ci_low", "ssim_ci_high", "rfid", "rfid_backbone", "rfid_num_real", "rfid_num_fake", "rkid", "rkid_std",
+    "lpips", "target_met", "decoder_steps", "decoder_guidance_scale", "path", "bpe", "error",
 )
 FAMILY_COLOURS = {  # BPE variants get a related colour and a dashed line
     "1d": "tab:blue", "1d+bpe": "tab:cyan", "token_set": "tab:purple", "token_set+bpe": "tab:pink",
@@ -91,16 +92,19 @@ def _decoder_text(decoder) -> str:
 
 
 def _tokenizer_table(rows: list[TokenizerRow]) -> str:
-    header = ["tokenizer", "family", "mode", "tokens/img", "bits/img", "bits counted as", "PSNR dB", "SSIM", "LPIPS",
-              "rFID", "decoder"]
+    header = ["tokenizer", "family", "mode", "decoding", "tokens/img", "bits/img", "bits counted as",
+              "PSNR dB [95% CI]", "SSIM [95% CI]", "LPIPS", "rFID", "rKID ×10³", "decoder"]
     body = []
     for r in rows:
         tokens = f"{r.tokens_per_image:.2f}".removesuffix(".00")
         tokens += f" ({r.tokens_min}–{r.tokens_max})" if r.tokens_min != r.tokens_max else ""
-        psnr = _fmt(r.psnr, ".2f") + (f" (target met {r.target_met:.0%})" if r.adaptive else "")
+        psnr = f"{r.psnr:.2f} [{r.psnr_ci[0]:.2f}, {r.psnr_ci[1]:.2f}]"
+        psnr += f" (target met {r.target_met:.0%})" if r.adaptive else ""
+        ssim = f"{r.ssim:.3f} [{r.ssim_ci[0]:.3f}, {r.ssim_ci[1]:.3f}]"
         decoder = _decoder_text(r.decoder) if r.decoder else "—"
-        body.append([f"`{r.name}`", r.family, r.mode, tokens, _fmt(r.bits_per_image, ".0f"), r.bits_basis, psnr,
-                     _fmt(r.ssim, ".3f"), _fmt(r.lpips, ".3f"), _fmt(r.rfid, ".2f"), decoder])
+        body.append([f"`{r.name}`", r.family, r.mode, r.decoding, tokens, _fmt(r.bits_per_image, ".0f"),
+                     r.bits_basis, psnr, ssim, _fmt(r.lpips, ".3f"), _fmt(r.rfid, ".2f"),
+                     f"{r.rkid * 1e3:.2f} ± {r.rkid_std * 1e3:.2f}", decoder])
     return _table(header, body)
 
 
@@ -118,7 +122,7 @@ def _sampler_text(s: SamplerSettings) -> str:
 
 
 def _prior_table(rows: list[PriorRow]) -> str:
-    header = ["prior", "tokens of", "held-out NLL bits/img", "tokens/img", "gFID", "samples / reference",
+    header = ["prior", "tokens of", "held-out NLL bits/img", "tokens/img", "gFID", "gKID ×10³", "samples / reference",
               "images/s", "sampler"]
     body = []
     for r in rows:
@@ -126,7 +130,8 @@ def _prior_table(rows: list[PriorRow]) -> str:
         nll = f"— (flow prior; velocity loss {r.flow_val_loss:.4f})" if flow else f"{r.nll_bits_per_image:.1f}"
         source = f"{r.tokenizer_family} ({r.tokens}{', ' + r.bpe if r.bpe else ''})"
         body.append([f"`{r.name}`", source, f"{nll} (n={r.nll_images})", _fmt(r.tokens_per_image, ".1f"),
-                     _fmt(r.gfid, ".2f"), f"{r.gfid_num_fake} / {r.gfid_num_real}",
+                     _fmt(r.gfid, ".2f"), f"{r.gkid * 1e3:.2f} ± {r.gkid_std * 1e3:.2f}",
+                     f"{r.gfid_num_fake} / {r.gfid_num_real}",
                      _fmt(r.sampling_images_per_s, ".1f"), _sampler_text(r.sampler)])
     return _table(header, body)
 
@@ -155,10 +160,16 @@ def summary_markdown(result: EvaluationResult) -> str:
     lines += [
         f"- rFID: {n} held-out images vs their {n} reconstructions. gFID: samples vs a seeded subset of "
         f"`{data['train_split']}` (counts per prior below). FID is biased upward at such small counts: compare "
-        "numbers only at equal counts and backbone.",
-        "- Bits per image: tokens x log2(vocabulary); BPE rows: the real post-BPE token count x log2(BPE "
-        "vocabulary), reconstructions being the underlying tokenizer's (BPE is lossless, checked on every "
-        "held-out image); KL rows: latent elements x 16 bits.",
+        "numbers only at equal counts and backbone. KID (cubic-kernel MMD², unbiased at small counts) on the same "
+        "features, mean ± spread over 100 subsets.",
+        "- Decoding: a generative decoder's rows come twice: `sample` (its sampler) and `mean` (one Euler step "
+        "from t = 1, its estimate of E[x0 | tokens], the MSE-optimal reconstruction; a perfect posterior sample "
+        "has twice its MSE). Grid decoders are deterministic. PSNR and SSIM carry 95% bootstrap intervals over "
+        "the held-out images.",
+        "- Bits per image: tokens x log2(vocabulary); token sets: log2 C(V + R - 1, R), the cost of an unordered "
+        "multiset; adaptive lengths add log2(allowed lengths); BPE rows: the real post-BPE token count x "
+        "log2(BPE vocabulary), reconstructions being the underlying tokenizer's (BPE is lossless, checked on "
+        "every held-out image); KL rows: latent elements x 16 bits.",
         _lpips_line(meta["lpips"]),
         f"- Sampling speed: prior sampling + decoding, on {meta['device']} (torch threads: {meta['torch_threads']}); "
         "cached speeds were measured on this same device and thread count.",
@@ -177,27 +188,29 @@ def summary_markdown(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
-def _by_name(rows: list[TokenizerRow]) -> dict[str, list[TokenizerRow]]:
-    groups: dict[str, list[TokenizerRow]] = {}
+def _curves(rows: list[TokenizerRow]) -> dict[tuple[str, str], list[TokenizerRow]]:
+    """One curve per tokenizer and decoding (sample and mean rows of one tokenizer are two curves)."""
+    groups: dict[tuple[str, str], list[TokenizerRow]] = {}
     for row in rows:
-        groups.setdefault(row.name, []).append(row)
+        groups.setdefault((row.name, row.decoding), []).append(row)
     return groups
 
 
 def plot_tradeoff(rows: list[TokenizerRow], x_key: str, x_label: str, backbone: str, path: Path) -> Path:
     """PSNR and rFID against `x_key` on a log2 axis: one line per tokenizer coloured by family, adaptive
-    length as a star, fixed-length grid baselines as single points."""
+    length as a star, fixed-length grid baselines as single points; posterior-mean curves dotted."""
     figure = Figure(figsize=(12, 5.2), layout="constrained")
     axes = figure.subplots(1, 2)
-    for name, group in _by_name(rows).items():
+    for (name, decoding), group in _curves(rows).items():
         family = group[0].family
         colour = FAMILY_COLOURS.get(family, "tab:gray")
-        style = "--" if family.endswith("+bpe") else "-"
+        style = ":" if decoding == "mean" else "--" if family.endswith("+bpe") else "-"
         fixed = [r for r in group if not r.adaptive]
+        label = f"{name} ({family}{', ' + decoding if decoding != 'deterministic' else ''})"
         for ax, metric in zip(axes, ("psnr", "rfid")):
             ax.plot([getattr(r, x_key) for r in fixed], [getattr(r, metric) for r in fixed], style,
                     marker="o" if len(fixed) > 1 else "s", markersize=6 if len(fixed) > 1 else 9, color=colour,
-                    label=f"{name} ({family})")
+                    label=label)
             for r in group:
                 if r.adaptive:
                     ax.plot(getattr(r, x_key), getattr(r, metric), "*", markersize=15, color=colour,
@@ -225,8 +238,10 @@ def _grid_title(row: TokenizerRow, one_1d: bool) -> str:
 
 def save_reconstruction_grid(result: EvaluationResult, path: Path) -> Path:
     """Rows: held-out images. Columns: each 1D tokenizer at k = 1, 2, 4, ..., R, then the fixed-length
-    tokenizers (token sets, grid baselines), then the original. BPE rows are skipped: BPE is lossless."""
-    plain = [r for r in result.tokenizer_rows if not r.family.endswith("+bpe") and not r.adaptive]
+    tokenizers (token sets, grid baselines), then the original. BPE rows are skipped (BPE is lossless), and so
+    are posterior means (the grid shows what a decoder generates)."""
+    plain = [r for r in result.tokenizer_rows
+             if not r.family.endswith("+bpe") and not r.adaptive and r.decoding != "mean"]
     chosen = sorted(plain, key=lambda r: r.family != "1d")  # 1D first; stable: config order otherwise
     one_1d = len({r.name for r in chosen if r.family == "1d"}) == 1
     columns = [result.previews[(r.name, r.mode)] for r in chosen] + [result.originals]

@@ -25,7 +25,8 @@ class TokenizerRow:
     family: str  # 1d, token_set, grid_vq, grid_kl; "+bpe" when measured through a BPE codec
     path: str
     bpe: Optional[str]
-    mode: str  # k=<n>, adaptive@<target>dB, or all
+    mode: str  # k=<n>, adaptive@<target>dB, or all; " mean" appended for posterior-mean decodings
+    decoding: str  # "sample" or "mean" (a generative decoder's posterior mean), or "deterministic" (grid)
     k: Optional[int]
     target_psnr: Optional[float]
     vocab_size: Optional[int]
@@ -42,6 +43,10 @@ class TokenizerRow:
     rfid_backbone: str
     rfid_num_real: int
     rfid_num_fake: int
+    psnr_ci: list[float]  # 95% bootstrap interval over the held-out images
+    ssim_ci: list[float]
+    rkid: float  # KID between the held-out images and their reconstructions (same backbone as rFID)
+    rkid_std: float  # its spread over subsets
     lpips: Optional[float] = None
     target_met: Optional[float] = None  # adaptive rows: share of images that reached the target PSNR
     computed: list[str] = field(default_factory=list)  # metrics computed in this run (the rest came from cache)
@@ -52,7 +57,9 @@ class TokenizerRow:
 
     def flat(self) -> dict[str, Any]:
         """The row as one level of columns (the decoder's settings as decoder_steps, decoder_guidance_scale)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "decoder"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("decoder", "psnr_ci", "ssim_ci")}
+        for metric in ("psnr", "ssim"):
+            out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = getattr(self, f"{metric}_ci")
         out["decoder_steps"] = self.decoder.steps if self.decoder else None
         out["decoder_guidance_scale"] = self.decoder.guidance_scale if self.decoder else None
         return out
@@ -92,6 +99,8 @@ class PriorRow:
     gfid_backbone: str
     gfid_num_real: int
     gfid_num_fake: int
+    gkid: float  # KID of the samples against the training reference
+    gkid_std: float
     sampling_seconds: float
     sampling_images_per_s: float
     computed: list[str] = field(default_factory=list)

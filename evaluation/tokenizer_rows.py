@@ -22,8 +22,11 @@ from flextok.nested_dropout import powers_of_two_upto
 from flextok.schema import DataConfig, SamplingConfig
 from priors.token_dataset import open_codec
 
+from .bits import length_code_bits, multiset_bits
+from .bootstrap import bootstrap_interval
 from .context import EvalContext
 from .frechet import compute_feature_stats, fid_from_stats
+from .kid import kernel_inception_distance
 from .rows import TokenizerRow
 from .schema import EvalConfig, EvalTokenizerConfig
 
@@ -33,16 +36,24 @@ __all__ = ["Mode", "TokenizerUnderTest", "base_family", "check_resolution", "dec
 
 @dataclass(frozen=True)
 class Mode:
-    """Which tokens of each image a row keeps: the first k (1D), an adaptive length, or all of them."""
+    """Which tokens of each image a row keeps (the first k, an adaptive length, or all of them), and for a
+    generative decoder whether the row shows a sample or the posterior mean.
+
+    The mean is one Euler step from pure noise at t = 1: for a rectified flow that is eps - v(eps, 1, c),
+    the model's estimate of E[x0 | tokens], the MSE-optimal reconstruction (a perfect posterior sample has
+    twice its MSE). Grid decoders are deterministic, so they have one row."""
 
     k: int | None = None
     target_psnr: float | None = None
+    mean: bool = False
 
     @property
     def label(self) -> str:
         if self.target_psnr is not None:
-            return f"adaptive@{self.target_psnr:g}dB"
-        return "all" if self.k is None else f"k={self.k}"
+            label = f"adaptive@{self.target_psnr:g}dB"
+        else:
+            label = "all" if self.k is None else f"k={self.k}"
+        return label + (" mean" if self.mean else "")
 
 
 def base_family(model: nn.Module) -> str:
@@ -85,10 +96,20 @@ class TokenizerUnderTest:
     def decoder(self) -> SamplingConfig | None:
         return decoder_sampling(self.model, self.settings)
 
+    def decoding(self, mode: Mode) -> SamplingConfig | None:
+        """The decoder settings of a row: its sampler's, or one step from t = 1 for the posterior mean."""
+        if self.decoder is None:
+            return None
+        return dataclasses.replace(self.decoder, steps=1) if mode.mean else self.decoder
+
     def modes(self) -> list[Mode]:
-        if base_family(self.model) != "1d":
+        family = base_family(self.model)
+        if family == "token_set":
+            return [Mode(), Mode(mean=True)]
+        if family != "1d":
             return [Mode()]
-        modes = [Mode(k=k) for k in powers_of_two_upto(self.model.num_registers)]
+        ks = powers_of_two_upto(self.model.num_registers)
+        modes = [Mode(k=k) for k in ks] + [Mode(k=k, mean=True) for k in ks]
         target = self.settings.adaptive_psnr if self.entry.adaptive_psnr is None else self.entry.adaptive_psnr
         return modes + ([Mode(target_psnr=target)] if target is not None else [])
 
@@ -98,29 +119,35 @@ class TokenizerUnderTest:
         return self.model.tokenize(images, k=mode.k, target_psnr=mode.target_psnr, steps=self.decoder.steps,
                                    guidance_scale=self.decoder.guidance_scale, seed=seed)
 
-    def detokenize(self, tokens: list[torch.Tensor], seed: int) -> torch.Tensor:
-        if self.decoder is None:
+    def detokenize(self, tokens: list[torch.Tensor], mode: Mode, seed: int) -> torch.Tensor:
+        decoding = self.decoding(mode)
+        if decoding is None:
             return self.model.detokenize(tokens)
-        return self.model.detokenize(tokens, steps=self.decoder.steps, guidance_scale=self.decoder.guidance_scale,
-                                     seed=seed)
+        return self.model.detokenize(tokens, steps=decoding.steps, guidance_scale=decoding.guidance_scale, seed=seed)
 
     def describe(self, mode: Mode) -> dict[str, Any]:
         """The row's fixed columns: what was measured and how bits are counted."""
         if self.codec is not None:
             vocab, basis = self.codec.vocab_size, "post-BPE tokens x log2(BPE vocab)"
+        elif self.model.vocab_size and base_family(self.model) == "token_set":
+            vocab, basis = self.model.vocab_size, "log2 C(vocab + tokens - 1, tokens): an unordered multiset"
         elif self.model.vocab_size:
             vocab, basis = self.model.vocab_size, "tokens x log2(vocab)"
         else:
             vocab, basis = None, "latent elements x 16 bits (float16 KL latents)"
+        if mode.target_psnr is not None:
+            basis += " + log2(allowed lengths) for the length"
+        kind = "deterministic" if self.decoder is None else "mean" if mode.mean else "sample"
         return {"name": self.entry.name, "family": self.family, "path": self.entry.path, "bpe": self.entry.bpe,
-                "mode": mode.label, "k": mode.k, "target_psnr": mode.target_psnr, "vocab_size": vocab,
-                "bits_basis": basis, "decoder": self.decoder}
+                "mode": mode.label, "decoding": kind, "k": mode.k, "target_psnr": mode.target_psnr,
+                "vocab_size": vocab, "bits_basis": basis, "decoder": self.decoding(mode)}
 
     def identity(self, mode: Mode, ctx: EvalContext) -> dict[str, Any]:
         """What this row's numbers depend on (its cache key): weights, mode, held-out pixels, decoding
         settings (the decoder's noise also depends on the seed and batch composition)."""
-        decoding = None if self.decoder is None else {**dataclasses.asdict(self.decoder), "seed": ctx.cfg.seed,
-                                                      "batch_size": self.settings.batch_size}
+        decoder = self.decoding(mode)
+        decoding = None if decoder is None else {**dataclasses.asdict(decoder), "seed": ctx.cfg.seed,
+                                                 "batch_size": self.settings.batch_size}
         return {"tokenizer": self.fingerprint, "mode": dataclasses.asdict(mode), "held_out": ctx.held_out_key,
                 "decoder": decoding}
 
@@ -164,20 +191,26 @@ class Reconstruction:
 
     @cached_property
     def images(self) -> torch.Tensor:
-        return torch.cat([self.tut.detokenize(tokens, self.ctx.cfg.seed + b).float().cpu()
+        return torch.cat([self.tut.detokenize(tokens, self.mode, self.ctx.cfg.seed + b).float().cpu()
                           for b, tokens in enumerate(self.tokens)])
 
 
-def rate_record(tut: TokenizerUnderTest, batches: list[list[torch.Tensor]]) -> dict[str, Any]:
-    """Tokens and bits per image; BPE counts come from encoding the codes, checked to decode back exactly."""
+def rate_record(tut: TokenizerUnderTest, mode: Mode, batches: list[list[torch.Tensor]]) -> dict[str, Any]:
+    """Tokens and bits per image; BPE counts come from encoding the codes, checked to decode back exactly.
+    A token set pays the multiset's cost; an adaptive length pays for naming its length."""
     sequences = [t for batch in batches for t in batch]
     if tut.codec is None:
         counts, bits_per_token = np.array([len(t) for t in sequences]), float(tut.model.bits_per_token)
     else:
         counts, bits_per_token = bpe_counts(tut, sequences), math.log2(tut.codec.vocab_size)
+    bits = counts.mean() * bits_per_token
+    if tut.codec is None and base_family(tut.model) == "token_set":
+        bits = float(np.mean([multiset_bits(tut.model.vocab_size, int(n)) for n in counts]))
+    if mode.target_psnr is not None:
+        bits += length_code_bits(len(powers_of_two_upto(tut.model.num_registers)))
     return {
         "tokens_per_image": float(counts.mean()), "tokens_min": int(counts.min()), "tokens_max": int(counts.max()),
-        "bits_per_token": bits_per_token, "bits_per_image": float(counts.mean() * bits_per_token),
+        "bits_per_token": bits_per_token, "bits_per_image": float(bits),
     }
 
 
@@ -192,7 +225,7 @@ def bpe_counts(tut: TokenizerUnderTest, sequences: list[torch.Tensor]) -> np.nda
 
 def quality_record(metric: Callable, name: str, rec: Reconstruction, originals: torch.Tensor) -> dict[str, Any]:
     values = metric(rec.images, originals)
-    record = {name: values.mean().item()}
+    record = {name: values.mean().item(), f"{name}_ci": list(bootstrap_interval(values.double().numpy()))}
     if name == "psnr" and rec.mode.target_psnr is not None:  # how often the adaptive target was reached
         record["target_met"] = (values >= rec.mode.target_psnr).float().mean().item()
     return record
@@ -209,8 +242,9 @@ def lpips_record(rec: Reconstruction, ctx: EvalContext) -> dict[str, Any]:
 def rfid_record(rec: Reconstruction, ctx: EvalContext) -> dict[str, Any]:
     fake = compute_feature_stats(ctx.backbone, rec.images.split(ctx.settings.batch_size))
     result = fid_from_stats(ctx.held_out_stats, fake)
+    kid = kernel_inception_distance(ctx.held_out_stats.features, fake.features, seed=ctx.cfg.seed)
     return {"rfid": result.value, "rfid_backbone": result.backbone, "rfid_num_real": result.num_real,
-            "rfid_num_fake": result.num_fake}
+            "rfid_num_fake": result.num_fake, "rkid": kid.value, "rkid_std": kid.std}
 
 
 def evaluate_mode(tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tuple[TokenizerRow, torch.Tensor]:
@@ -219,7 +253,7 @@ def evaluate_mode(tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tupl
     base = tut.identity(mode, ctx)
     rec = Reconstruction(tut, mode, ctx, base)
     jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {
-        "rate": ({"bpe": tut.codec_fingerprint}, lambda: rate_record(tut, rec.tokens)),
+        "rate": ({"bpe": tut.codec_fingerprint}, lambda: rate_record(tut, mode, rec.tokens)),
         "psnr": ({}, lambda: quality_record(psnr, "psnr", rec, originals)),
         "ssim": ({}, lambda: quality_record(ssim, "ssim", rec, originals)),
         "rfid": ({"backbone": ctx.backbone.name}, lambda: rfid_record(rec, ctx)),

@@ -154,7 +154,8 @@ def test_report_files_schema_and_error_rows(first_run):
             assert png.width > 100 and png.height > 50, name
 
     rows = rows_by_key(report)
-    modes_1d = ["k=1", "k=2", "k=4", "k=8", "adaptive@12dB"]
+    ks = ["k=1", "k=2", "k=4", "k=8"]
+    modes_1d = ks + [f"{k} mean" for k in ks] + ["adaptive@12dB"]
     expected = [(n, m) for n in ("oned", "oned+bpe") for m in modes_1d] + [("vq", "all"), ("vq+bpe", "all"),
                                                                             ("kl", "all")]
     assert list(rows) == expected
@@ -164,6 +165,11 @@ def test_report_files_schema_and_error_rows(first_run):
         assert all(math.isfinite(row[m]) for m in ("psnr", "ssim", "rfid", "tokens_per_image", "bits_per_image"))
         assert row["rfid_backbone"] == backbone
         assert (row["rfid_num_real"], row["rfid_num_fake"]) == (NUM_IMAGES, NUM_IMAGES)
+        assert row["psnr_ci"][0] <= row["psnr"] <= row["psnr_ci"][1] and row["ssim_ci"][0] <= row["ssim"]
+        assert math.isfinite(row["rkid"]) and row["rkid_std"] >= 0
+    assert {key: row["decoding"] for key, row in rows.items() if key[0] == "oned"} == {
+        ("oned", m): "mean" if m.endswith("mean") else "sample" for m in modes_1d}
+    assert rows[("oned", "k=8 mean")]["decoder"]["steps"] == 1 and rows[("vq", "all")]["decoding"] == "deterministic"
     assert {r["family"] for r in rows.values()} == {"1d", "1d+bpe", "grid_vq", "grid_vq+bpe", "grid_kl"}
     # BPE is lossless: its rows show the underlying tokenizer's reconstructions
     for mode in modes_1d:
@@ -173,7 +179,7 @@ def test_report_files_schema_and_error_rows(first_run):
     priors = {r["name"]: r for r in report["priors"]}
     assert list(priors) == ["prior_1d", "prior_bpe", "prior_kl"]
     for prior in priors.values():
-        assert math.isfinite(prior["gfid"]) and prior["gfid_backbone"] == backbone
+        assert math.isfinite(prior["gfid"]) and prior["gfid_backbone"] == backbone and math.isfinite(prior["gkid"])
         assert (prior["gfid_num_fake"], prior["gfid_num_real"]) == (GFID_SAMPLES, TRAIN_IMAGES)
         assert prior["sampling_images_per_s"] > 0 and prior["nll_images"] == NUM_IMAGES
     assert priors["prior_1d"]["nll_bits_per_image"] > 0 and priors["prior_bpe"]["nll_bits_per_image"] > 0
@@ -206,7 +212,8 @@ def test_bits_per_image_per_family(artifacts, first_run):
         assert rows[("oned", f"k={k}")]["bits_per_image"] == pytest.approx(k * bits_per_code)
     adaptive = rows[("oned", "adaptive@12dB")]
     assert 1 <= adaptive["tokens_min"] <= adaptive["tokens_per_image"] <= adaptive["tokens_max"] <= 8
-    assert adaptive["bits_per_image"] == pytest.approx(adaptive["tokens_per_image"] * bits_per_code)
+    length_code = 2  # which of 4 lengths (1, 2, 4, 8)
+    assert adaptive["bits_per_image"] == pytest.approx(adaptive["tokens_per_image"] * bits_per_code + length_code)
     assert rows[("vq", "all")]["bits_per_image"] == pytest.approx(16 * bits_per_code)  # 4x4 codes
     kl = rows[("kl", "all")]
     assert (kl["tokens_per_image"], kl["bits_per_image"]) == (16, 16 * 4 * 16)  # 4x4 latents, 4 channels, 16 bits

@@ -1,0 +1,82 @@
+"""The fair-measurement pieces of the evaluation: multiset bits, KID, bootstrap intervals, and the
+posterior-mean decoding of a generative decoder."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.bits import length_code_bits, multiset_bits
+from evaluation.bootstrap import bootstrap_interval
+from evaluation.kid import kernel_inception_distance, mmd2_unbiased
+from flextok import FlexTok
+from flextok.schema import FlexTokConfig, QuantizerConfig
+
+
+@pytest.mark.parametrize("vocab, count", [(4, 3), (5, 2), (3, 5), (1, 4)])
+def test_multiset_bits_match_a_brute_force_count(vocab, count):
+    multisets = set(tuple(sorted(t)) for t in itertools.product(range(vocab), repeat=count))
+    assert multiset_bits(vocab, count) == pytest.approx(math.log2(len(multisets)))
+    assert multiset_bits(vocab, count) <= count * math.log2(vocab) + 1e-9  # never more than the ordered cost
+    assert length_code_bits(6) == pytest.approx(math.log2(6)) and length_code_bits(1) == 0
+
+
+def test_kid_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 3)), rng.normal(0.5, 1.0, size=(15, 3))
+    k = lambda a, b: (a @ b / 3 + 1) ** 3  # noqa: E731
+    within_x = sum(k(x[i], x[j]) for i in range(20) for j in range(20) if i != j) / (20 * 19)
+    within_y = sum(k(y[i], y[j]) for i in range(15) for j in range(15) if i != j) / (15 * 14)
+    across = sum(k(a, b) for a in x for b in y) / (20 * 15)
+    assert mmd2_unbiased(x, y) == pytest.approx(within_x + within_y - 2 * across)
+    whole = kernel_inception_distance(x, y, subsets=3, subset_size=100)  # subsets of all rows: no spread
+    assert whole.subset_size == 15 and whole.std >= 0
+    same = kernel_inception_distance(rng.normal(size=(400, 3)), rng.normal(size=(400, 3)), subsets=20, subset_size=200)
+    assert abs(same.value) < 3 * same.std + 1e-3  # unbiased: about zero for two samples of one distribution
+    assert mmd2_unbiased(x, y + 3.0) > mmd2_unbiased(x, y)
+
+
+def test_bootstrap_interval_covers_the_true_mean():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(40):
+        low, high = bootstrap_interval(rng.normal(2.0, 1.0, size=200), resamples=500, seed=int(rng.integers(1e9)))
+        covered += low <= 2.0 <= high
+        assert high - low < 0.4  # about 2 x 1.96 / sqrt(200) = 0.28 wide
+    assert covered >= 34  # a 95% interval: expect 38 of 40
+
+
+def test_mean_decoding_is_the_posterior_mean_of_a_known_model():
+    """A rectified flow whose velocity at t = 1 is x - m(c) has E[x0 | c] = m(c): one Euler step from t = 1
+    returns m exactly, whatever the noise, while sampling with more steps does not."""
+    torch.manual_seed(0)
+    cfg = FlexTokConfig(input="pixels", patch_size=4, num_registers=4, dim=32, depth=1, heads=2, decoder_dim=32,
+                        decoder_depth=1, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]))
+    model = FlexTok.from_config(cfg, 16).eval()
+    model.target_scale.fill_(1.0)
+    target = torch.randn(1, 16, 48)  # 16 patches of 4x4x3
+    model.decoder.trunk.forward = lambda x_t, t, cond: x_t - target
+    tokens = [torch.tensor([0, 1, 2, 3])] * 2
+    for seed in (0, 1):
+        mean = model.sample_targets(tokens, steps=1, seed=seed)
+        torch.testing.assert_close(mean, target.expand(2, -1, -1))
+    assert not torch.allclose(model.sample_targets(tokens, steps=8, seed=0), target.expand(2, -1, -1), atol=1e-2)
+
+
+def test_token_set_rows_pay_the_multiset_cost():
+    from evaluation.schema import EvalConfig, EvalTokenizerConfig
+    from evaluation.tokenizer_rows import Mode, TokenizerUnderTest, rate_record
+
+    cfg = FlexTokConfig(input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2, decoder_dim=32,
+                        decoder_depth=1, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]), token_set=True)
+    model = FlexTok.from_config(cfg, 16).eval()
+    tut = TokenizerUnderTest(EvalTokenizerConfig(name="set", path="x"), model, "fingerprint", EvalConfig())
+    assert tut.modes() == [Mode(), Mode(mean=True)]
+    record = rate_record(tut, Mode(), [model.tokenize(torch.rand(3, 3, 16, 16) * 2 - 1)])
+    assert record["bits_per_image"] == pytest.approx(multiset_bits(15, 8))
+    assert record["bits_per_image"] < 8 * math.log2(15)
+    assert "multiset" in tut.describe(Mode())["bits_basis"]
