@@ -17,7 +17,7 @@ from flextok.files import atomic_write, atomic_write_text
 
 __all__ = ["CACHE_VERSION", "ResultCache", "tensor_digest"]
 
-CACHE_VERSION = 2  # 2: rows keyed by typed sampler settings (guidance_scale)
+CACHE_VERSION = 3  # 3: records carry KID and bootstrap intervals
 
 
 class ResultCache:
