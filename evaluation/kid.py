@@ -40,8 +40,9 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                               seed: int = 0) -> KIDResult:
-    """KID over `subsets` random subsets of `min(subset_size, len(real), len(fake))` rows of each side."""
-    size = min(subset_size, len(real), len(fake))
+    """KID over `subsets` random subsets of each side, of `subset_size` rows but at most half the smaller
+    side, so that subsets differ and their spread means something at small counts."""
+    size = max(2, min(subset_size, min(len(real), len(fake)) // 2))
     rng = np.random.default_rng(seed)
     values = [mmd2_unbiased(real[rng.choice(len(real), size, replace=False)],
                             fake[rng.choice(len(fake), size, replace=False)]) for _ in range(subsets)]

@@ -93,7 +93,7 @@ def _decoder_text(decoder) -> str:
 
 def _tokenizer_table(rows: list[TokenizerRow]) -> str:
     header = ["tokenizer", "family", "mode", "decoding", "tokens/img", "bits/img", "bits counted as",
-              "PSNR dB [95% CI]", "SSIM [95% CI]", "LPIPS", "rFID", "rKID ×10³", "decoder"]
+              "PSNR dB [95% CI]", "SSIM [95% CI]", "LPIPS", "rFID", "rKID", "decoder"]
     body = []
     for r in rows:
         tokens = f"{r.tokens_per_image:.2f}".removesuffix(".00")
@@ -104,7 +104,7 @@ def _tokenizer_table(rows: list[TokenizerRow]) -> str:
         decoder = _decoder_text(r.decoder) if r.decoder else "—"
         body.append([f"`{r.name}`", r.family, r.mode, r.decoding, tokens, _fmt(r.bits_per_image, ".0f"),
                      r.bits_basis, psnr, ssim, _fmt(r.lpips, ".3f"), _fmt(r.rfid, ".2f"),
-                     f"{r.rkid * 1e3:.2f} ± {r.rkid_std * 1e3:.2f}", decoder])
+                     f"{r.rkid:.3g} ± {r.rkid_std:.2g}", decoder])
     return _table(header, body)
 
 
@@ -122,7 +122,7 @@ def _sampler_text(s: SamplerSettings) -> str:
 
 
 def _prior_table(rows: list[PriorRow]) -> str:
-    header = ["prior", "tokens of", "held-out NLL bits/img", "tokens/img", "gFID", "gKID ×10³", "samples / reference",
+    header = ["prior", "tokens of", "held-out NLL bits/img", "tokens/img", "gFID", "gKID", "samples / reference",
               "images/s", "sampler"]
     body = []
     for r in rows:
@@ -130,7 +130,7 @@ def _prior_table(rows: list[PriorRow]) -> str:
         nll = f"— (flow prior; velocity loss {r.flow_val_loss:.4f})" if flow else f"{r.nll_bits_per_image:.1f}"
         source = f"{r.tokenizer_family} ({r.tokens}{', ' + r.bpe if r.bpe else ''})"
         body.append([f"`{r.name}`", source, f"{nll} (n={r.nll_images})", _fmt(r.tokens_per_image, ".1f"),
-                     _fmt(r.gfid, ".2f"), f"{r.gkid * 1e3:.2f} ± {r.gkid_std * 1e3:.2f}",
+                     _fmt(r.gfid, ".2f"), f"{r.gkid:.3g} ± {r.gkid_std:.2g}",
                      f"{r.gfid_num_fake} / {r.gfid_num_real}",
                      _fmt(r.sampling_images_per_s, ".1f"), _sampler_text(r.sampler)])
     return _table(header, body)
@@ -161,7 +161,8 @@ def summary_markdown(result: EvaluationResult) -> str:
         f"- rFID: {n} held-out images vs their {n} reconstructions. gFID: samples vs a seeded subset of "
         f"`{data['train_split']}` (counts per prior below). FID is biased upward at such small counts: compare "
         "numbers only at equal counts and backbone. KID (cubic-kernel MMD², unbiased at small counts) on the same "
-        "features, mean ± spread over 100 subsets.",
+        "features, mean ± spread over 100 subsets of at most half the images; its scale depends on the backbone's "
+        "features.",
         "- Decoding: a generative decoder's rows come twice: `sample` (its sampler) and `mean` (one Euler step "
         "from t = 1, its estimate of E[x0 | tokens], the MSE-optimal reconstruction; a perfect posterior sample "
         "has twice its MSE). Grid decoders are deterministic. PSNR and SSIM carry 95% bootstrap intervals over "
