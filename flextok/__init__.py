@@ -16,7 +16,4 @@ __all__ = [
 
 def load_tokenizer(path, map_location: str = "cpu") -> FlexTok | GridAutoencoder:
     """Load any saved tokenizer (grid KL/quantized autoencoder or FlexTok) from a folder or hub id."""
-    model = load_model(path, map_location)
-    if not isinstance(model, (FlexTok, GridAutoencoder)):
-        raise UserError(f"{path}: holds a '{model.model_type}' model, not a tokenizer")
-    return model
+    return load_model(path, map_location, expect=(FlexTok, GridAutoencoder), what="a tokenizer")

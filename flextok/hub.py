@@ -61,10 +61,7 @@ class HubMixin:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str = "cpu"):
-        model = load_model(path, map_location)
-        if not isinstance(model, cls):
-            raise UserError(f"{path}: holds a '{model.model_type}' model, not a {cls.__name__}")
-        return model
+        return load_model(path, map_location, expect=(cls,), what=f"a {cls.__name__}")
 
     def push_to_hub(self, repo_id: str, private: bool = True, token: str | None = None) -> str:
         """Upload the Hub format to `repo_id` (needs network access and a token)."""
@@ -108,10 +105,14 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return directory, meta
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> torch.nn.Module:
-    """Rebuild whichever registered model is saved at `path`, with its exact weights."""
+def load_model(path: str | Path, map_location: str = "cpu", expect: tuple[type, ...] = (torch.nn.Module,),
+               what: str = "a model") -> torch.nn.Module:
+    """Rebuild whichever registered model is saved at `path`, with its exact weights; a model that is not
+    one of the `expect` classes is refused as not being `what`."""
     directory, meta = read_model_meta(path)
     cls = MODEL_TYPES[meta.pop("model_type")]
+    if not issubclass(cls, expect):
+        raise UserError(f"{path}: holds a '{cls.model_type}' model, not {what}")
     # upgrade: checkpoints saved before a config key was renamed still load
     config = from_dict(cls.config_class, meta.pop("config"), str(directory / CONFIG_NAME), upgrade=True)
     model = cls(config, **meta)

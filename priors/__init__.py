@@ -3,7 +3,7 @@ cached token datasets, fast guided sampling, and DeepSpeed training (`train_prio
 
 Importing the package registers both prior models for `flextok.load_model`."""
 
-from flextok import UserError, load_model
+from flextok import load_model
 
 from .discrete import DiscretePrior
 from .flow import FlowPrior
@@ -33,7 +33,4 @@ __all__ = [
 
 def load_prior(path, map_location: str = "cpu") -> DiscretePrior | FlowPrior:
     """Load a saved prior (discrete or flow) from a folder or hub id."""
-    model = load_model(path, map_location)
-    if not isinstance(model, (DiscretePrior, FlowPrior)):
-        raise UserError(f"{path}: holds a '{model.model_type}' model, not a prior")
-    return model
+    return load_model(path, map_location, expect=(DiscretePrior, FlowPrior), what="a prior")
