@@ -56,8 +56,9 @@ class TokenizerTrainer:
         self.ckpt_path = self.run_dir / "checkpoints" / CHECKPOINT
         if self.ckpt_path.exists() and not resume:
             raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it, or set name=<new>")
-        if resume and not self.ckpt_path.exists():
-            raise UserError(f"--resume: no checkpoint at {self.ckpt_path}")
+        if resume and not self.ckpt_path.exists():  # a requeued job killed before its first checkpoint
+            print(f"--resume: no checkpoint at {self.ckpt_path} yet; starting from step 0")
+            resume = False
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)

@@ -80,8 +80,10 @@ class PriorTrainer:
         pointer = read_pointer(self.checkpoint_dir)
         if pointer is not None and not resume:
             raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it, or set name=<new>")
-        if resume and pointer is None:
-            raise UserError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+        if resume and pointer is None:  # a requeued job killed before its first checkpoint
+            if self.rank == 0:
+                print(f"--resume: no checkpoint in {self.checkpoint_dir} yet; starting from step 0")
+            resume = False
 
         self.tokenizer, self.train_tokens, self.eval_tokens = self._token_datasets()
         spec = self.train_tokens.spec

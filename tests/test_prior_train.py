@@ -171,6 +171,16 @@ def test_flow_prior_loss_falls_and_samples(workdir, kl_tokenizer):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
+def test_resume_without_a_checkpoint_starts_from_step_0(workdir, vq_tokenizer, capsys):
+    """A cluster requeues a preempted job with the same command, `--resume` included, also when it was killed
+    before its first checkpoint: that run starts from step 0 and finishes."""
+    cfg = config(workdir, vq_tokenizer, "requeued", "prior_train.steps=2", "prior_train.eval_every=2",
+                 "prior_train.sample_every=2", "prior_train.checkpoint_every=2")
+    trainer = PriorTrainer(cfg, resume=True)
+    assert trainer.step == 0 and "starting from step 0" in capsys.readouterr().out
+    assert isinstance(load_model(trainer.train()), DiscretePrior)
+
+
 def test_user_errors_exit_with_code_2(workdir, vq_tokenizer, kl_tokenizer, capsys):
     import train_prior
 

@@ -44,6 +44,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="--resume"):
         TokenizerTrainer(config(tmp_path, "resumed"))
     TokenizerTrainer(config(tmp_path, "resumed"), resume=True).train()
+    # a requeued job always carries --resume, also when it was killed before its first checkpoint
+    assert TokenizerTrainer(config(tmp_path, "requeued"), resume=True).step == 0
 
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(b) == list(range(1, 7)) and a == b
