@@ -49,6 +49,8 @@ class DiscretePrior(HubMixin, nn.Module):
         HubMixin.__init__(self, config)
         if vocab_size < 1 or max_length < 1:
             raise ValueError(f"need vocab_size >= 1 and max_length >= 1, got {vocab_size} and {max_length}")
+        if token_set and variable_length:
+            raise ValueError("a token-set prior has a fixed length (the set size)")
         self.vocab_size, self.max_length = vocab_size, max_length
         dim_head = config.dim // config.heads
         self.variable_length, self.token_set, self.tokenizer_hash = variable_length, token_set, tokenizer_hash
@@ -119,11 +121,24 @@ class DiscretePrior(HubMixin, nn.Module):
         hidden = self.net(inputs, return_embeddings=True).flatten(0, 1)
         flat_targets = targets.flatten()
         rows = max(1, LOGIT_CHUNK_BYTES // (4 * self.net.to_logits.out_features))
-        nll = [
-            F.cross_entropy(self.net.to_logits(h).float(), t, ignore_index=IGNORE, reduction="none")
-            for h, t in zip(hidden.split(rows), flat_targets.split(rows))
-        ]
+        floors = self._set_floors(inputs, targets).flatten() if self.token_set else None
+        nll = []
+        for i, (h, t) in enumerate(zip(hidden.split(rows), flat_targets.split(rows))):
+            logits = self.net.to_logits(h).float()
+            if floors is not None:  # a sorted multiset: ids below the previous one are impossible
+                ids = torch.arange(logits.shape[1], device=logits.device)
+                logits = logits.masked_fill(ids < floors[i * rows : i * rows + len(h), None], float("-inf"))
+            nll.append(F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="none"))
         return torch.cat(nll).view_as(targets)
+
+    def _set_floors(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The smallest id each position of a sorted multiset may take: the previous token (0 at the first).
+
+        The sampler draws token sets in sorted order, so training and likelihood use the same support: the
+        probability mass of ids that sorting forbids is renormalized onto the allowed ones."""
+        floors = torch.zeros_like(targets)
+        floors[:, 1:] = inputs[:, 1:]  # fixed length: input i is the token before target i (input 0: condition)
+        return floors
 
     def logits(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Next-token logits after each prefix of `[condition] + tokens`: [B, L+1, V(+1)]."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -163,3 +165,14 @@ def test_rekey_pairs_a_prior_with_its_tokenizer_again(tmp_path):
     prior = load_model(tmp_path / "prior")
     assert prior.tokenizer_hash == fingerprint_model(tokenizer)
     assert generate_images(prior, tokenizer, num_samples=1).shape == (1, 3, 16, 16)
+
+
+def test_token_set_likelihood_is_a_distribution_over_sorted_multisets():
+    """Training and NLL use the order the sampler enforces: the probabilities of all sorted sequences
+    (the multisets) sum to one, so held-out bits are a real code length for a set."""
+    torch.manual_seed(0)
+    prior = DiscretePrior(PriorConfig(dim=32, depth=1, heads=2), vocab_size=4, max_length=3, token_set=True).eval()
+    multisets = torch.tensor([t for t in itertools.product(range(4), repeat=3) if list(t) == sorted(t)])
+    with torch.no_grad():
+        bits = prior.nll_bits(multisets)
+    assert torch.exp2(-bits).sum().item() == pytest.approx(1.0, abs=1e-5)
