@@ -33,7 +33,7 @@ __all__ = ["EvalContext", "load_subset"]
 def load_subset(data: DataConfig, split: str, count: int, seed: int) -> Batch:
     """A seeded random subset of `split` (all of it when smaller); unlike the first `count` images it
     covers every class even when a source is sorted by class."""
-    dataset = ImageDataset(load_source(data, split, seed), data.resolution, train=False)
+    dataset = ImageDataset(load_source(data, split, seed), data, train=False)
     picks = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:count])
     batch = collate([dataset[int(i)] for i in picks])
     report_skipped(batch.skipped, f"{data.source} [{split}]")

@@ -27,8 +27,8 @@ from .schema import DataConfig
 __all__ = [
     "Batch", "EpochOrder", "FASHION_MNIST_DIR", "ImageDataset", "SKIMAGE_EVAL_PHOTOS", "SKIMAGE_TRAIN_PHOTOS",
     "StepBatchSampler", "StreamingImages", "collate", "data_settings", "decode_image", "example_from_row",
-    "load_images", "load_source", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo", "tensor_to_uint8",
-    "to_rgb", "train_loader",
+    "load_images", "load_source", "pad_to_square", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo",
+    "tensor_to_uint8", "to_rgb", "train_loader",
 ]
 
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
@@ -245,13 +245,24 @@ def _random_scaled_crop(photo: Image.Image, resolution: int, rng: np.random.Gene
     return np.asarray(crop)
 
 
-def example_from_row(row: dict, index: int, resolution: int, train: bool, hflip: bool, aug_seed: int) -> dict:
+def pad_to_square(img: Image.Image, size: int) -> Image.Image:
+    """Center `img` on a black square of `size` when it is smaller (Fashion-MNIST's 28x28 -> 32x32)."""
+    w, h = img.size
+    if w >= size and h >= size:
+        return img
+    canvas = Image.new(img.mode, (max(w, size), max(h, size)))
+    canvas.paste(img, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+    return canvas
+
+
+def example_from_row(row: dict, index: int, cfg: DataConfig, train: bool, aug_seed: int) -> dict:
     """Decode and transform one dataset row; an unreadable image becomes {'skipped': index}."""
     try:
         img = to_rgb(decode_image(row["image"]))
     except Exception:  # noqa: BLE001 - any decode failure means "skip and count"
         return {"skipped": index}
-    img = resize_crop(img, resolution, train, random.Random(aug_seed), hflip)
+    img = resize_crop(pad_to_square(img, cfg.pad_to), cfg.resolution, train, random.Random(aug_seed),
+                      train and cfg.hflip)
     label = row.get("label")
     return {"image": pil_to_tensor(img), "label": -1 if label is None else int(label)}
 
@@ -260,9 +271,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """Map-style view over a `datasets.Dataset`; items are addressed by `(index, augmentation_seed)`
     so that augmentation is a function of the training step."""
 
-    def __init__(self, hf_dataset, resolution: int, train: bool, hflip: bool = True):
-        self.ds = hf_dataset
-        self.resolution, self.train, self.hflip = resolution, train, hflip
+    def __init__(self, hf_dataset, cfg: DataConfig, train: bool):
+        self.ds, self.cfg, self.train = hf_dataset, cfg, train
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -276,7 +286,7 @@ class ImageDataset(torch.utils.data.Dataset):
         columns = self.ds[[int(index) for index, _ in pairs]]
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         return [
-            example_from_row(row, int(index), self.resolution, self.train, self.hflip, aug_seed)
+            example_from_row(row, int(index), self.cfg, self.train, aug_seed)
             for row, (index, aug_seed) in zip(rows, pairs)
         ]
 
@@ -345,8 +355,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
 class StreamingImages(torch.utils.data.IterableDataset):
     """A streamed hub dataset, shuffled per epoch with a buffer; resuming skips what was consumed."""
 
-    def __init__(self, hf_iterable, resolution: int, hflip: bool, seed: int, skip: int):
-        self.ds, self.resolution, self.hflip, self.seed, self.skip = hf_iterable, resolution, hflip, seed, skip
+    def __init__(self, hf_iterable, cfg: DataConfig, seed: int, skip: int):
+        self.ds, self.cfg, self.seed, self.skip = hf_iterable, cfg, seed, skip
 
     def __iter__(self):
         consumed, epoch = 0, 0
@@ -357,7 +367,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
                 got_any = True
                 if consumed >= self.skip:
                     aug_seed = hash((self.seed, consumed)) & 0x7FFFFFFF
-                    yield example_from_row(row, consumed, self.resolution, True, self.hflip, aug_seed)
+                    yield example_from_row(row, consumed, self.cfg, True, aug_seed)
                 consumed += 1
             if not got_any:
                 raise UserError("data: the streamed training source has no images")
@@ -366,12 +376,10 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
 def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, end_step: int):
     if cfg.streaming:
-        stream = StreamingImages(
-            load_source(cfg, cfg.train_split, seed), cfg.resolution, cfg.hflip, seed, skip=start_step * batch_size
-        )
+        stream = StreamingImages(load_source(cfg, cfg.train_split, seed), cfg, seed, skip=start_step * batch_size)
         loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate)
         return itertools.islice(loader, end_step - start_step)  # the stream itself never ends
-    ds = ImageDataset(load_source(cfg, cfg.train_split, seed), cfg.resolution, train=True, hflip=cfg.hflip)
+    ds = ImageDataset(load_source(cfg, cfg.train_split, seed), cfg, train=True)
     sampler = StepBatchSampler(len(ds), batch_size, seed, start_step, end_step)
     return torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
@@ -381,7 +389,7 @@ def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, e
 
 def load_images(cfg: DataConfig, split: str, limit: int | None = None, seed: int = 0) -> Batch:
     """Materialize up to `limit` center-cropped images of `split` (held-out sets for metrics and grids)."""
-    ds = ImageDataset(load_source(cfg, split, seed), cfg.resolution, train=False)
+    ds = ImageDataset(load_source(cfg, split, seed), cfg, train=False)
     n = len(ds) if limit is None else min(limit, len(ds))
     batch = collate(ds.__getitems__(list(range(n))))
     report_skipped(batch.skipped, f"{cfg.source} [{split}]")

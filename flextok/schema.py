@@ -31,6 +31,7 @@ class DataConfig:
     label_column: Optional[str] = "label"
     streaming: bool = False
     hflip: bool = True
+    pad_to: int = 0  # center smaller images on a black square of this size first (Fashion-MNIST: 32)
     num_workers: int = 0
     # builtin:skimage only: crops per training photograph and per held-out photograph
     crops_per_photo: int = 256

@@ -222,7 +222,7 @@ def _image_batches(data: DataConfig, split: str, limit: int | None, seed: int, b
     """Center-cropped images of a split in batches, from map-style or streamed sources alike."""
     source = load_source(data, split, seed)
     if hasattr(source, "__len__"):
-        dataset = ImageDataset(source, data.resolution, train=False)
+        dataset = ImageDataset(source, data, train=False)
         n = len(dataset) if limit is None else min(limit, len(dataset))
         subset = torch.utils.data.Subset(dataset, range(n))
         loader = torch.utils.data.DataLoader(
@@ -235,7 +235,7 @@ def _image_batches(data: DataConfig, split: str, limit: int | None, seed: int, b
     for index, row in enumerate(source):
         if limit is not None and index >= limit:
             break
-        rows.append(example_from_row(row, index, data.resolution, False, False, 0))
+        rows.append(example_from_row(row, index, data, False, 0))
         if len(rows) == batch_size:
             bar.update(len(rows))
             yield collate(rows)

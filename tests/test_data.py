@@ -68,6 +68,21 @@ def test_fashion_mnist_reads_idx(tmp_path):
         f.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([4, 5, 6]))
     batch = load_images(DataConfig(source=f"fashion_mnist:{tmp_path}", resolution=32), "test")
     assert batch.images.shape == (3, 3, 32, 32) and batch.labels.tolist() == [4, 5, 6]
+    padded = load_images(DataConfig(source=f"fashion_mnist:{tmp_path}", resolution=32, pad_to=32), "test")
+    expected = torch.from_numpy(images).float().div(127.5).sub(1.0)
+    assert torch.allclose(padded.images[:, 0, 2:30, 2:30], expected, atol=1e-6)  # centered, not resized
+    assert (padded.images[:, :, :2] == -1).all() and torch.equal(padded.images[:, 0], padded.images[:, 2])
+
+    # the same images as a Hugging Face dataset (a local folder with a test split): the same tensors
+    import datasets
+    from PIL import Image
+
+    folder = tmp_path / "hf_fmnist"
+    folder.mkdir()
+    rows = {"image": [Image.fromarray(a, mode="L") for a in images], "label": [4, 5, 6]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(folder / "test.parquet")
+    hub = load_images(DataConfig(source=f"hf:{folder}", resolution=32, pad_to=32), "test")
+    assert torch.equal(hub.images, padded.images) and hub.labels.tolist() == [4, 5, 6]
 
 
 def test_unknown_source_and_missing_folder():
