@@ -17,7 +17,7 @@ from flextok.files import atomic_write, atomic_write_text
 
 __all__ = ["CACHE_VERSION", "ResultCache", "tensor_digest"]
 
-CACHE_VERSION = 4  # 4: records carry KID (subsets of at most half the images) and bootstrap intervals
+CACHE_VERSION = 5  # 5: rate records of adaptive rows carry their length counts
 
 
 class ResultCache:

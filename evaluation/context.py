@@ -118,8 +118,22 @@ class EvalContext:
         info["note"] = ("dataset FID: features of a small classifier trained on this dataset's labels; comparable "
                         "only with FIDs from this same backbone, never with Inception FID")
         info["classifier"] = {"train_images": len(labels), "classes": int(labels.max()) + 1,
-                              "steps": self.settings.classifier_steps}
+                              "steps": self.settings.classifier_steps, **self._classifier_accuracy()}
         return info
+
+    @torch.no_grad()
+    def _classifier_accuracy(self) -> dict[str, Any]:
+        """The dataset classifier's accuracy on the held-out images whose labels are among its classes (a
+        held-out split of unseen classes, like the embedded photographs', has none)."""
+        classes = int(self.train_batch.labels.max()) + 1
+        images, labels = self.held_out.images, self.held_out.labels
+        known = (labels >= 0) & (labels < classes)
+        if not bool(known.any()):
+            return {"test_accuracy": None, "test_images": 0}
+        network = self.backbone.network
+        logits = torch.cat([network(x.to(self.device)).cpu() for x in images[known].split(self.settings.batch_size)])
+        accuracy = (logits.argmax(1) == labels[known]).float().mean().item()
+        return {"test_accuracy": accuracy, "test_images": int(known.sum())}
 
     def model(self, path: str) -> tuple[nn.Module, str]:
         """A saved model on the device, loaded once per path, with its fingerprint taken as loaded."""

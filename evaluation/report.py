@@ -14,15 +14,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from matplotlib import ticker
-from matplotlib.figure import Figure
-
-from flextok.files import atomic_write, atomic_write_text
+from flextok.files import atomic_write_text
 from flextok.visualize import class_columns, save_image_grid
 
+from .plots import (plot_adaptive_lengths, plot_generation, plot_modelability, plot_tradeoff,
+                    save_reconstruction_grid)
 from .rows import EvaluationResult, PriorRow, SamplerSettings, TokenizerRow
 
-__all__ = ["plot_tradeoff", "save_reconstruction_grid", "summary_markdown", "write_report"]
+__all__ = ["summary_markdown", "write_report"]
 
 CSV_COLUMNS = (
     "name", "family", "mode", "decoding", "k", "target_psnr", "tokens_per_image", "tokens_min", "tokens_max",
@@ -30,10 +29,6 @@ CSV_COLUMNS = (
     "ssim_ci_low", "ssim_ci_high", "rfid", "rfid_backbone", "rfid_num_real", "rfid_num_fake", "rkid", "rkid_std",
     "lpips", "target_met", "decoder_steps", "decoder_guidance_scale", "path", "bpe", "error",
 )
-FAMILY_COLOURS = {  # BPE variants get a related colour and a dashed line
-    "1d": "tab:blue", "1d+bpe": "tab:cyan", "token_set": "tab:purple", "token_set+bpe": "tab:pink",
-    "grid_vq": "tab:orange", "grid_vq+bpe": "tab:brown", "grid_kl": "tab:green",
-}
 
 
 def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
@@ -52,6 +47,12 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
         paths.append(plot_tradeoff(rows, "bits_per_image", "bits per image", backbone,
                                    directory / "bits_distortion.png"))
         paths.append(save_reconstruction_grid(result, directory / "reconstructions.png"))
+        if any(r.adaptive for r in rows):
+            paths.append(plot_adaptive_lengths(rows, directory / "adaptive_lengths.png"))
+    if result.prior_rows:
+        paths.append(plot_generation(result.prior_rows, backbone, directory / "generation.png"))
+        if rows and any(r.nll_bits_per_image is not None for r in result.prior_rows):
+            paths.append(plot_modelability(result, directory / "modelability.png"))
     for stale in directory.glob("samples_*.png"):  # grids of priors no longer in the config
         if stale.stem.removeprefix("samples_") not in result.samples:
             stale.unlink()
@@ -155,8 +156,10 @@ def summary_markdown(result: EvaluationResult) -> str:
     ]
     if "classifier" in fid:
         c = fid["classifier"]
+        accuracy = ("" if c["test_accuracy"] is None else
+                    f"; accuracy {c['test_accuracy']:.1%} on {c['test_images']} held-out images")
         lines.append(f"  Classifier trained on {c['train_images']} `{data['train_split']}` images, {c['classes']} "
-                     f"classes, {c['steps']} steps.")
+                     f"classes, {c['steps']} steps{accuracy}.")
     lines += [
         f"- rFID: {n} held-out images vs their {n} reconstructions. gFID: samples vs a seeded subset of "
         f"`{data['train_split']}` (counts per prior below). FID is biased upward at such small counts: compare "
@@ -187,64 +190,3 @@ def summary_markdown(result: EvaluationResult) -> str:
                   for e in result.errors]
         lines.append("")
     return "\n".join(lines)
-
-
-def _curves(rows: list[TokenizerRow]) -> dict[tuple[str, str], list[TokenizerRow]]:
-    """One curve per tokenizer and decoding (sample and mean rows of one tokenizer are two curves)."""
-    groups: dict[tuple[str, str], list[TokenizerRow]] = {}
-    for row in rows:
-        groups.setdefault((row.name, row.decoding), []).append(row)
-    return groups
-
-
-def plot_tradeoff(rows: list[TokenizerRow], x_key: str, x_label: str, backbone: str, path: Path) -> Path:
-    """PSNR and rFID against `x_key` on a log2 axis: one line per tokenizer coloured by family, adaptive
-    length as a star, fixed-length grid baselines as single points; posterior-mean curves dotted."""
-    figure = Figure(figsize=(12, 5.2), layout="constrained")
-    axes = figure.subplots(1, 2)
-    for (name, decoding), group in _curves(rows).items():
-        family = group[0].family
-        colour = FAMILY_COLOURS.get(family, "tab:gray")
-        style = ":" if decoding == "mean" else "--" if family.endswith("+bpe") else "-"
-        fixed = [r for r in group if not r.adaptive]
-        label = f"{name} ({family}{', ' + decoding if decoding != 'deterministic' else ''})"
-        for ax, metric in zip(axes, ("psnr", "rfid")):
-            ax.plot([getattr(r, x_key) for r in fixed], [getattr(r, metric) for r in fixed], style,
-                    marker="o" if len(fixed) > 1 else "s", markersize=6 if len(fixed) > 1 else 9, color=colour,
-                    label=label)
-            for r in group:
-                if r.adaptive:
-                    ax.plot(getattr(r, x_key), getattr(r, metric), "*", markersize=15, color=colour,
-                            markeredgecolor="black", label=f"{name} adaptive @{r.target_psnr:g} dB")
-    axes[1].set_title(f"FID backbone: {backbone}", fontsize=9)
-    for ax, ylabel in zip(axes, ("PSNR (dB), higher is better", "rFID, lower is better")):
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel(f"{x_label} (log2 scale)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="major", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=9)
-    figure.suptitle(f"Held-out reconstruction quality against {x_label}")
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    return path
-
-
-def _grid_title(row: TokenizerRow, one_1d: bool) -> str:
-    """Short enough for a 64-pixel column: k for the 1D tokenizer, name:tokens for the others."""
-    if row.family == "1d":
-        return f"k={row.k}" if one_1d else f"{row.name}:{row.k}"
-    return f"{row.name}:{row.tokens_per_image:g}"
-
-
-def save_reconstruction_grid(result: EvaluationResult, path: Path) -> Path:
-    """Rows: held-out images. Columns: each 1D tokenizer at k = 1, 2, 4, ..., R, then the fixed-length
-    tokenizers (token sets, grid baselines), then the original. BPE rows are skipped (BPE is lossless), and so
-    are posterior means (the grid shows what a decoder generates)."""
-    plain = [r for r in result.tokenizer_rows
-             if not r.family.endswith("+bpe") and not r.adaptive and r.decoding != "mean"]
-    chosen = sorted(plain, key=lambda r: r.family != "1d")  # 1D first; stable: config order otherwise
-    one_1d = len({r.name for r in chosen if r.family == "1d"}) == 1
-    columns = [result.previews[(r.name, r.mode)] for r in chosen] + [result.originals]
-    titles = [_grid_title(r, one_1d) for r in chosen] + ["original"]
-    return save_image_grid(columns, path, titles)

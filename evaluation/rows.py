@@ -49,6 +49,7 @@ class TokenizerRow:
     rkid_std: float  # its spread over subsets
     lpips: Optional[float] = None
     target_met: Optional[float] = None  # adaptive rows: share of images that reached the target PSNR
+    length_counts: Optional[dict[str, int]] = None  # adaptive rows: images per chosen length
     computed: list[str] = field(default_factory=list)  # metrics computed in this run (the rest came from cache)
 
     @property
@@ -57,7 +58,8 @@ class TokenizerRow:
 
     def flat(self) -> dict[str, Any]:
         """The row as one level of columns (the decoder's settings as decoder_steps, decoder_guidance_scale)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("decoder", "psnr_ci", "ssim_ci")}
+        nested = ("decoder", "psnr_ci", "ssim_ci", "length_counts")
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in nested}
         for metric in ("psnr", "ssim"):
             out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = getattr(self, f"{metric}_ci")
         out["decoder_steps"] = self.decoder.steps if self.decoder else None

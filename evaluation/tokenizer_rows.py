@@ -206,12 +206,15 @@ def rate_record(tut: TokenizerUnderTest, mode: Mode, batches: list[list[torch.Te
     bits = counts.mean() * bits_per_token
     if tut.codec is None and base_family(tut.model) == "token_set":
         bits = float(np.mean([multiset_bits(tut.model.vocab_size, int(n)) for n in counts]))
+    record = {
+        "tokens_per_image": float(counts.mean()), "tokens_min": int(counts.min()), "tokens_max": int(counts.max()),
+        "bits_per_token": bits_per_token,
+    }
     if mode.target_psnr is not None:
         bits += length_code_bits(len(powers_of_two_upto(tut.model.num_registers)))
-    return {
-        "tokens_per_image": float(counts.mean()), "tokens_min": int(counts.min()), "tokens_max": int(counts.max()),
-        "bits_per_token": bits_per_token, "bits_per_image": float(bits),
-    }
+        lengths, images = np.unique([len(t) for t in sequences], return_counts=True)
+        record["length_counts"] = {str(k): int(n) for k, n in zip(lengths, images)}
+    return {**record, "bits_per_image": float(bits)}
 
 
 def bpe_counts(tut: TokenizerUnderTest, sequences: list[torch.Tensor]) -> np.ndarray:

@@ -149,7 +149,7 @@ def test_report_files_schema_and_error_rows(first_run):
     for name in ("report.json", "report.csv", "summary.md", "config.yaml"):
         assert (directory / name).is_file(), name
     for name in ("rate_distortion", "bits_distortion", "reconstructions", "samples_prior_1d", "samples_prior_bpe",
-                 "samples_prior_kl"):
+                 "samples_prior_kl", "generation", "modelability", "adaptive_lengths"):
         with Image.open(directory / f"{name}.png") as png:
             assert png.width > 100 and png.height > 50, name
 
@@ -161,6 +161,8 @@ def test_report_files_schema_and_error_rows(first_run):
     assert list(rows) == expected
     backbone = report["meta"]["fid"]["backbone"]
     assert backbone.startswith("dataset_classifier:") and report["meta"]["fid"]["kind"] == "dataset_classifier"
+    # the held-out photographs are classes the classifier never saw: no accuracy to state
+    assert report["meta"]["fid"]["classifier"]["test_accuracy"] is None
     for row in rows.values():
         assert all(math.isfinite(row[m]) for m in ("psnr", "ssim", "rfid", "tokens_per_image", "bits_per_image"))
         assert row["rfid_backbone"] == backbone
@@ -212,6 +214,9 @@ def test_bits_per_image_per_family(artifacts, first_run):
         assert rows[("oned", f"k={k}")]["bits_per_image"] == pytest.approx(k * bits_per_code)
     adaptive = rows[("oned", "adaptive@12dB")]
     assert 1 <= adaptive["tokens_min"] <= adaptive["tokens_per_image"] <= adaptive["tokens_max"] <= 8
+    counts = {int(k): n for k, n in adaptive["length_counts"].items()}
+    assert sum(counts.values()) == NUM_IMAGES and set(counts) <= {1, 2, 4, 8}
+    assert sum(k * n for k, n in counts.items()) / NUM_IMAGES == pytest.approx(adaptive["tokens_per_image"])
     length_code = 2  # which of 4 lengths (1, 2, 4, 8)
     assert adaptive["bits_per_image"] == pytest.approx(adaptive["tokens_per_image"] * bits_per_code + length_code)
     assert rows[("vq", "all")]["bits_per_image"] == pytest.approx(16 * bits_per_code)  # 4x4 codes

@@ -1,0 +1,166 @@
+"""The report's figures: quality against rate (tokens or bits per image), prior NLL against
+reconstruction quality, generation quality against tokens per image, adaptive lengths, and the image
+grid of reconstructions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib import ticker
+from matplotlib.figure import Figure
+
+from flextok.files import atomic_write
+from flextok.visualize import save_image_grid
+
+from .rows import EvaluationResult, PriorRow, TokenizerRow
+
+__all__ = ["plot_adaptive_lengths", "plot_generation", "plot_modelability", "plot_tradeoff",
+           "save_reconstruction_grid"]
+
+FAMILY_COLOURS = {  # BPE variants get a related colour and a dashed line
+    "1d": "tab:blue", "1d+bpe": "tab:cyan", "token_set": "tab:purple", "token_set+bpe": "tab:pink",
+    "grid_vq": "tab:orange", "grid_vq+bpe": "tab:brown", "grid_kl": "tab:green",
+}
+
+
+def _curves(rows: list[TokenizerRow]) -> dict[tuple[str, str], list[TokenizerRow]]:
+    """One curve per tokenizer and decoding (sample and mean rows of one tokenizer are two curves)."""
+    groups: dict[tuple[str, str], list[TokenizerRow]] = {}
+    for row in rows:
+        groups.setdefault((row.name, row.decoding), []).append(row)
+    return groups
+
+
+METRICS = (("psnr", "PSNR (dB), higher is better"), ("rfid", "rFID, lower is better"),
+           ("rkid", "rKID, lower is better"))
+
+
+def _log2_axis(ax, label: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel(f"{label} (log2 scale)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    return path
+
+
+def plot_tradeoff(rows: list[TokenizerRow], x_key: str, x_label: str, backbone: str, path: Path) -> Path:
+    """PSNR, rFID and rKID against `x_key` on a log2 axis: one line per tokenizer coloured by family,
+    adaptive length as a star, fixed-length grid baselines as single points; posterior-mean curves dotted."""
+    figure = Figure(figsize=(17, 5.2), layout="constrained")
+    axes = figure.subplots(1, len(METRICS))
+    for (name, decoding), group in _curves(rows).items():
+        family = group[0].family
+        colour = FAMILY_COLOURS.get(family, "tab:gray")
+        style = ":" if decoding == "mean" else "--" if family.endswith("+bpe") else "-"
+        fixed = [r for r in group if not r.adaptive]
+        label = f"{name} ({family}{', ' + decoding if decoding != 'deterministic' else ''})"
+        for ax, (metric, _) in zip(axes, METRICS):
+            ax.plot([getattr(r, x_key) for r in fixed], [getattr(r, metric) for r in fixed], style,
+                    marker="o" if len(fixed) > 1 else "s", markersize=6 if len(fixed) > 1 else 9, color=colour,
+                    label=label)
+            for r in group:
+                if r.adaptive:
+                    ax.plot(getattr(r, x_key), getattr(r, metric), "*", markersize=15, color=colour,
+                            markeredgecolor="black", label=f"{name} adaptive @{r.target_psnr:g} dB")
+    axes[1].set_title(f"FID/KID backbone: {backbone}", fontsize=9)
+    for ax, (_, ylabel) in zip(axes, METRICS):
+        _log2_axis(ax, x_label)
+        ax.set_ylabel(ylabel)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=9)
+    figure.suptitle(f"Held-out reconstruction quality against {x_label}")
+    return _save(figure, path)
+
+
+def _reconstruction_of(prior: PriorRow, rows: list[TokenizerRow]) -> TokenizerRow | None:
+    """The tokenizer row whose tokens a prior models: same tokenizer and codec, the prior's token count
+    (adaptive priors: the adaptive row), posterior mean preferred where the decoder is generative."""
+    matches = [r for r in rows if r.path == prior.tokenizer and r.bpe == prior.bpe
+               and r.adaptive == (prior.tokens == "adaptive")]
+    if prior.tokens != "adaptive":
+        matches = [r for r in matches if abs(r.tokens_per_image - prior.tokens_per_image) < 1e-6 or r.bpe]
+    order = {"mean": 0, "deterministic": 1, "sample": 2}
+    return min(matches, key=lambda r: (order[r.decoding], -r.tokens_per_image), default=None)
+
+
+def plot_modelability(result: EvaluationResult, path: Path) -> Path:
+    """Each discrete prior's held-out NLL (bits per image) against the reconstruction PSNR of the tokens
+    it models: down and to the right is cheaper to model at better quality."""
+    figure = Figure(figsize=(7.5, 5.5), layout="constrained")
+    ax = figure.subplots()
+    for prior in result.prior_rows:
+        row = None if prior.nll_bits_per_image is None else _reconstruction_of(prior, result.tokenizer_rows)
+        if row is None:
+            continue
+        colour = FAMILY_COLOURS.get(row.family, "tab:gray")
+        ax.scatter(row.psnr, prior.nll_bits_per_image, s=70, color=colour, edgecolor="black", zorder=3)
+        ax.annotate(f"{prior.name} ({row.mode}, {row.decoding})", (row.psnr, prior.nll_bits_per_image),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("reconstruction PSNR of the modelled tokens (dB)")
+    ax.set_ylabel("prior's held-out NLL (bits per image), lower is easier to model")
+    ax.grid(True, alpha=0.3)
+    figure.suptitle("Modelability against reconstruction quality")
+    return _save(figure, path)
+
+
+def plot_generation(rows: list[PriorRow], backbone: str, path: Path) -> Path:
+    """gFID and gKID of each prior's samples against the tokens per image it generates."""
+    figure = Figure(figsize=(12, 5), layout="constrained")
+    axes = figure.subplots(1, 2)
+    for ax, metric, label in zip(axes, ("gfid", "gkid"), ("gFID, lower is better", "gKID, lower is better")):
+        for prior in rows:
+            colour = FAMILY_COLOURS.get(prior.tokenizer_family, "tab:gray")
+            value = getattr(prior, metric)
+            ax.scatter(prior.tokens_per_image, value, s=70, color=colour, edgecolor="black", zorder=3)
+            ax.annotate(prior.name, (prior.tokens_per_image, value), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
+            if metric == "gkid":
+                ax.errorbar(prior.tokens_per_image, value, yerr=prior.gkid_std, color=colour, capsize=3)
+        _log2_axis(ax, "tokens per image")
+        ax.set_ylabel(label)
+    axes[0].set_title(f"FID/KID backbone: {backbone}", fontsize=9)
+    figure.suptitle("Generation quality against tokens per image")
+    return _save(figure, path)
+
+
+def plot_adaptive_lengths(rows: list[TokenizerRow], path: Path) -> Path:
+    """How many held-out images each adaptive row gave each length (the shortest prefix meeting its target)."""
+    adaptive = [r for r in rows if r.adaptive and r.length_counts]
+    figure = Figure(figsize=(6 + 2 * len(adaptive), 4.5), layout="constrained")
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(adaptive))
+    lengths = sorted({int(k) for r in adaptive for k in r.length_counts})
+    for i, row in enumerate(adaptive):
+        counts = [row.length_counts.get(str(k), 0) for k in lengths]
+        ax.bar([j + i * width for j in range(len(lengths))], counts, width,
+               label=f"{row.name} @{row.target_psnr:g} dB ({row.tokens_per_image:.1f} tokens on average)")
+    ax.set_xticks([j + width * (len(adaptive) - 1) / 2 for j in range(len(lengths))], [str(k) for k in lengths])
+    ax.set_xlabel("tokens chosen for the image")
+    ax.set_ylabel("held-out images")
+    ax.legend(fontsize=8)
+    figure.suptitle("Adaptive lengths")
+    return _save(figure, path)
+
+
+def _grid_title(row: TokenizerRow, one_1d: bool) -> str:
+    """Short enough for a 64-pixel column: k for the 1D tokenizer, name:tokens for the others."""
+    if row.family == "1d":
+        return f"k={row.k}" if one_1d else f"{row.name}:{row.k}"
+    return f"{row.name}:{row.tokens_per_image:g}"
+
+
+def save_reconstruction_grid(result: EvaluationResult, path: Path) -> Path:
+    """Rows: held-out images. Columns: each 1D tokenizer at k = 1, 2, 4, ..., R, then the fixed-length
+    tokenizers (token sets, grid baselines), then the original. BPE rows are skipped (BPE is lossless), and so
+    are posterior means (the grid shows what a decoder generates)."""
+    plain = [r for r in result.tokenizer_rows
+             if not r.family.endswith("+bpe") and not r.adaptive and r.decoding != "mean"]
+    chosen = sorted(plain, key=lambda r: r.family != "1d")  # 1D first; stable: config order otherwise
+    one_1d = len({r.name for r in chosen if r.family == "1d"}) == 1
+    columns = [result.previews[(r.name, r.mode)] for r in chosen] + [result.originals]
+    titles = [_grid_title(r, one_1d) for r in chosen] + ["original"]
+    return save_image_grid(columns, path, titles)
