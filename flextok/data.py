@@ -107,7 +107,17 @@ def load_source(cfg: DataConfig, split: str, seed: int = 0):
 
     Sources without the requested split (imagefolder, parquet, hub sets with only 'train') get a seeded
     held-out slice of `eval_images` examples carved from 'train', disjoint from the training part.
+    `train_images` > 0 keeps a seeded subset of that size of the training split (map-style sources).
     """
+    source = _full_source(cfg, split, seed)
+    if split != cfg.train_split or not cfg.train_images or not hasattr(source, "select"):
+        return source
+    if cfg.train_images < len(source):
+        source = source.select(np.sort(np.random.default_rng(seed).permutation(len(source))[: cfg.train_images]))
+    return source
+
+
+def _full_source(cfg: DataConfig, split: str, seed: int):
     kind, _, arg = cfg.source.partition(":")
     if kind == "builtin" and arg == "skimage":
         return _skimage_dataset(cfg, split, seed)

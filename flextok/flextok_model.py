@@ -44,7 +44,8 @@ class FlexTok(HubMixin, nn.Module):
             if autoencoder_config is None:
                 raise ValueError("input 'latents' needs the grid autoencoder's config")
             # upgrade: tokenizers saved before a grid key was renamed embed the old spelling
-            self.autoencoder = GridAutoencoder(from_dict(GridConfig, autoencoder_config, "autoencoder_config", upgrade=True), resolution)
+            grid = from_dict(GridConfig, autoencoder_config, "autoencoder_config", upgrade=True)
+            self.autoencoder = GridAutoencoder(grid, resolution)
             self.autoencoder.requires_grad_(False).eval()
             channels, side = self.autoencoder.config.latent_channels, self.autoencoder.grid_size
         else:

@@ -38,6 +38,7 @@ class DataConfig:
     eval_crops_per_photo: int = 32
     # images used for held-out metrics during training and in evaluation
     eval_images: int = 64
+    train_images: int = 0  # > 0: a seeded subset of the training split of this size (quick runs); 0 = all
 
     def __post_init__(self):
         check(self.resolution >= 8, "resolution' must be at least 8", self.resolution)

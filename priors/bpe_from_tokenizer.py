@@ -28,9 +28,9 @@ from .token_dataset import build_token_dataset, token_cache_dir
 __all__ = ["main", "tokenizer_codes"]
 
 
-def tokenizer_codes(tokenizer_path: str, config_path: str) -> tuple[np.ndarray, object]:
+def tokenizer_codes(tokenizer_path: str, config_path: str, overrides: list[str] = ()) -> tuple[np.ndarray, object]:
     """[N, L] codes of the config's training split, via the priors' token-dataset cache."""
-    cfg = load_config(config_path, cls=PriorRunConfig, own_sections_only=True)  # other sections: later stages
+    cfg = load_config(config_path, overrides, cls=PriorRunConfig, own_sections_only=True)  # others: later stages
     tokenizer = load_tokenizer(tokenizer_path)
     if getattr(tokenizer, "vocab_size", 0) == 0:
         raise UserError(f"{tokenizer_path}: a continuous (KL) tokenizer has no codes to merge")
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", required=True, choices=["1d", "2d", "flat"])
     parser.add_argument("--vocab-size", required=True, type=int)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
     args = parser.parse_args(argv)
-    codes, tokenizer = tokenizer_codes(args.tokenizer, args.config)
+    codes, tokenizer = tokenizer_codes(args.tokenizer, args.config, args.overrides)
     if args.mode == "2d":
         if not isinstance(tokenizer, GridAutoencoder):
             raise UserError(f"--mode 2d needs a grid tokenizer; {args.tokenizer} gives a 1D sequence (use 1d or flat)")

@@ -46,7 +46,8 @@ def test_defaults_base_chain_and_overrides(tmp_path):
         ("flextok:\n  guidance: 3.0\n", [], "'flextok.guidance' was renamed: use 'flextok.sampling.guidance_scale'"),
         ("grid:\n  quantizer: vq\n", [], "'grid.quantizer' was renamed: use 'grid.quantizer.kind'"),
         ("grid:\n  fsq_levels: [4]\n", [], "'grid.fsq_levels' was renamed: use 'grid.quantizer.fsq_levels'"),
-        ("prior_train:\n  cfg_scale: 2\n", [], "'prior_train.cfg_scale' has moved: use 'prior.sampling.guidance_scale'"),
+        ("prior_train:\n  cfg_scale: 2\n", [],
+         "'prior_train.cfg_scale' has moved: use 'prior.sampling.guidance_scale'"),
         ("eval:\n  flow_steps: 9\n", [], "'eval.flow_steps' was renamed: use 'eval.prior_sampling.steps'"),
         ("", ["prior.sampling.top_p=0"], "'prior.sampling.top_p' must be in (0, 1]"),
     ],
@@ -73,6 +74,13 @@ def test_entry_script_exits_2_with_one_line(args):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
+    if path.name.startswith("study_"):  # a study: stages over an experiment file
+        import study
+
+        config, experiment = study.load_study(path)
+        stages, out, evaluation = study.study_stages(config, experiment, [])
+        assert [s.name for s in stages] == [s.name for s in config.stages] + ["report"]
+        return
     load_config(path)
 
 

@@ -102,3 +102,11 @@ def test_train_loader_yields_augmented_batches():
     cfg = DataConfig(resolution=16, crops_per_photo=4)
     batches = list(train_loader(cfg, batch_size=8, seed=0, start_step=0, end_step=3))
     assert len(batches) == 3 and all(b.images.shape == (8, 3, 16, 16) for b in batches)
+
+
+def test_train_images_keeps_a_seeded_subset_of_the_training_split():
+    cfg = DataConfig(resolution=16, crops_per_photo=8, eval_crops_per_photo=2, train_images=10)
+    a, b = load_images(cfg, "train", seed=0), load_images(cfg, "train", seed=0)
+    assert len(a.images) == 10 and torch.equal(a.images, b.images)
+    full = DataConfig(resolution=16, crops_per_photo=8, eval_crops_per_photo=2)
+    assert torch.equal(load_images(cfg, "test").images, load_images(full, "test").images)  # held-out: untouched

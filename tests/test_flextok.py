@@ -33,7 +33,8 @@ def sixteen_images():
 def trained(request, sixteen_images):
     torch.manual_seed(0)
     # 15 codes per token, so one token cannot single out each of 16 images: more tokens must help
-    cfg = FlexTokConfig(**SMALL, quantizer=QuantizerConfig(fsq_levels=[5, 3]), decoder=request.param, nested_dropout="uniform",
+    cfg = FlexTokConfig(**SMALL, quantizer=QuantizerConfig(fsq_levels=[5, 3]), decoder=request.param,
+                        nested_dropout="uniform",
                         cond_dropout=0.1, time_logit_mean=1.0)
     return train(cfg, sixteen_images, steps=500)
 

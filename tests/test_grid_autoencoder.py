@@ -45,7 +45,8 @@ def test_tokenize_shapes_and_bad_tokens(eight_images):
 
 @pytest.mark.parametrize("bottleneck", ["kl", "quantized"])
 def test_save_load_round_trip_is_bit_identical(tmp_path, eight_images, bottleneck):
-    model = overfit(GridConfig(**TINY, bottleneck=bottleneck, quantizer=QuantizerConfig(kind="vq", codebook_size=64)), eight_images, 3)
+    vq = QuantizerConfig(kind="vq", codebook_size=64)
+    model = overfit(GridConfig(**TINY, bottleneck=bottleneck, quantizer=vq), eight_images, 3)
     model.save_pretrained(tmp_path / "ae")
     loaded = load_tokenizer(tmp_path / "ae")
     assert type(loaded) is GridAutoencoder

@@ -15,6 +15,7 @@ from priors import DiscretePrior, KVCacheDecoder, PriorConfig, filter_and_sample
 from priors.sampling import GuidedDecoder
 
 VOCAB, CLASSES = 40, 3
+FSQ_40 = QuantizerConfig(fsq_levels=[8, 5])
 
 
 def make_prior(variable_length: bool = False, token_set: bool = False, max_length: int = 12,
@@ -133,7 +134,7 @@ def test_token_set_samples_are_sorted_multisets():
 
 def test_generate_images_end_to_end_and_tokenizer_check(tmp_path):
     torch.manual_seed(0)
-    tokenizer = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=QuantizerConfig(fsq_levels=[8, 5])), resolution=16)
+    tokenizer = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=FSQ_40), resolution=16)
     prior = DiscretePrior(PriorConfig(dim=64, depth=2, heads=2, num_classes=CLASSES), tokenizer.vocab_size,
                           tokenizer.tokens_per_image, tokenizer_hash=fingerprint_model(tokenizer)).eval()
     prior.save_pretrained(tmp_path / "prior")
@@ -144,7 +145,7 @@ def test_generate_images_end_to_end_and_tokenizer_check(tmp_path):
                              sampling=SamplingConfig(top_k=10, guidance_scale=2.0))
     assert images.shape == (6, 3, 16, 16) and images.abs().max() <= 1
     assert path.stat().st_size > 0
-    other = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=QuantizerConfig(fsq_levels=[8, 5])), resolution=16)
+    other = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=FSQ_40), resolution=16)
     with pytest.raises(TokenizerMismatch):
         generate_images(reloaded, other, [0])
 

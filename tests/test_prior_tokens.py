@@ -18,7 +18,8 @@ DATA = DataConfig(resolution=16, crops_per_photo=4, eval_crops_per_photo=2, eval
 
 def grid_tokenizer(bottleneck: str = "quantized", seed: int = 0) -> GridAutoencoder:
     torch.manual_seed(seed)
-    return GridAutoencoder(GridConfig(channels=16, bottleneck=bottleneck, quantizer=QuantizerConfig(fsq_levels=[8, 5])), resolution=16)
+    fsq = QuantizerConfig(fsq_levels=[8, 5])  # 40 codes
+    return GridAutoencoder(GridConfig(channels=16, bottleneck=bottleneck, quantizer=fsq), resolution=16)
 
 
 class PrefixTokenizer(nn.Module):
@@ -127,5 +128,6 @@ def test_bpe_tokens_round_trip_and_samples_decode(tmp_path):
         assert np.array_equal(codec.decode(dataset.sequence(i)), codes.sequence(i))
     prior = DiscretePrior(prior_cfg, codec.vocab_size, dataset.spec.max_length, variable_length=True,
                           tokenizer_hash=dataset.spec.tokenizer_hash).eval()
-    images = generate_images(prior, tokenizer, num_samples=4, sampling=SamplingConfig(temperature=2.0))  # every sample spells 16 codes
+    # every sample spells 16 codes
+    images = generate_images(prior, tokenizer, num_samples=4, sampling=SamplingConfig(temperature=2.0))
     assert images.shape == (4, 3, 16, 16)

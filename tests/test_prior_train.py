@@ -62,7 +62,8 @@ def vq_tokenizer(workdir) -> Path:
 
     cfg = load_config(REPO / "configs/grid_vq.yaml", cls=ExperimentConfig, overrides=[
         f"out_dir={workdir}", "name=vq", "data.resolution=16", "data.crops_per_photo=16", "data.eval_crops_per_photo=4",
-        "data.eval_images=8", "grid.channels=16", "grid.quantizer.fsq_levels=[8,5]", "train.steps=3", "train.batch_size=8",
+        "data.eval_images=8", "grid.channels=16", "grid.quantizer.fsq_levels=[8,5]", "train.steps=3",
+        "train.batch_size=8",
         "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3", "train.threads=1",
     ])
     return TokenizerTrainer(cfg).train()

@@ -1,0 +1,118 @@
+"""One command per study: every tokenizer family at several rates, BPE codecs over their codes, a prior
+for each token stream, then one evaluation of all of them side by side (`runs/<study>/report/`).
+
+    python study.py --config configs/study_fmnist.yaml [section.key=value ...] [--scale 0.1] [--force]
+
+A study file names an `experiment` YAML (the data, the evaluation settings and every stage's defaults; its
+`out_dir` holds the study) and lists `stages`. Overrides on the command line apply to every stage and
+to the evaluation (e.g. `data.train_images=2000` for a quick run). Finished stages are reused, an
+interrupted one resumes, and `--scale` multiplies every step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pipeline import ROOT, Stage, bpe_stage, evaluate_stage, prior_stage, run_stages, tokenizer_stage
+
+__all__ = ["StudyConfig", "StudyStage", "main", "study_stages"]
+
+
+@dataclass
+class StudyStage:
+    """One stage. In `overrides`, `{stage}` stands for that earlier stage's saved model folder."""
+
+    name: str = ""
+    kind: Literal["tokenizer", "bpe", "prior"] = "tokenizer"
+    steps: int = 0  # train.steps (tokenizer) or prior_train.steps (prior) at full size
+    overrides: list[str] = field(default_factory=list)
+    tokenizer: str = ""  # bpe and prior stages: the tokenizer stage whose codes they use
+    bpe: str = ""  # prior stages over BPE ids: the bpe stage
+    mode: Literal["1d", "2d", "flat"] = "1d"  # bpe stages
+    vocab_size: int = 0  # bpe stages
+    evaluate: bool = True  # tokenizer, bpe and prior stages all become report rows unless false
+
+
+@dataclass
+class StudyConfig:
+    experiment: str = ""  # the experiment YAML every stage and the evaluation use (relative to this file)
+    stages: list[StudyStage] = field(default_factory=list)
+
+
+def load_study(path: Path) -> tuple[StudyConfig, Path]:
+    from flextok.config import check, load_config
+
+    study = load_config(path, cls=StudyConfig)
+    experiment = (path.parent / study.experiment).resolve()
+    check(experiment.is_file(), f"experiment' must name an experiment YAML (looked for {experiment})", study.experiment)
+    names = [s.name for s in study.stages]
+    check(len(set(names)) == len(names) and all(names), "stages' need unique, non-empty names", names)
+    return study, experiment
+
+
+def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> tuple[list[Stage], Path, dict]:
+    """The pipeline stages of a study, its output folder, and the evaluation config it ends with."""
+    from evaluation.schema import ExperimentConfig
+    from flextok.config import load_config
+
+    cfg = load_config(experiment, overrides, cls=ExperimentConfig)
+    out = Path(cfg.out_dir)
+    folder = lambda name: out / name / "final"  # noqa: E731
+    folders = {s.name: folder(s.name) for s in study.stages}
+    expand = lambda items: [item.format(**folders) for item in items]  # noqa: E731
+    stages, tokenizers, priors = [], [], []
+    for s in study.stages:
+        extra = [*overrides, *expand(s.overrides)]
+        if s.kind == "tokenizer":
+            stages.append(tokenizer_stage(out, s.name, str(experiment), s.steps, *extra))
+            entries, entry = tokenizers, {"name": s.name, "path": str(folder(s.name))}
+        elif s.kind == "bpe":
+            stages.append(bpe_stage(out, s.name, s.tokenizer, str(experiment), s.mode, s.vocab_size, *overrides))
+            entries, entry = tokenizers, {"name": s.name, "path": str(folder(s.tokenizer)), "bpe": str(out / s.name)}
+        else:
+            tokens = [f"prior.tokenizer={folder(s.tokenizer)}"]
+            tokens += ["prior.tokens=bpe", f"prior.bpe={out / s.bpe}"] if s.bpe else []
+            stages.append(prior_stage(out, s.name, str(experiment), s.steps, *tokens, *extra))
+            entry = {"name": s.name, "path": str(folder(s.name)), "tokenizer": str(folder(s.tokenizer))}
+            entries = priors
+        if s.evaluate:
+            entries.append(entry)
+    evaluation = {"base": str(experiment), "out_dir": str(out.parent), "name": out.name,
+                  "eval": {"tokenizers": tokenizers, "priors": priors}}
+    stages.append(evaluate_stage(str(out / "study_eval.yaml"), cfg.eval.classifier_steps, cfg.eval.gfid_samples,
+                                 *overrides))
+    return stages, out, evaluation
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="study YAML (e.g. configs/study_fmnist.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every stage")
+    parser.add_argument("--force", action="store_true", help="retrain every stage")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    from flextok.errors import UserError
+    from flextok.files import atomic_write_text
+
+    try:
+        study, experiment = load_study(args.config)
+        stages, out, evaluation = study_stages(study, experiment, args.overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    atomic_write_text(out / "study_eval.yaml", yaml.safe_dump(evaluation, sort_keys=False))
+    run_stages(stages, out, args.scale, args.force)
+    print(f"[{out.name}] report: {out / 'report'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

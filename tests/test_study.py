@@ -1,0 +1,41 @@
+"""`study.py` turns a study file into pipeline stages and the evaluation config that ends it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import study
+from flextok.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stages_reference_each_other_and_the_evaluation_lists_them():
+    config, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
+    stages, out, evaluation = study.study_stages(config, experiment, ["data.train_images=100"])
+    by_name = {s.name: s for s in stages}
+    assert out == Path("runs/study_fmnist")
+    one_d = " ".join(by_name["1d"].argv(1.0))
+    assert f"flextok.autoencoder={out / 'kl_f4' / 'final'}" in one_d and "train.steps=3000" in one_d
+    assert "data.train_images=100" in one_d and "data.train_images=100" in " ".join(by_name["1d_bpe"].argv(1.0))
+    prior = " ".join(by_name["prior_1d_bpe"].argv(0.01))
+    assert "prior.tokens=bpe" in prior and f"prior.bpe={out / '1d_bpe'}" in prior and "prior_train.steps=10" in prior
+    assert by_name["prior_kl_f4"].resumable and not by_name["1d_bpe"].resumable
+    names = [e["name"] for e in evaluation["eval"]["tokenizers"]]
+    assert names[:2] == ["kl_f4", "kl_f8"] and "1d_bpe" in names
+    bpe = next(e for e in evaluation["eval"]["tokenizers"] if e["name"] == "1d_bpe")
+    assert bpe == {"name": "1d_bpe", "path": str(out / "1d" / "final"), "bpe": str(out / "1d_bpe")}
+    assert len(evaluation["eval"]["priors"]) == 7 and (evaluation["out_dir"], evaluation["name"]) == ("runs",
+                                                                                                    "study_fmnist")
+
+
+def test_a_bad_study_file_names_the_problem(tmp_path):
+    bad = tmp_path / "study.yaml"
+    bad.write_text("experiment: nowhere.yaml\nstages: []\n")
+    with pytest.raises(ConfigError, match="experiment"):
+        study.load_study(bad)
+    bad.write_text("experiment: nowhere.yaml\nstages: [{name: a, kind: sideways}]\n")
+    with pytest.raises(ConfigError, match="'stages\\[0\\].kind' must be one of"):
+        study.load_study(bad)
