@@ -98,7 +98,7 @@ def plot_modelability(result: EvaluationResult, path: Path) -> Path:
             continue
         colour = FAMILY_COLOURS.get(row.family, "tab:gray")
         ax.scatter(row.psnr, prior.nll_bits_per_image, s=70, color=colour, edgecolor="black", zorder=3)
-        ax.annotate(f"{prior.name} ({row.mode}, {row.decoding})", (row.psnr, prior.nll_bits_per_image),
+        ax.annotate(f"{prior.name} ({row.mode})", (row.psnr, prior.nll_bits_per_image),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("reconstruction PSNR of the modelled tokens (dB)")
     ax.set_ylabel("prior's held-out NLL (bits per image), lower is easier to model")
