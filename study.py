@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,12 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
     check(experiment.is_file(), f"experiment' must name an experiment YAML (looked for {experiment})", study.experiment)
     names = [s.name for s in study.stages]
     check(len(set(names)) == len(names) and all(names), "stages' need unique, non-empty names", names)
+    for i, s in enumerate(study.stages):
+        earlier = names[:i]
+        needed = {"bpe": [s.tokenizer], "prior": [s.tokenizer] + ([s.bpe] if s.bpe else [])}.get(s.kind, [])
+        references = needed + [ref for item in s.overrides for ref in re.findall(r"{(\w+)}", item)]
+        unknown = [ref for ref in references if ref not in earlier]
+        check(not unknown, f"stages[{i}]' ({s.name}) refers to no earlier stage {unknown}", references)
     return study, experiment
 
 

@@ -39,3 +39,10 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
     bad.write_text("experiment: nowhere.yaml\nstages: [{name: a, kind: sideways}]\n")
     with pytest.raises(ConfigError, match="'stages\\[0\\].kind' must be one of"):
         study.load_study(bad)
+    (tmp_path / "exp.yaml").write_text("name: e\n")
+    bad.write_text("experiment: exp.yaml\nstages: [{name: p, kind: prior, tokenizer: later}, {name: later}]\n")
+    with pytest.raises(ConfigError, match="refers to no earlier stage"):
+        study.load_study(bad)
+    bad.write_text("experiment: exp.yaml\nstages: [{name: t, overrides: ['flextok.autoencoder={kl}']}]\n")
+    with pytest.raises(ConfigError, match=r"\['kl'\]"):
+        study.load_study(bad)
