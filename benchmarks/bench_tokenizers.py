@@ -1,7 +1,7 @@
 """Tokenizer speed: grid autoencoders (train / data loader / encode+decode) and the 1D tokenizer at the
 shared configuration of ANCHORS.md §A. Prints each figure beside this process's matmul GFLOP/s.
 
-    python benchmarks/bench_tokenizers.py [--threads 2] [--only grid|flextok] [--compile]
+    python benchmarks/bench_tokenizers.py [--threads 2] [--only grid|flextok] [--compile] [--guidance-interval 0.2 0.7]
 
 --compile runs the 1D tokenizer's trunks through torch.compile (`module.compile()`, available to any user);
 each batch shape compiles once, in the untimed warm-up call.
@@ -75,8 +75,10 @@ def anchor_flextok() -> tuple[FlexTok, torch.Tensor]:
     return model, torch.randn(32, 8 * 8, 16)  # latent patches: the autoencoder is excluded from timing
 
 
-def bench_flextok(compile_trunks: bool = False) -> dict[str, float]:
+def bench_flextok(compile_trunks: bool = False, interval: tuple[float, float] = (0.0, 1.0)) -> dict[str, float]:
     model, x0 = anchor_flextok()
+    plain = model.decoding(steps=8, guidance_scale=1.0)
+    guided = model.decoding(steps=8, guidance_scale=7.5, guidance_interval=list(interval))
     if compile_trunks:
         model.encoder.trunk.compile()
         model.decoder.trunk.compile()
@@ -88,8 +90,8 @@ def bench_flextok(compile_trunks: bool = False) -> dict[str, float]:
 
         return {
             "tokenize": throughput(tokenize, len(x0)),
-            "detokenize": throughput(lambda: model.sample_targets(tokens, steps=8, guidance_scale=1.0), len(x0), 2),
-            "detokenize_cfg": throughput(lambda: model.sample_targets(tokens, steps=8, guidance_scale=7.5), len(x0), 2),
+            "detokenize": throughput(lambda: model.sample_targets(tokens, plain), len(x0), 2),
+            "detokenize_cfg": throughput(lambda: model.sample_targets(tokens, guided), len(x0), 2),
         }
 
 
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", choices=["grid", "flextok"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the 1D tokenizer's trunks")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                        help="guided decoding applies guidance only at noise levels t in [LOW, HIGH]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -113,8 +117,9 @@ def main() -> None:
                 f"encode+decode {r['encode_decode_img_s']:.0f} img/s"
             )
     if args.only in (None, "flextok"):
-        r = bench_flextok(args.compile)
+        r = bench_flextok(args.compile, tuple(args.guidance_interval))
         mode = "torch.compile" if args.compile else "eager"
+        mode += f", guidance interval {list(args.guidance_interval)}"
         print(f"1D tokenizer at ANCHORS §A, {mode} (per matmul-GFLOP/s, vs the reference at ~158 GFLOP/s):")
         for key, value in r.items():
             ours, ref = value / gflops, REFERENCE[key] / REFERENCE_MATMUL

@@ -116,14 +116,14 @@ class TokenizerUnderTest:
     def tokenize(self, images: torch.Tensor, mode: Mode, seed: int) -> list[torch.Tensor]:
         if self.decoder is None:
             return self.model.tokenize(images)
-        return self.model.tokenize(images, k=mode.k, target_psnr=mode.target_psnr, steps=self.decoder.steps,
-                                   guidance_scale=self.decoder.guidance_scale, seed=seed)
+        return self.model.tokenize(images, k=mode.k, target_psnr=mode.target_psnr, seed=seed,
+                                   **dataclasses.asdict(self.decoder))
 
     def detokenize(self, tokens: list[torch.Tensor], mode: Mode, seed: int) -> torch.Tensor:
         decoding = self.decoding(mode)
         if decoding is None:
             return self.model.detokenize(tokens)
-        return self.model.detokenize(tokens, steps=decoding.steps, guidance_scale=decoding.guidance_scale, seed=seed)
+        return self.model.detokenize(tokens, seed=seed, **dataclasses.asdict(decoding))
 
     def describe(self, mode: Mode) -> dict[str, Any]:
         """The row's fixed columns: what was measured and how bits are counted."""

@@ -3,7 +3,7 @@
 Both share one trunk, a transformer over [noised patches | condition tokens] with AdaLN time conditioning
 whose modulation is zero-initialized (it starts as plain LayerNorm). x-transformers' extra adaptive
 layer-scale gate (full adaLN-zero) made register codes collapse on short CPU runs, so it is off. Both expose
-`loss(x0, cond)` and `sample(cond, null, shape, steps, guidance_scale, generator)`; classifier-free guidance runs the
+`loss(x0, cond)` and `sample(cond, null, shape, sampling, generator)`; classifier-free guidance runs the
 conditional and null rows in one batched forward pass.
 """
 
@@ -18,6 +18,7 @@ from x_transformers import Encoder
 
 from .guidance import Guidance
 from .patching import sincos_2d, timestep_embedding
+from .schema import SamplingConfig
 
 __all__ = ["DecoderTrunk", "DiffusionDecoder", "RectifiedFlowDecoder", "build_decoder", "cosine_alpha_bar",
            "start_from_noise"]
@@ -49,9 +50,8 @@ class DecoderTrunk(nn.Module):
 
 
 def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
-           guidance_scale: float) -> torch.Tensor:
+           guidance: Guidance) -> torch.Tensor:
     """The trunk's prediction under classifier-free guidance (`flextok.guidance`)."""
-    guidance = Guidance(guidance_scale)
     return guidance.combine(trunk(guidance.repeat(x), guidance.repeat(t), guidance.conditions(cond, null)))
 
 
@@ -79,12 +79,13 @@ class RectifiedFlowDecoder(nn.Module):
         return F.mse_loss(self.trunk(x_t, t, cond), eps - x0)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance_scale: float,
+    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], sampling: SamplingConfig,
                generator: torch.Generator) -> torch.Tensor:
+        steps = sampling.steps
         x, times = start_from_noise(shape, steps, generator, cond.device)
         for i in range(steps):
             t = times[i].expand(shape[0])
-            v = guided(self.trunk, x, t, cond, null, guidance_scale)
+            v = guided(self.trunk, x, t, cond, null, Guidance.at(sampling, float(times[i])))
             x = x + (times[i + 1] - times[i]) * v
         return x
 
@@ -121,13 +122,15 @@ class DiffusionDecoder(nn.Module):
         return x0, eps
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], steps: int, guidance_scale: float,
+    def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], sampling: SamplingConfig,
                generator: torch.Generator) -> torch.Tensor:
+        steps = sampling.steps
         x, times = start_from_noise(shape, steps, generator, cond.device)
         for i in range(steps):
             t = times[i].expand(shape[0])
             a, a_next = cosine_alpha_bar(times[i]), cosine_alpha_bar(times[i + 1])
-            x0, eps = self._x0_eps(x, a, guided(self.trunk, x, t, cond, null, guidance_scale))
+            guidance = Guidance.at(sampling, float(times[i]))
+            x0, eps = self._x0_eps(x, a, guided(self.trunk, x, t, cond, null, guidance))
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps if i + 1 < steps else x0
         return x
 

@@ -27,7 +27,7 @@ from .metrics import psnr
 from .nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
 from .patching import patchify, unpatchify
 from .register_encoder import RegisterEncoder
-from .schema import FlexTokConfig, GridConfig
+from .schema import FlexTokConfig, GridConfig, SamplingConfig
 
 __all__ = ["FlexTok", "FlexTokObjective"]
 
@@ -157,13 +157,13 @@ class FlexTok(HubMixin, nn.Module):
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor, k: int | None = None, target_psnr: float | None = None,
-                 target_mse: float | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                 seed: int = 0) -> list[torch.Tensor]:
+                 target_mse: float | None = None, seed: int = 0, **sampling) -> list[torch.Tensor]:
         """Images [B,3,H,W] in [-1,1] -> per image a 1D LongTensor of R tokens (or its first k).
 
         Adaptive length: `target_psnr` (pixel space, dB) or `target_mse` (scaled target space: latents
         or pixels) picks per image the shortest prefix among 1, 2, 4, ..., R whose decoding meets it, decoded
-        with the same `steps`, `guidance_scale` and `seed` that a later `detokenize` call should use.
+        with the same `sampling` fields (`steps`, `guidance_scale`, ...) and `seed` that a later `detokenize`
+        call should use.
         """
         images = self._fit_images(images)
         _, indices, _ = self.encode(images)
@@ -171,7 +171,7 @@ class FlexTok(HubMixin, nn.Module):
             indices = indices.sort(dim=1).values
         tokens = list(indices.cpu().unbind(0))
         if target_psnr is not None or target_mse is not None:
-            return self._adaptive(images, tokens, target_psnr, target_mse, steps, guidance_scale, seed)
+            return self._adaptive(images, tokens, target_psnr, target_mse, self.decoding(**sampling), seed)
         if k is not None:
             if self.token_set and k != self.num_registers:
                 raise ValueError(f"token sets have a fixed size of {self.num_registers}; got k={k}")
@@ -181,11 +181,14 @@ class FlexTok(HubMixin, nn.Module):
         return tokens
 
     @torch.no_grad()
-    def detokenize(self, tokens: list[torch.Tensor], steps: int | None = None, guidance_scale: float | None = None,
-                   seed: int = 0) -> torch.Tensor:
-        """Token sequences of any lengths 1..R (in one call) -> images; deterministic for a given seed."""
-        x0 = self.sample_targets(tokens, steps, guidance_scale, seed)
-        return self.from_target(x0)
+    def detokenize(self, tokens: list[torch.Tensor], seed: int = 0, **sampling) -> torch.Tensor:
+        """Token sequences of any lengths 1..R (in one call) -> images; deterministic for a given seed.
+        `sampling` replaces fields of `config.sampling` (`steps=25`, `guidance_scale=7.5`, ...)."""
+        return self.from_target(self.sample_targets(tokens, self.decoding(**sampling), seed))
+
+    def decoding(self, **fields) -> SamplingConfig:
+        """This tokenizer's decoding settings with the given `SamplingConfig` fields replaced (None keeps one)."""
+        return dataclasses.replace(self.config.sampling, **{k: v for k, v in fields.items() if v is not None})
 
     @torch.no_grad()
     def eval_reconstructions(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -194,7 +197,7 @@ class FlexTok(HubMixin, nn.Module):
         ks = [self.num_registers] if self.token_set else powers_of_two_upto(self.num_registers)
         return {f"k={k}": self.detokenize([t[:k] for t in tokens], seed=seed) for k in ks}
 
-    def sample_targets(self, tokens: list[torch.Tensor], steps: int | None = None, guidance_scale: float | None = None,
+    def sample_targets(self, tokens: list[torch.Tensor], sampling: SamplingConfig | None = None,
                        seed: int = 0) -> torch.Tensor:
         """Token lists -> decoded target patches (before `from_target`), for callers that stay in latent space."""
         indices, keep = self._pack(tokens)
@@ -202,11 +205,8 @@ class FlexTok(HubMixin, nn.Module):
         cond = self.condition(codes, keep)
         generator = torch.Generator(device=indices.device).manual_seed(seed)
         n_patches, patch_dim = self.grid**2, self.channels * self.config.patch_size**2
-        return self.decoder.sample(
-            cond, self.null_condition(len(tokens)), (len(tokens), n_patches, patch_dim),
-            steps or self.config.sampling.steps,
-            self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale, generator,
-        )
+        return self.decoder.sample(cond, self.null_condition(len(tokens)), (len(tokens), n_patches, patch_dim),
+                                   sampling or self.config.sampling, generator)
 
     def _pack(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate and pad variable-length token lists to [B, R] indices plus keep counts [B]."""
@@ -228,7 +228,7 @@ class FlexTok(HubMixin, nn.Module):
             keep[i] = len(t)
         return indices, keep
 
-    def _adaptive(self, images, tokens, target_psnr, target_mse, steps, guidance_scale, seed) -> list[torch.Tensor]:
+    def _adaptive(self, images, tokens, target_psnr, target_mse, sampling, seed) -> list[torch.Tensor]:
         """Shortest prefix (1, 2, 4, ..., R) meeting the target. Every pass decodes the whole batch so that
         each image keeps its own noise row, exactly as in a later `detokenize(result, seed=seed)` call."""
         if self.token_set:
@@ -237,7 +237,7 @@ class FlexTok(HubMixin, nn.Module):
         pending = set(range(len(tokens)))
         targets = self.to_target(images) if target_mse is not None else None
         for k in powers_of_two_upto(self.num_registers)[:-1]:
-            x0 = self.sample_targets([t[:k] for t in tokens], steps, guidance_scale, seed)
+            x0 = self.sample_targets([t[:k] for t in tokens], sampling, seed)
             if target_mse is not None:
                 ok = F.mse_loss(x0, targets, reduction="none").flatten(1).mean(1) <= target_mse
             else:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .schema import SamplingConfig
+
 __all__ = ["Guidance"]
 
 
@@ -33,6 +35,13 @@ class Guidance:
     def batched(self) -> bool:
         """Conditional and null rows share each forward pass."""
         return self.uses_condition and self.scale != 1
+
+    @classmethod
+    def at(cls, sampling: SamplingConfig, t: float, conditional: bool = True) -> Guidance:
+        """The guidance of one sampler step at noise level `t` (1 = noise): `sampling.guidance_scale` inside
+        `sampling.guidance_interval`, the plain conditional model (one pass instead of two) outside it."""
+        low, high = sampling.guidance_interval
+        return cls(sampling.guidance_scale if low <= t <= high else 1.0, conditional)
 
     def conditions(self, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
         """The condition rows to run: [cond, null], cond alone, or null alone."""

@@ -126,10 +126,12 @@ class FlowPrior(HubMixin, nn.Module):
         generator = torch.Generator(device=device).manual_seed(seed)
         x = torch.randn((batch, self.num_tokens, self.token_dim), generator=generator, device=device)
         sampling = sampling or self.config.sampling
-        guidance = Guidance(sampling.guidance_scale, conditional=self.config.num_classes > 0 and labels is not None)
-        class_ids = guidance.conditions(self.class_ids(labels, batch), self.class_ids(None, batch))
+        conditional = self.config.num_classes > 0 and labels is not None
+        cond, null = self.class_ids(labels, batch), self.class_ids(None, batch)
         times = torch.linspace(1.0, 0.0, sampling.steps + 1, device=device)
         for t, t_next in zip(times[:-1], times[1:]):
+            guidance = Guidance.at(sampling, float(t), conditional)
+            class_ids = guidance.conditions(cond, null)
             v = guidance.combine(self.velocity(guidance.repeat(x), t.expand(len(class_ids)), class_ids))
             x = x + (t_next - t) * v
         latents = x * self.latent_std + self.latent_mean

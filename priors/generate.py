@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def generate_images(
             tokens = [torch.as_tensor(codec.decode(t.numpy())).long().flatten() for t in tokens]
     if isinstance(tokenizer, FlexTok):
         decoding = decoder_sampling or tokenizer.config.sampling
-        images = tokenizer.detokenize(tokens, steps=decoding.steps, guidance_scale=decoding.guidance_scale, seed=seed)
+        images = tokenizer.detokenize(tokens, seed=seed, **dataclasses.asdict(decoding))
     else:
         images = tokenizer.detokenize(tokens)
     images = images.cpu()

@@ -62,9 +62,10 @@ def test_mean_decoding_is_the_posterior_mean_of_a_known_model():
     model.decoder.trunk.forward = lambda x_t, t, cond: x_t - target
     tokens = [torch.tensor([0, 1, 2, 3])] * 2
     for seed in (0, 1):
-        mean = model.sample_targets(tokens, steps=1, seed=seed)
+        mean = model.sample_targets(tokens, model.decoding(steps=1), seed=seed)
         torch.testing.assert_close(mean, target.expand(2, -1, -1))
-    assert not torch.allclose(model.sample_targets(tokens, steps=8, seed=0), target.expand(2, -1, -1), atol=1e-2)
+    sample = model.sample_targets(tokens, model.decoding(steps=8), seed=0)
+    assert not torch.allclose(sample, target.expand(2, -1, -1), atol=1e-2)
 
 
 def test_token_set_rows_pay_the_multiset_cost():

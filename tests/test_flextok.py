@@ -7,6 +7,7 @@ from helpers import fit
 from flextok import FlexTok, load_tokenizer
 from flextok.decoders import guided
 from flextok.flextok_model import FlexTokObjective
+from flextok.guidance import Guidance
 from flextok.metrics import psnr
 from flextok.nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
 from flextok.schema import FlexTokConfig, QuantizerConfig, SamplingConfig
@@ -107,10 +108,10 @@ def test_guidance_scales_one_and_zero_run_one_branch_and_batched_guidance_is_exa
     x, t = torch.randn(2, 16, 48), torch.rand(2)
     cond, null = torch.randn(2, 8, 64), model.null_condition(2)
     with torch.no_grad():
-        assert torch.equal(guided(trunk, x, t, cond, null, 1.0), trunk(x, t, cond))
-        assert torch.equal(guided(trunk, x, t, cond, null, 0.0), trunk(x, t, null))
+        assert torch.equal(guided(trunk, x, t, cond, null, Guidance(1.0)), trunk(x, t, cond))
+        assert torch.equal(guided(trunk, x, t, cond, null, Guidance(0.0)), trunk(x, t, null))
         separate = trunk(x, t, null) + 3.0 * (trunk(x, t, cond) - trunk(x, t, null))
-        assert torch.allclose(guided(trunk, x, t, cond, null, 3.0), separate, atol=1e-5)
+        assert torch.allclose(guided(trunk, x, t, cond, null, Guidance(3.0)), separate, atol=1e-5)
 
 
 def test_token_set_decode_ignores_order():
