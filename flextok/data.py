@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import itertools
+import json
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -123,6 +125,8 @@ def _full_source(cfg: DataConfig, split: str, seed: int):
         return _skimage_dataset(cfg, split, seed)
     if kind == "fashion_mnist":
         return _fashion_mnist_dataset(arg or FASHION_MNIST_DIR, split)
+    if kind == "photos":
+        return _photos_dataset(cfg, arg, split, seed)
     if kind == "hf":
         return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict(arg, streaming=cfg.streaming))
     if kind == "imagefolder":
@@ -133,7 +137,7 @@ def _full_source(cfg: DataConfig, split: str, seed: int):
         return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict("parquet", data_files=arg))
     raise UserError(
         f"data.source: unknown source '{cfg.source}' "
-        "(use hf:<id>, imagefolder:<dir>, parquet:<glob>, fashion_mnist:<dir> or builtin:skimage)"
+        "(use hf:<id>, imagefolder:<dir>, parquet:<glob>, fashion_mnist:<dir>, photos:<manifest> or builtin:skimage)"
     )
 
 
@@ -228,21 +232,57 @@ def _skimage_dataset(cfg: DataConfig, split: str, seed: int):
 
     The label is the photograph's id, which the dataset-classifier FID backbone uses as its class.
     """
-    if split == cfg.train_split:
-        photos, per_photo = SKIMAGE_TRAIN_PHOTOS, cfg.crops_per_photo
-    elif split == cfg.eval_split:
-        photos, per_photo = SKIMAGE_EVAL_PHOTOS, cfg.eval_crops_per_photo
-    else:
-        raise UserError(f"data: builtin:skimage has splits '{cfg.train_split}' and '{cfg.eval_split}', not '{split}'")
     all_photos = SKIMAGE_TRAIN_PHOTOS + SKIMAGE_EVAL_PHOTOS
+    held_out = _split_side(cfg, split, "builtin:skimage")
+    names = SKIMAGE_EVAL_PHOTOS if held_out else SKIMAGE_TRAIN_PHOTOS
+    photos = ((all_photos.index(name), Image.fromarray(skimage_photo(name))) for name in names)
+    return _photo_crops(photos, cfg, held_out, seed, split)
+
+
+def _split_side(cfg: DataConfig, split: str, source: str) -> bool:
+    """Whether `split` is the held-out side of a source split by photograph."""
+    if split not in (cfg.train_split, cfg.eval_split):
+        raise UserError(f"data: {source} has splits '{cfg.train_split}' and '{cfg.eval_split}', not '{split}'")
+    return split == cfg.eval_split
+
+
+def _photo_crops(photos, cfg: DataConfig, held_out: bool, seed: int, split: str):
+    """Crops at random scales of (label, photograph) pairs, deterministic per seed: `crops_per_photo` per
+    training photograph, `eval_crops_per_photo` per held-out one. The label is the photograph's id."""
+    per_photo = cfg.eval_crops_per_photo if held_out else cfg.crops_per_photo
     rng = np.random.default_rng([seed, cfg.resolution, len(split)])
     crops, labels = [], []
-    for name in photos:
-        photo = Image.fromarray(skimage_photo(name))
+    for label, photo in photos:
         for _ in range(per_photo):
             crops.append(_random_scaled_crop(photo, cfg.resolution, rng))
-            labels.append(all_photos.index(name))
+            labels.append(label)
     return _array_dataset(np.stack(crops), np.asarray(labels))
+
+
+def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
+    """Photographs listed in a manifest (`data/debian_photos.json`: path, sha256, split, licence, author),
+    split by photograph as the manifest says, each file checked against its recorded SHA-256."""
+    path = Path(manifest)
+    if not path.is_file():
+        raise UserError(f"data.source: photo manifest not found: {manifest}")
+    entries = json.loads(path.read_text())
+    held_out = _split_side(cfg, split, f"photos:{manifest}")
+    side = "test" if held_out else "train"
+
+    def photos():
+        for label, entry in enumerate(entries):
+            if entry["split"] != side:
+                continue
+            file = Path(entry["path"])
+            if not file.is_file():
+                raise UserError(f"data: {file} is missing: apt-get install {entry['package']} (see {manifest})")
+            data = file.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise UserError(f"data: {file} differs from the one in {manifest} (another {entry['package']} "
+                                f"version than {entry['version']}?)")
+            yield label, to_rgb(Image.open(io.BytesIO(data)))
+
+    return _photo_crops(photos(), cfg, held_out, seed, split)
 
 
 def _random_scaled_crop(photo: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:

@@ -110,3 +110,41 @@ def test_train_images_keeps_a_seeded_subset_of_the_training_split():
     assert len(a.images) == 10 and torch.equal(a.images, b.images)
     full = DataConfig(resolution=16, crops_per_photo=8, eval_crops_per_photo=2)
     assert torch.equal(load_images(cfg, "test").images, load_images(full, "test").images)  # held-out: untouched
+
+
+def test_photos_are_split_by_photograph_and_checked_against_the_manifest(tmp_path):
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    entries = []
+    for i in range(6):
+        path = tmp_path / f"photo{i}.png"
+        Image.fromarray(np.full((80, 96, 3), 40 * i, dtype=np.uint8)).save(path)
+        entries.append({"split": "test" if i in (1, 4) else "train", "package": "some-wallpapers", "version": "1",
+                        "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    manifest = tmp_path / "photos.json"
+    manifest.write_text(json.dumps(entries))
+    cfg = DataConfig(source=f"photos:{manifest}", resolution=16, crops_per_photo=5, eval_crops_per_photo=3)
+    train, test = load_images(cfg, "train"), load_images(cfg, "test")
+    assert sorted(set(train.labels.tolist())) == [0, 2, 3, 5] and sorted(set(test.labels.tolist())) == [1, 4]
+    assert len(train.images) == 4 * 5 and len(test.images) == 2 * 3
+    assert torch.equal(load_images(cfg, "train").images, train.images)  # crops are seeded
+    (tmp_path / "photo3.png").write_bytes((tmp_path / "photo2.png").read_bytes())
+    with pytest.raises(UserError, match="differs from the one in"):
+        load_images(cfg, "train")
+    (tmp_path / "photo3.png").unlink()
+    with pytest.raises(UserError, match="apt-get install some-wallpapers"):
+        load_images(cfg, "train")
+
+
+def test_the_shipped_photo_manifest_holds_out_whole_photographs():
+    import json
+    from pathlib import Path
+
+    entries = json.loads((Path(__file__).resolve().parents[1] / "data/debian_photos.json").read_text())
+    train = {e["sha256"] for e in entries if e["split"] == "train"}
+    test = {e["sha256"] for e in entries if e["split"] == "test"}
+    assert len(train) >= 20 and len(test) >= 5 and not train & test
+    assert all(min(e["width"], e["height"]) >= 1024 and e["licence"] and e["author"] for e in entries)
