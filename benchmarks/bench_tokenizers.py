@@ -1,7 +1,7 @@
 """Tokenizer speed: grid autoencoders (train / data loader / encode+decode) and the 1D tokenizer at the
 shared configuration of ANCHORS.md §A. Prints each figure beside this process's matmul GFLOP/s.
 
-    python benchmarks/bench_tokenizers.py [--threads 2] [--only grid|flextok] [--compile] [--guidance-interval 0.2 0.7]
+    python benchmarks/bench_tokenizers.py [--threads 2] [--only grid|flextok] [--compile] [--guidance-interval 0 1]
 
 --compile runs the 1D tokenizer's trunks through torch.compile (`module.compile()`, available to any user);
 each batch shape compiles once, in the untimed warm-up call.
@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", choices=["grid", "flextok"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the 1D tokenizer's trunks")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
-                        help="guided decoding applies guidance only at noise levels t in [LOW, HIGH]")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.3, 0.7), metavar=("LOW", "HIGH"),
+                        help="guided decoding guides only at noise levels t in [LOW, HIGH] (default: FlexTok's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

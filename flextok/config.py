@@ -55,18 +55,27 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
     if upgrade:
         data = upgrade_keys(cls, data)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        _reject_old_key(cls, key, value, names, source, prefix)
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key '{dotted}' (known: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(hints[key], value, source, dotted, upgrade)
+        _reject_old_key(cls, key, value, set(fields), source, prefix)
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(hints[key], _over_field_default(fields[key], value), source, dotted, upgrade)
     try:
         return cls(**kwargs)
     except ConfigError as err:  # raised by a section's value checks (`check`), which don't know the file
         raise ConfigError(f"{source}: '{prefix}{str(err).removeprefix(chr(39))}") from None
+
+
+def _over_field_default(field: dataclasses.Field, value: Any) -> Any:
+    """A partly given section starts from its field's default, not from its class's: `flextok.sampling:
+    {steps: 4}` keeps FlexTok's own default guidance interval, `prior.sampling` a prior's 25 Euler steps."""
+    if not isinstance(value, dict) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    return _deep_merge(dataclasses.asdict(default), value) if dataclasses.is_dataclass(default) else value
 
 
 def upgrade_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -109,3 +109,12 @@ def test_eval_sampling_overrides_replace_only_the_fields_given(tmp_path):
     bad = write(tmp_path, "bad.yaml", "eval:\n  prior_sampling: {steps: 0}\n")
     with pytest.raises(ConfigError, match="'eval.prior_sampling.steps' must be positive"):
         load_config(bad)
+
+
+def test_a_partly_given_section_keeps_its_fields_defaults():
+    """`prior.sampling: {guidance_scale: 2.0}` keeps the prior's 25 Euler steps and `flextok.sampling:
+    {steps: 8}` the tokenizer's guidance interval: a section starts from its field's default."""
+    prior = load_config(ROOT / "configs/prior_tiny.yaml").prior.sampling
+    assert (prior.guidance_scale, prior.steps, prior.guidance_interval) == (2.0, 25, [0.0, 1.0])
+    decoder = load_config(ROOT / "configs/1d_tiny.yaml").flextok.sampling
+    assert (decoder.steps, decoder.guidance_interval) == (8, [0.3, 0.7])
