@@ -18,10 +18,10 @@ def test_stages_reference_each_other_and_the_evaluation_lists_them():
     by_name = {s.name: s for s in stages}
     assert out == Path("runs/study_fmnist")
     one_d = " ".join(by_name["1d"].argv(1.0))
-    assert f"flextok.autoencoder={out / 'kl_f4' / 'final'}" in one_d and "train.steps=3000" in one_d
+    assert f"flextok.autoencoder={out / 'kl_f4' / 'final'}" in one_d and "train.steps=2000" in one_d
     assert "data.train_images=100" in one_d and "data.train_images=100" in " ".join(by_name["1d_bpe"].argv(1.0))
     prior = " ".join(by_name["prior_1d_bpe"].argv(0.01))
-    assert "prior.tokens=bpe" in prior and f"prior.bpe={out / '1d_bpe'}" in prior and "prior_train.steps=10" in prior
+    assert "prior.tokens=bpe" in prior and f"prior.bpe={out / '1d_bpe'}" in prior and "prior_train.steps=6" in prior
     assert by_name["prior_kl_f4"].resumable and not by_name["1d_bpe"].resumable
     names = [e["name"] for e in evaluation["eval"]["tokenizers"]]
     assert names[:2] == ["kl_f4", "kl_f8"] and "1d_bpe" in names
