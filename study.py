@@ -61,6 +61,8 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
         references = needed + [ref for item in s.overrides for ref in re.findall(r"{(\w+)}", item)]
         unknown = [ref for ref in references if ref not in earlier]
         check(not unknown, f"stages[{i}]' ({s.name}) refers to no earlier stage {unknown}", references)
+        check(s.kind == "bpe" or s.steps > 0, f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
+        check(s.kind != "bpe" or s.vocab_size > 0, f"stages[{i}].vocab_size' must be positive", s.vocab_size)
     return study, experiment
 
 
@@ -81,7 +83,7 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
             stages.append(tokenizer_stage(out, s.name, str(experiment), s.steps, *extra))
             entries, entry = tokenizers, {"name": s.name, "path": str(folder(s.name))}
         elif s.kind == "bpe":
-            stages.append(bpe_stage(out, s.name, s.tokenizer, str(experiment), s.mode, s.vocab_size, *overrides))
+            stages.append(bpe_stage(out, s.name, s.tokenizer, str(experiment), s.mode, s.vocab_size, *extra))
             entries, entry = tokenizers, {"name": s.name, "path": str(folder(s.tokenizer)), "bpe": str(out / s.name)}
         else:
             tokens = [f"prior.tokenizer={folder(s.tokenizer)}"]

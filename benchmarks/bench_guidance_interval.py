@@ -1,6 +1,6 @@
-"""What a guidance interval costs in quality and buys in speed, on a trained 1D tokenizer: the same held-out
-tokens decoded with the same seed under full guidance and under each interval, through the evaluation
-(PSNR, SSIM, rFID, rKID on the eval config's held-out images and FID backbone) and timed per decode.
+"""What a guidance interval does to quality on a trained 1D tokenizer: the same held-out tokens decoded with
+the same seed under full guidance and under each interval, through the evaluation (PSNR, SSIM, rFID, rKID on
+the eval config's held-out images and FID backbone). Decoding speed: `bench_tokenizers.py --guidance-interval`.
 
     python benchmarks/bench_guidance_interval.py --config configs/eval_tiny.yaml \
         --tokenizer runs/quickstart/1d_tiny/final --scale 3.0 --interval 0.3 0.7 --interval 0.2 0.8
@@ -47,7 +47,7 @@ def main() -> None:
         computed = "computed" if row.computed else "cached"
         print(f"  interval {interval}: PSNR {row.psnr:.2f} [{row.psnr_ci[0]:.2f}, {row.psnr_ci[1]:.2f}] dB, "
               f"SSIM {row.ssim:.3f}, rFID {row.rfid:.2f}, rKID {row.rkid:.3g} ± {row.rkid_std:.2g} "
-              f"({len(result.tokenizer_rows)} rows {computed} in {seconds:.1f} s)")
+              f"(evaluation of {len(result.tokenizer_rows)} rows, {computed}, {seconds:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def _reconstruction_of(prior: PriorRow, rows: list[TokenizerRow]) -> TokenizerRo
     """The tokenizer row whose tokens a prior models: same tokenizer and codec, the prior's token count
     (adaptive priors: the adaptive row), posterior mean preferred where the decoder is generative."""
     matches = [r for r in rows if r.path == prior.tokenizer and r.bpe == prior.bpe
-               and r.adaptive == (prior.tokens == "adaptive")]
+               and r.adaptive == (prior.tokens == "adaptive") and r.target_psnr == prior.target_psnr]
     if prior.tokens != "adaptive":
         matches = [r for r in matches if abs(r.tokens_per_image - prior.tokens_per_image) < 1e-6 or r.bpe]
     order = {"mean": 0, "deterministic": 1, "sample": 2}
@@ -108,7 +108,8 @@ def plot_modelability(result: EvaluationResult, path: Path) -> Path:
 
 
 def plot_generation(rows: list[PriorRow], backbone: str, path: Path) -> Path:
-    """gFID and gKID of each prior's samples against the tokens per image it generates."""
+    """gFID and gKID of each prior's samples against the tokens per image of the stream it models (the mean
+    over the held-out images)."""
     figure = Figure(figsize=(12, 5), layout="constrained")
     axes = figure.subplots(1, 2)
     for ax, metric, label in zip(axes, ("gfid", "gkid"), ("gFID, lower is better", "gKID, lower is better")):

@@ -145,8 +145,10 @@ def evaluate_prior(entry: EvalPriorConfig, ctx: EvalContext) -> tuple[PriorRow, 
     fresh = {"nll": nll_fresh, "gfid": gfid_fresh, "samples": preview_fresh}
     config = put.prior.config
     row = PriorRow(
-        name=entry.name, path=entry.path, kind=config.kind, tokens=config.tokens, tokenizer=put.tokenizer_path,
-        tokenizer_family=base_family(put.tokenizer), bpe=config.bpe, num_classes=put.num_classes, sampler=sampler,
+        name=entry.name, path=entry.path, kind=config.kind, tokens=config.tokens,
+        target_psnr=config.target_psnr if config.tokens == "adaptive" else None, tokenizer=put.tokenizer_path,
+        tokenizer_family=base_family(put.tokenizer) + ("+bpe" if config.bpe else ""), bpe=config.bpe,
+        num_classes=put.num_classes, sampler=sampler,
         **nll, **gfid, computed=[name for name, was_fresh in fresh.items() if was_fresh],
     )
     labels = None if sampling.labels is None else sampling.labels[:count]

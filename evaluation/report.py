@@ -27,7 +27,8 @@ CSV_COLUMNS = (
     "name", "family", "mode", "decoding", "k", "target_psnr", "tokens_per_image", "tokens_min", "tokens_max",
     "bits_per_token", "bits_per_image", "bits_basis", "vocab_size", "psnr", "psnr_ci_low", "psnr_ci_high", "ssim",
     "ssim_ci_low", "ssim_ci_high", "rfid", "rfid_backbone", "rfid_num_real", "rfid_num_fake", "rkid", "rkid_std",
-    "lpips", "target_met", "decoder_steps", "decoder_guidance_scale", "path", "bpe", "error",
+    "lpips", "target_met", "decoder_steps", "decoder_guidance_scale", "decoder_guidance_interval", "path", "bpe",
+    "error",
 )
 
 
@@ -89,7 +90,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _decoder_text(decoder) -> str:
-    return f"{decoder.steps} steps, guidance {decoder.guidance_scale:g}"
+    text = f"{decoder.steps} steps, guidance {decoder.guidance_scale:g}"
+    low, high = decoder.guidance_interval
+    guided = decoder.guidance_scale not in (0.0, 1.0)
+    return text + (f" at t in [{low:g}, {high:g}]" if guided and (low, high) != (0.0, 1.0) else "")
 
 
 def _tokenizer_table(rows: list[TokenizerRow]) -> str:

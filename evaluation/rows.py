@@ -64,6 +64,7 @@ class TokenizerRow:
             out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = getattr(self, f"{metric}_ci")
         out["decoder_steps"] = self.decoder.steps if self.decoder else None
         out["decoder_guidance_scale"] = self.decoder.guidance_scale if self.decoder else None
+        out["decoder_guidance_interval"] = self.decoder.guidance_interval if self.decoder else None
         return out
 
 
@@ -88,6 +89,7 @@ class PriorRow:
     path: str
     kind: str  # discrete or flow
     tokens: str  # the token mode it models: full, prefix, adaptive, bpe
+    target_psnr: Optional[float]  # adaptive priors: the target that set their lengths
     tokenizer: str
     tokenizer_family: str
     bpe: Optional[str]

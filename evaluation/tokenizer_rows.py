@@ -97,19 +97,27 @@ class TokenizerUnderTest:
         return decoder_sampling(self.model, self.settings)
 
     def decoding(self, mode: Mode) -> SamplingConfig | None:
-        """The decoder settings of a row: its sampler's, or one step from t = 1 for the posterior mean."""
+        """The decoder settings of a row: its sampler's, or for the posterior mean one unguided step from
+        t = 1 (E[x0 | tokens] is the conditional model's estimate; guidance would extrapolate past it)."""
         if self.decoder is None:
             return None
-        return dataclasses.replace(self.decoder, steps=1) if mode.mean else self.decoder
+        return dataclasses.replace(self.decoder, steps=1, guidance_scale=1.0) if mode.mean else self.decoder
+
+    @property
+    def has_mean(self) -> bool:
+        """Whether one step from pure noise estimates E[x0 | tokens]: a velocity (rectified flow) or
+        v-prediction does; eps-prediction divides by sqrt(alpha_bar(1)) ~ 0.003 there, which is no estimate."""
+        config = self.model.config
+        return config.decoder == "rectified_flow" or config.prediction == "v"
 
     def modes(self) -> list[Mode]:
         family = base_family(self.model)
-        if family == "token_set":
-            return [Mode(), Mode(mean=True)]
-        if family != "1d":
+        if family not in ("1d", "token_set"):
             return [Mode()]
-        ks = powers_of_two_upto(self.model.num_registers)
-        modes = [Mode(k=k) for k in ks] + [Mode(k=k, mean=True) for k in ks]
+        ks = [None] if family == "token_set" else powers_of_two_upto(self.model.num_registers)
+        modes = [Mode(k=k) for k in ks] + ([Mode(k=k, mean=True) for k in ks] if self.has_mean else [])
+        if family == "token_set":
+            return modes
         target = self.settings.adaptive_psnr if self.entry.adaptive_psnr is None else self.entry.adaptive_psnr
         return modes + ([Mode(target_psnr=target)] if target is not None else [])
 
@@ -151,6 +159,13 @@ class TokenizerUnderTest:
         return {"tokenizer": self.fingerprint, "mode": dataclasses.asdict(mode), "held_out": ctx.held_out_key,
                 "decoder": decoding}
 
+    def token_identity(self, mode: Mode, ctx: EvalContext) -> str:
+        """What a row's tokens depend on: the tokenizer, the prefix or adaptive target (whose choice decodes
+        with the sampler's settings), the held-out images; not whether the row decodes a sample or a mean."""
+        decoder = dataclasses.asdict(self.decoder) if self.decoder and mode.target_psnr is not None else None
+        return json.dumps({"tokenizer": self.fingerprint, "k": mode.k, "target_psnr": mode.target_psnr,
+                           "held_out": ctx.held_out_key, "decoder": decoder, "seed": ctx.cfg.seed}, sort_keys=True)
+
 
 def open_tokenizer(entry: EvalTokenizerConfig, ctx: EvalContext) -> TokenizerUnderTest:
     """Load and check an entry; every failure says what is wrong, and the caller names the entry."""
@@ -176,9 +191,9 @@ class Reconstruction:
     Batch b is tokenized and decoded with seed + b and the same batch composition: FlexTok's adaptive
     length is chosen with exactly the noise its final decoding then uses."""
 
-    def __init__(self, tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext, identity: dict[str, Any]) -> None:
+    def __init__(self, tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> None:
         self.tut, self.mode, self.ctx = tut, mode, ctx
-        self.memo_key = json.dumps(identity, sort_keys=True)
+        self.memo_key = tut.token_identity(mode, ctx)
 
     @cached_property
     def tokens(self) -> list[list[torch.Tensor]]:
@@ -206,6 +221,7 @@ def rate_record(tut: TokenizerUnderTest, mode: Mode, batches: list[list[torch.Te
     bits = counts.mean() * bits_per_token
     if tut.codec is None and base_family(tut.model) == "token_set":
         bits = float(np.mean([multiset_bits(tut.model.vocab_size, int(n)) for n in counts]))
+        bits_per_token = bits / counts.mean()  # what each token of a multiset costs on average
     record = {
         "tokens_per_image": float(counts.mean()), "tokens_min": int(counts.min()), "tokens_max": int(counts.max()),
         "bits_per_token": bits_per_token,
@@ -254,7 +270,7 @@ def evaluate_mode(tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tupl
     """One report row (metrics from cache where present) and the reconstructions for the image grid."""
     originals = ctx.held_out.images
     base = tut.identity(mode, ctx)
-    rec = Reconstruction(tut, mode, ctx, base)
+    rec = Reconstruction(tut, mode, ctx)
     jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {
         "rate": ({"bpe": tut.codec_fingerprint}, lambda: rate_record(tut, mode, rec.tokens)),
         "psnr": ({}, lambda: quality_record(psnr, "psnr", rec, originals)),

@@ -79,18 +79,25 @@ def _over_field_default(field: dataclasses.Field, value: Any) -> Any:
 
 
 def upgrade_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `data` with `cls.RENAMED` keys moved to their new (possibly nested) places."""
+    """A copy of `data` with `cls.RENAMED` keys moved to their new (possibly nested) places, and the
+    `cls.LEGACY_DEFAULTS` of settings added since: a saved config without one behaved like that value."""
     out = dict(data)
     for old, new in getattr(cls, "RENAMED", {}).items():
-        if old not in out or not _is_old_form(cls, old, out[old]):
-            continue
-        value, node = out.pop(old), out
-        *parents, leaf = new.split(".")
-        for part in parents:
-            node[part] = dict(node.get(part) or {})
-            node = node[part]
-        node.setdefault(leaf, value)
+        if old in out and _is_old_form(cls, old, out[old]):
+            _put(out, new, out.pop(old))
+    for dotted, value in getattr(cls, "LEGACY_DEFAULTS", {}).items():
+        _put(out, dotted, value)
     return out
+
+
+def _put(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `data[a][b]...` for `a.b...` unless it is already set (copying the sections on the way)."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node.setdefault(leaf, value)
 
 
 def save_config(cfg, path: str | Path) -> None:

@@ -269,8 +269,12 @@ def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
     held_out = _split_side(cfg, split, f"photos:{manifest}")
     side = "test" if held_out else "train"
 
+    # labels: training photographs 0..n-1 in manifest order (the classes a prior or classifier learns), then
+    # the held-out ones
+    ordered = [e for e in entries if e["split"] == "train"] + [e for e in entries if e["split"] != "train"]
+
     def photos():
-        for label, entry in enumerate(entries):
+        for label, entry in enumerate(ordered):
             if entry["split"] != side:
                 continue
             file = Path(entry["path"])

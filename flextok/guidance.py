@@ -39,9 +39,12 @@ class Guidance:
     @classmethod
     def at(cls, sampling: SamplingConfig, t: float, conditional: bool = True) -> Guidance:
         """The guidance of one sampler step at noise level `t` (1 = noise): `sampling.guidance_scale` inside
-        `sampling.guidance_interval`, the plain conditional model (one pass instead of two) outside it."""
+        `sampling.guidance_interval`, the plain conditional model (one pass instead of two) outside it. Scale
+        0 (the unconditional model) and 1 are not guidance and hold at every step."""
         low, high = sampling.guidance_interval
-        return cls(sampling.guidance_scale if low <= t <= high else 1.0, conditional)
+        scale = sampling.guidance_scale
+        inside = low - 1e-6 <= t <= high + 1e-6  # the time grid is float32
+        return cls(scale if scale in (0.0, 1.0) or inside else 1.0, conditional)
 
     def conditions(self, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
         """The condition rows to run: [cond, null], cond alone, or null alone."""

@@ -42,6 +42,8 @@ class DataConfig:
 
     def __post_init__(self):
         check(self.resolution >= 8, "resolution' must be at least 8", self.resolution)
+        check(self.pad_to >= 0, "pad_to' must be >= 0", self.pad_to)
+        check(self.train_images >= 0, "train_images' must be >= 0 (0 = all)", self.train_images)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class FlexTokConfig:
         "quantizer": "quantizer.kind", **{key: f"quantizer.{key}" for key in _QUANTIZER_KEYS},
         "sample_steps": "sampling.steps", "guidance": "sampling.guidance_scale",
     }
+    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"sampling.guidance_interval": [0.0, 1.0]}  # saved before it
 
     input: Literal["latents", "pixels"] = "latents"
     autoencoder: Optional[str] = None  # path or hub id of a grid KL autoencoder (input: latents)
@@ -164,9 +167,9 @@ class FlexTokConfig:
     prediction: Literal["v", "eps"] = "v"  # diffusion decoder
     time_logit_mean: float = 0.0  # rectified flow: t = sigmoid(N(mean, 1)); > 0 favours noisier t
     cond_dropout: float = 0.1  # null-condition probability, for classifier-free guidance
-    # detokenize's defaults. Guidance only at noise levels 0.3-0.7: on the quickstart tokenizer it beat guiding
-    # every step on PSNR, rFID and rKID at scales 3 and 7.5, and costs 11 trunk passes of 8 steps, not 16
-    # (benchmarks/RESULTS.md); at guidance 1 the interval changes nothing
+    # detokenize's defaults. Guidance only at noise levels 0.3-0.7: on the quickstart tokenizer it was at least
+    # as good as guiding every step at scale 3 and much better at 7.5, and costs 11 trunk passes of 8 steps,
+    # not 16 (benchmarks/RESULTS.md); at guidance 1 the interval changes nothing
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_interval=[0.3, 0.7]))
 
     def __post_init__(self):

@@ -74,6 +74,8 @@ class TokenizerTrainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if resume:
             self._load_checkpoint()
+        else:  # a run killed before its first checkpoint may have logged steps that are about to be redone
+            self.metrics.truncate_after(0)
         save_config(cfg, self.run_dir / "config.yaml")
         self.eval_batch = load_images(cfg.data, cfg.data.eval_split, cfg.data.eval_images, cfg.seed)
         self.skipped: list[int] = []

@@ -128,7 +128,8 @@ def test_photos_are_split_by_photograph_and_checked_against_the_manifest(tmp_pat
     manifest.write_text(json.dumps(entries))
     cfg = DataConfig(source=f"photos:{manifest}", resolution=16, crops_per_photo=5, eval_crops_per_photo=3)
     train, test = load_images(cfg, "train"), load_images(cfg, "test")
-    assert sorted(set(train.labels.tolist())) == [0, 2, 3, 5] and sorted(set(test.labels.tolist())) == [1, 4]
+    # training photographs are classes 0..3 (manifest order), the held-out ones come after them
+    assert sorted(set(train.labels.tolist())) == [0, 1, 2, 3] and sorted(set(test.labels.tolist())) == [4, 5]
     assert len(train.images) == 4 * 5 and len(test.images) == 2 * 3
     assert torch.equal(load_images(cfg, "train").images, train.images)  # crops are seeded
     (tmp_path / "photo3.png").write_bytes((tmp_path / "photo2.png").read_bytes())

@@ -169,7 +169,7 @@ def test_tokenizer_saved_with_old_config_keys_loads(tmp_path):
     ae.save_pretrained(tmp_path / "ae")
     cfg = FlexTokConfig(**{**SMALL, "input": "latents", "patch_size": 1}, autoencoder=str(tmp_path / "ae"),
                         quantizer=QuantizerConfig(fsq_levels=[5, 3]))
-    cfg.sampling = SamplingConfig(steps=3, guidance_scale=2.0, guidance_interval=[0.3, 0.7])  # old files: default
+    cfg.sampling = SamplingConfig(steps=3, guidance_scale=2.0)  # guided every step, as files from before intervals
     model = FlexTok.from_config(cfg, 16).eval()
     model.save_pretrained(tmp_path / "tok")
     meta = json.loads((tmp_path / "tok" / "config.json").read_text())

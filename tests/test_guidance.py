@@ -52,6 +52,8 @@ def test_guidance_interval_runs_one_pass_outside_it():
     assert Guidance.at(sampling, 0.5) == Guidance(4.0)
     assert Guidance.at(sampling, 0.9) == Guidance(1.0) and Guidance.at(sampling, 0.1) == Guidance(1.0)
     assert Guidance.at(sampling, 0.5, conditional=False).conditions(torch.zeros(1), torch.ones(1)) == 1
+    unconditional = SamplingConfig(guidance_scale=0.0, guidance_interval=[0.25, 0.75])
+    assert Guidance.at(unconditional, 0.9) == Guidance(0.0)  # scale 0 is the unconditional model at every step
 
 
 def test_the_full_interval_is_plain_guidance_and_a_narrower_one_differs():
