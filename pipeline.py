@@ -83,11 +83,26 @@ def run_stage(stage: Stage, out: Path, scale: float, force: bool) -> float:
     return time.perf_counter() - start
 
 
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` fp32 n^3 matmul throughput in this process: run times mean little without it."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def run_stages(stages: list[Stage], out: Path, scale: float, force: bool) -> dict[str, float]:
-    """Every stage in order; returns the seconds each took (0 for reused ones) and prints them."""
-    timings, total = {}, time.perf_counter()
+    """Every stage in order; returns the seconds each took (0 for reused ones) and prints them beside the
+    machine's matmul GFLOP/s, measured before the first stage and after the last."""
+    before, timings, total = matmul_gflops(), {}, time.perf_counter()
     for stage in stages:
         timings[stage.name] = run_stage(stage, out, scale, force)
+    elapsed, after = time.perf_counter() - total, matmul_gflops()
     print(f"\n[{out.name}] stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"[{out.name}] total {time.perf_counter() - total:.0f}s")
+    print(f"[{out.name}] total {elapsed:.0f}s; matmul 2048^3 fp32 {before:.0f} GFLOP/s before, {after:.0f} after")
     return timings
