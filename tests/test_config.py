@@ -91,7 +91,10 @@ def test_checkpoint_configs_with_old_keys_are_upgraded():
     cfg = from_dict(FlexTokConfig, old, "config.json", upgrade=True)
     assert (cfg.quantizer.kind, cfg.quantizer.fsq_levels, cfg.quantizer.codebook_size) == ("vq", [5, 3], 64)
     assert (cfg.sampling.steps, cfg.sampling.guidance_scale) == (4, 2.5)
-    assert upgrade_keys(FlexTokConfig, {"quantizer": {"kind": "lfq"}}) == {"quantizer": {"kind": "lfq"}}
+    # the new form is left alone; a setting added since (the guidance interval) gets the value old files meant
+    assert upgrade_keys(FlexTokConfig, {"quantizer": {"kind": "lfq"}}) == {
+        "quantizer": {"kind": "lfq"}, "sampling": {"guidance_interval": [0.0, 1.0]}}
+    assert cfg.sampling.guidance_interval == [0.0, 1.0]
     with pytest.raises(ConfigError, match="renamed"):
         from_dict(FlexTokConfig, old, "config.json")
 
