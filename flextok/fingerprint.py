@@ -35,7 +35,9 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     meta = {"model_type": getattr(model, "model_type", type(model).__name__)}
     if dataclasses.is_dataclass(getattr(model, "config", None)):
-        meta["config"] = dataclasses.asdict(model.config)
+        # the weights' identity: a model's default sampling settings are not part of it (they change no
+        # weight, and caches whose contents depend on them key on them themselves)
+        meta["config"] = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "sampling"}
     if hasattr(model, "extra_config"):
         meta.update(model.extra_config())
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())

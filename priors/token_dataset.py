@@ -53,14 +53,16 @@ def open_codec(path: str | Path) -> tuple[BPECodec, str]:
 
 
 def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: str, limit: int | None,
-              seed: int, flips: bool, bpe_hash: str | None) -> str:
-    """Hash of every input the cached tokens depend on."""
+              seed: int, flips: bool, bpe_hash: str | None, decoding: dict | None = None) -> str:
+    """Hash of every input the cached tokens depend on (`decoding`: the decoder settings that choose
+    adaptive lengths)."""
     inputs = {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_hash,
         "tokens": prior.tokens,
         "prefix_length": prior.prefix_length if prior.tokens == "prefix" else None,
         "target_psnr": prior.target_psnr if prior.tokens == "adaptive" else None,
+        "decoding": decoding if prior.tokens == "adaptive" else None,
         "bpe": bpe_hash,
         "data": data_settings(data),
         "split": split,
@@ -168,7 +170,9 @@ def build_token_dataset(
     reuse the cache built from exactly the same inputs. `flips` adds each image's mirror image."""
     tokenizer_hash = fingerprint_model(tokenizer)
     codec, bpe_hash = open_codec(prior.bpe) if prior.tokens == "bpe" else (None, None)
-    key = cache_key(tokenizer_hash, prior, data, split, limit, seed, flips, bpe_hash)
+    sampling = getattr(getattr(tokenizer, "config", None), "sampling", None)
+    decoding = dataclasses.asdict(sampling) if sampling is not None else None
+    key = cache_key(tokenizer_hash, prior, data, split, limit, seed, flips, bpe_hash, decoding)
     directory = Path(cache_root) / f"{split}-{key[:20]}"
     if (directory / "meta.json").is_file():
         return TokenDataset.load(directory, tokenizer_hash)

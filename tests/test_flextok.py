@@ -184,3 +184,17 @@ def test_tokenizer_saved_with_old_config_keys_loads(tmp_path):
     assert loaded.config == model.config and loaded.autoencoder.config == model.autoencoder.config
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(model.detokenize(model.tokenize(images)), loaded.detokenize(loaded.tokenize(images)))
+
+
+def test_fingerprint_ignores_default_sampling_settings():
+    """Decoding defaults change no weight: a tokenizer keeps its identity (and its priors) when they change."""
+    from flextok.fingerprint import fingerprint_model
+
+    model = FlexTok.from_config(FlexTokConfig(**SMALL), 16).eval()
+    decoding = SamplingConfig(steps=2, guidance_scale=3.0)
+    other = FlexTok.from_config(FlexTokConfig(**{**SMALL, "sampling": decoding}), 16)
+    other.load_state_dict(model.state_dict())
+    assert fingerprint_model(other) == fingerprint_model(model)
+    with torch.no_grad():
+        other.mask_token.add_(1.0)
+    assert fingerprint_model(other) != fingerprint_model(model)
