@@ -1,28 +1,23 @@
 """A prior and the tokenizer whose tokens it models: the check every consumer makes, and `rekey` for a
-prior whose recorded tokenizer fingerprint predates the current fingerprint format.
+prior whose recorded tokenizer fingerprint predates the current fingerprint format (CLI: `priors.rekey`).
 
-    python -m priors.pairing PRIOR_DIR TOKENIZER_DIR
-
-Fingerprints hash a model's config as well as its weights, so a tokenizer saved before its config gained
-the `quantizer`/`sampling` sections fingerprints differently once loaded, and priors trained on its
-tokens no longer match it. When TOKENIZER_DIR is the tokenizer that prior was trained with, `rekey`
-records its current fingerprint in the prior's config.json (the weights are untouched).
+Fingerprints hash a model's config (less its sampling defaults) as well as its weights, so a tokenizer
+saved before its config gained the nested `quantizer` section fingerprints differently once loaded, and
+priors trained on its tokens no longer match it. When the tokenizer given is the one that prior was trained
+with, `rekey` records its current fingerprint in the prior's config.json (the weights are untouched).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from flextok import TokenizerMismatch, load_tokenizer
-from flextok.cli import exits_cleanly
 from flextok.files import atomic_write_text
 from flextok.fingerprint import fingerprint_model
 from flextok.hub import CONFIG_NAME, read_model_meta
 
-__all__ = ["check_tokenizer", "main", "rekey"]
+__all__ = ["check_tokenizer", "rekey"]
 
 
 def check_tokenizer(prior, tokenizer_fingerprint: str, tokenizer_name: str) -> None:
@@ -31,7 +26,7 @@ def check_tokenizer(prior, tokenizer_fingerprint: str, tokenizer_name: str) -> N
         raise TokenizerMismatch(
             f"this prior was trained on tokens of tokenizer {prior.tokenizer_hash[:12]}, but {tokenizer_name} is "
             f"tokenizer {tokenizer_fingerprint[:12]} (a prior saved before the current fingerprint format: see "
-            "`python -m priors.pairing --help`)"
+            "`python -m priors.rekey --help`)"
         )
 
 
@@ -43,18 +38,3 @@ def rekey(prior_dir: str | Path, tokenizer_dir: str | Path) -> tuple[str, str]:
     old, new = meta["tokenizer_hash"], fingerprint_model(load_tokenizer(tokenizer_dir))
     atomic_write_text(directory / CONFIG_NAME, json.dumps({**meta, "tokenizer_hash": new}, indent=2))
     return old, new
-
-
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("prior", help="saved prior folder (Hub format)")
-    parser.add_argument("tokenizer", help="the saved tokenizer that prior was trained with")
-    args = parser.parse_args(argv)
-    old, new = rekey(args.prior, args.tokenizer)
-    print(f"{args.prior}: tokenizer fingerprint {old[:12]} -> {new[:12]}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
