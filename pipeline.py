@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.machine import matmul_gflops  # the same figure every benchmark prints
+
 __all__ = ["Stage", "bpe_stage", "evaluate_stage", "prior_stage", "run_stages", "tokenizer_stage"]
 
 ROOT = Path(__file__).resolve().parent
@@ -81,19 +83,6 @@ def run_stage(stage: Stage, out: Path, scale: float, force: bool) -> float:
             f"are kept in {out}/. Fix the error above and re-run: finished stages are reused."
         )
     return time.perf_counter() - start
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` fp32 n^3 matmul throughput in this process: run times mean little without it."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first call warms up
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def run_stages(stages: list[Stage], out: Path, scale: float, force: bool) -> dict[str, float]:
