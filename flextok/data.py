@@ -29,8 +29,8 @@ from .schema import DataConfig
 __all__ = [
     "Batch", "EpochOrder", "FASHION_MNIST_DIR", "ImageDataset", "SKIMAGE_EVAL_PHOTOS", "SKIMAGE_TRAIN_PHOTOS",
     "StepBatchSampler", "StreamingImages", "collate", "data_settings", "decode_image", "example_from_row",
-    "load_images", "load_source", "pad_to_square", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo",
-    "tensor_to_uint8", "to_rgb", "train_loader",
+    "load_images", "load_source", "micro_batch_size", "pad_to_square", "pil_to_tensor", "report_skipped",
+    "resize_crop", "skimage_photo", "tensor_to_uint8", "to_rgb", "train_loader",
 ]
 
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
@@ -388,22 +388,43 @@ class EpochOrder:
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields the batches of steps [start, end) as (index, augmentation seed) pairs, per `EpochOrder`."""
+    """Yields this rank's micro-batches of steps [start, end) as (index, augmentation seed) pairs.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int):
+    The global batch of a step comes from `EpochOrder` (a function of (seed, step) alone); it is cut into
+    `world_size * accumulation` equal slices, and rank r takes slice `micro * world_size + r` at each of
+    the `accumulation` micro-steps. Any world size therefore trains on the same images per step.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int,
+                 rank: int = 0, world_size: int = 1, accumulation: int = 1):
         self.order = EpochOrder(num_items, batch_size, seed)
         self.seed, self.start, self.end = seed, start_step, end_step
+        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        self.micro = micro_batch_size(batch_size, world_size, accumulation)
 
     def __len__(self) -> int:
-        return self.end - self.start
+        return (self.end - self.start) * self.accumulation
 
     def batch_for_step(self, step: int) -> list[tuple[int, int]]:
+        """The whole global batch of `step` (every rank, every micro-step)."""
         indices, epoch = self.order.batch(step)
         return [(int(i), hash((self.seed, epoch, int(i))) & 0x7FFFFFFF) for i in indices]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.end):
-            yield self.batch_for_step(step)
+            full = self.batch_for_step(step)
+            for micro in range(self.accumulation):
+                start = (micro * self.world_size + self.rank) * self.micro
+                yield full[start : start + self.micro]
+
+
+def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
+    """Images per rank and micro-step; the global batch must split evenly."""
+    parts = world_size * accumulation
+    if batch_size % parts:
+        raise UserError(f"train.batch_size: {batch_size} does not split into {world_size} rank(s) x "
+                        f"{accumulation} accumulation step(s); make it a multiple of {parts}")
+    return batch_size // parts
 
 
 class StreamingImages(torch.utils.data.IterableDataset):
@@ -428,13 +449,26 @@ class StreamingImages(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, end_step: int):
+def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, end_step: int,
+                 rank: int = 0, world_size: int = 1, accumulation: int = 1):
+    """This rank's micro-batches for steps [start_step, end_step): `accumulation` per step, each 1 /
+    (world_size * accumulation) of the step's global batch of `batch_size` images.
+
+    Map-style sources slice each step's global batch (`StepBatchSampler`); a streamed source is split
+    between ranks by `datasets.distributed.split_dataset_by_node` and each rank reads its own part.
+    """
+    micro = micro_batch_size(batch_size, world_size, accumulation)
     if cfg.streaming:
-        stream = StreamingImages(load_source(cfg, cfg.train_split, seed), cfg, seed, skip=start_step * batch_size)
-        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate)
-        return itertools.islice(loader, end_step - start_step)  # the stream itself never ends
+        source = load_source(cfg, cfg.train_split, seed)
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            source = split_dataset_by_node(source, rank=rank, world_size=world_size)
+        stream = StreamingImages(source, cfg, seed, skip=start_step * micro * accumulation)
+        loader = torch.utils.data.DataLoader(stream, batch_size=micro, collate_fn=collate)
+        return itertools.islice(loader, (end_step - start_step) * accumulation)  # the stream never ends
     ds = ImageDataset(load_source(cfg, cfg.train_split, seed), cfg, train=True)
-    sampler = StepBatchSampler(len(ds), batch_size, seed, start_step, end_step)
+    sampler = StepBatchSampler(len(ds), batch_size, seed, start_step, end_step, rank, world_size, accumulation)
     return torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,

@@ -205,12 +205,15 @@ class TrainConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 50
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch threads on CPU; 0 = torch's default
+    grad_accumulation: int = 1  # micro-steps per optimizer step; batch_size is the global batch
+    activation_checkpointing: bool = False  # recompute transformer / residual blocks in backward
+    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA, fp32 on CPU)
+    threads: int = 0  # torch threads per rank on CPU; 0 = the cores shared evenly by the local ranks
 
     def __post_init__(self):
         check(self.steps > 0, "steps' must be positive", self.steps)
         check(self.batch_size > 0, "batch_size' must be positive", self.batch_size)
+        check(self.grad_accumulation > 0, "grad_accumulation' must be positive", self.grad_accumulation)
         check(0.0 <= self.ema_decay < 1.0, "ema_decay' must be in [0, 1)", self.ema_decay)
         check(len(self.betas) == 2, "betas' must have two values", self.betas)
         for key in ("eval_every", "checkpoint_every", "log_every", "warmup_steps"):

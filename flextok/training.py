@@ -1,23 +1,33 @@
 """The tokenizer training loop behind `train_tokenizer.py`, shared by every tokenizer family.
 
 Run layout: runs/<name>/{config.yaml, metrics.jsonl, checkpoints/latest.pt, samples/, final/}.
-Each step reseeds torch from (seed, step) and batches depend only on (seed, step), so `--resume`
-reproduces an uninterrupted run exactly.
+Each step reseeds torch from (seed, step, rank, micro-step) and batches depend only on (seed, step), so
+`--resume` reproduces an uninterrupted run exactly.
+
+Multi-rank runs (`torchrun` or the `deepspeed` launcher) use PyTorch DDP, not DeepSpeed's engine: the
+tokenizers are trained with an EMA copy, an optional PatchGAN sharing one backward pass, and frozen
+LPIPS / autoencoder modules, and they fit one GPU's memory in bf16 with activation checkpointing, so
+replicated weights with all-reduced gradients are all they need. Every rank holds the same weights,
+so rank 0 alone evaluates, logs and writes the (single) checkpoint that every rank resumes from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from . import distributed as dist
 from .config import save_config
-from .data import load_images, report_skipped, train_loader
+from .data import Batch, load_images, micro_batch_size, report_skipped, train_loader
 from .errors import UserError
 from .files import MetricsLog, atomic_write
 from .metrics import psnr, ssim
@@ -25,7 +35,7 @@ from .runtime import check_finite, pick_device, warmup_cosine
 from .schema import TokenizerRunConfig
 from .visualize import save_image_grid
 
-__all__ = ["TokenizerTrainer", "build_objective", "build_tokenizer"]
+__all__ = ["TokenizerTrainer", "build_objective", "build_tokenizer", "recompute_in_backward", "step_seed"]
 
 CHECKPOINT = "latest.pt"
 
@@ -50,43 +60,109 @@ def build_objective(cfg: TokenizerRunConfig, model: torch.nn.Module) -> torch.nn
     return FlexTokObjective(model)
 
 
+def recompute_in_backward(model: torch.nn.Module) -> int:
+    """Activation checkpointing: every attention, feed-forward and residual conv block of `model`
+    keeps only its inputs in the forward pass and recomputes the rest in backward. Returns the count.
+
+    The blocks' `forward` is wrapped in place, so parameter names (checkpoints, Hub export) do not
+    change; wrap after any `copy.deepcopy` of the model (a copy would call the original's blocks).
+    """
+    from x_transformers.x_transformers import Attention, FeedForward
+
+    from .grid_autoencoder import ResBlock
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (Attention, FeedForward, ResBlock)):
+            inner = module.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _inner(*args, **kwargs)
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            module.forward = forward
+            count += 1
+    return count
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """The torch seed of one micro-step; `stream` = rank * accumulation + micro-step. Stream 0 keeps
+    the one-process seed, so single-rank runs repeat the results of earlier versions."""
+    base = seed * 1_000_003 + step
+    return base if stream == 0 else int(np.random.SeedSequence([base, stream]).generate_state(1)[0])
+
+
+def grouped(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """The micro-batches of one step at a time."""
+    group: list[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
 class TokenizerTrainer:
     def __init__(self, cfg: TokenizerRunConfig, resume: bool = False):
         self.cfg, self.run_dir = cfg, cfg.run_dir
+        t = cfg.train
+        self.device = dist.local_device(pick_device(t.device))
+        self.rank, self.world_size = dist.init_process_group(self.device, timeout_minutes=60)
+        self.micro_batch = micro_batch_size(t.batch_size, self.world_size, t.grad_accumulation)
         self.ckpt_path = self.run_dir / "checkpoints" / CHECKPOINT
         if self.ckpt_path.exists() and not resume:
             raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it, or set name=<new>")
         if resume and not self.ckpt_path.exists():  # a requeued job killed before its first checkpoint
-            print(f"--resume: no checkpoint at {self.ckpt_path} yet; starting from step 0")
+            if self.rank == 0:
+                print(f"--resume: no checkpoint at {self.ckpt_path} yet; starting from step 0")
             resume = False
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.device = pick_device(cfg.train.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(dist.threads_per_rank(t.threads))
         torch.manual_seed(cfg.seed)
         self.model = build_tokenizer(cfg).to(self.device)
         self.objective = build_objective(cfg, self.model).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if t.activation_checkpointing:
+            recompute_in_backward(self.objective)
+        self.replicas = self._data_parallel()
         params = [p for p in self.objective.parameters() if p.requires_grad]
-        t = cfg.train
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
         self.step = 0
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if resume:
             self._load_checkpoint()
-        else:  # a run killed before its first checkpoint may have logged steps that are about to be redone
+        elif self.rank == 0:  # a run killed before its first checkpoint may have logged steps about to be redone
             self.metrics.truncate_after(0)
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.eval_batch = load_images(cfg.data, cfg.data.eval_split, cfg.data.eval_images, cfg.seed)
+        self.eval_batch = None
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.eval_batch = load_images(cfg.data, cfg.data.eval_split, cfg.data.eval_images, cfg.seed)
         self.skipped: list[int] = []
 
+    def _data_parallel(self) -> torch.nn.Module:
+        """The objective itself for one rank, else DDP over it. A PatchGAN's parameters get no gradient
+        before `loss.adversarial_start`, which DDP must be told about."""
+        if self.world_size == 1:
+            return self.objective
+        from torch.nn.parallel import DistributedDataParallel
+
+        unused = getattr(self.objective, "discriminator", None) is not None
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.objective, device_ids=ids, find_unused_parameters=unused)
+
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the one checkpoint (every rank holds the same weights), atomically."""
+        if self.rank != 0:
+            return
         state = {
             "objective": self.objective.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
+            "world_size": self.world_size,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
         atomic_write(self.ckpt_path, lambda tmp: torch.save(state, tmp))
@@ -101,59 +177,81 @@ class TokenizerTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        self.metrics.truncate_after(self.step)
+        if self.rank == 0:
+            self.metrics.truncate_after(self.step)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
 
-    def train(self) -> Path:
+    def train(self) -> Path | None:
+        """Train to `train.steps`; rank 0 returns the exported EMA model's folder (other ranks: None)."""
         t = self.cfg.train
-        loader = train_loader(self.cfg.data, t.batch_size, self.cfg.seed, self.step, t.steps)
-        bar = tqdm(total=t.steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True)
+        loader = train_loader(self.cfg.data, t.batch_size, self.cfg.seed, self.step, t.steps, self.rank,
+                              self.world_size, t.grad_accumulation)
+        bar = tqdm(total=t.steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
+                   disable=self.rank != 0)
         seen, started = 0, time.perf_counter()
         try:
-            for batch in loader:
-                self._collect_skipped(batch.skipped, seen)
-                if batch.images.numel() == 0:
-                    self.step += 1
-                    continue
-                logs = self.train_step(batch.images.to(self.device, non_blocking=True))
+            for micro_batches in grouped(loader, t.grad_accumulation):
+                for batch in micro_batches:
+                    self._collect_skipped(batch.skipped, seen)
+                logs = self.train_step([b.images.to(self.device, non_blocking=True) for b in micro_batches])
                 self.step += 1
-                seen += len(batch.images)
+                if logs is None:  # a micro-batch without a usable image somewhere: the step is skipped
+                    continue
+                seen += logs.pop("images")
                 rate = seen / (time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{rate:.0f}")
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self.log({"step": self.step, "images_per_s": rate, "lr": self.scheduler.get_last_lr()[0], **logs})
-                if self.step % t.eval_every == 0 or self.step == t.steps:
+                if self.rank == 0 and (self.step % t.eval_every == 0 or self.step == t.steps):
                     self.log({"step": self.step, **self.evaluate()})
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             self.save_checkpoint()
             bar.close()
-            print(f"\ninterrupted: saved step {self.step} to {self.ckpt_path}; continue with --resume")
+            if self.rank == 0:
+                print(f"\ninterrupted: saved step {self.step} to {self.ckpt_path}; continue with --resume")
             raise
         bar.close()
         report_skipped(self.skipped, f"{self.cfg.data.source} [{self.cfg.data.train_split}]")
-        final = self.ema.save_pretrained(self.run_dir / "final")
-        return final
+        return self.ema.save_pretrained(self.run_dir / "final") if self.rank == 0 else None
 
-    def train_step(self, images: torch.Tensor) -> dict[str, float]:
-        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float] | None:
+        """One optimizer step over this rank's micro-batches (gradients averaged over all of them and
+        over ranks); None, with no update anywhere, when any rank got an empty micro-batch."""
+        t = self.cfg.train
+        sizes = [len(images) for images in micro_batches]
+        if dist.all_reduce_sum([float(min(sizes) == 0)], self.device)[0] > 0:
+            return None
         self.objective.train()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
-            loss, logs = self.objective(images, self.step)
-        check_finite("loss", loss.item(), self.step, self.ckpt_path)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.train.grad_clip)
+        loss_sum, logs_sum = 0.0, {}
+        for micro, images in enumerate(micro_batches):
+            torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank * len(micro_batches) + micro))
+            last = micro == len(micro_batches) - 1
+            # gradients are all-reduced once per step, at the last micro-batch
+            sync = contextlib.nullcontext() if last or self.replicas is self.objective else self.replicas.no_sync()
+            with sync:
+                with autocast:
+                    loss, logs = self.replicas(images, self.step)
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.item()
+            for key, value in logs.items():
+                logs_sum[key] = logs_sum.get(key, 0.0) + value / len(micro_batches)
+        loss_total, images_total = dist.all_reduce_sum([loss_sum / len(micro_batches), float(sum(sizes))],
+                                                       self.device)
+        loss_mean = loss_total / self.world_size
+        check_finite("loss", loss_mean, self.step, self.ckpt_path)  # the same value on every rank
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), t.grad_clip)
         check_finite("gradient norm", grad_norm.item(), self.step, self.ckpt_path)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self._update_ema()
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), **logs}
+        return {"loss": loss_mean, "grad_norm": float(grad_norm), **logs_sum, "images": images_total}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -179,7 +277,8 @@ class TokenizerTrainer:
         return metrics
 
     def log(self, record: dict) -> None:
-        self.metrics.append(record)
+        if self.rank == 0:
+            self.metrics.append(record)
 
     def _collect_skipped(self, skipped: list[int], seen: int) -> None:
         self.skipped += skipped

@@ -29,6 +29,7 @@ PACKAGES = {"flextok": 0, "bpe_image": 1, "priors": 2, "evaluation": 3}
 SCRIPTS = {path.stem for path in ROOT.glob("*.py")}
 BASE = set(  # the shared base of `flextok`; every other `flextok` module is a tokenizer module
     "errors files config schema runtime hub fingerprint data metrics visualize guidance weights lpips cli patching"
+    " distributed"
     .split()
 )
 DOTTED = re.compile(r"^(%s)(\.[A-Za-z_][A-Za-z0-9_]*)+$" % "|".join(PACKAGES))

@@ -1,0 +1,105 @@
+"""Tokenizer training across 2 CPU ranks (DDP through `torchrun` and the `deepspeed` launcher): data
+sharding, gradient accumulation, activation checkpointing, the PatchGAN, and SIGKILL + `--resume`."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flextok.data import StepBatchSampler, micro_batch_size
+from flextok.distributed import free_port
+from flextok.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+GAN = [  # a quantized grid autoencoder with the PatchGAN switched on after step 2
+    "--config", "configs/grid_vq.yaml", "data.resolution=16", "data.crops_per_photo=8",
+    "data.eval_crops_per_photo=2", "data.eval_images=4", "grid.channels=16", "train.batch_size=8",
+    "train.grad_accumulation=2", "train.activation_checkpointing=true", "train.log_every=1",
+    "train.eval_every=100", "train.warmup_steps=2", "loss.adversarial=0.1", "loss.adversarial_start=2",
+]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "train_tokenizer.py", *args]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_ranks_and_micro_steps_split_each_global_batch():
+    one = list(StepBatchSampler(50, 8, seed=3, start_step=0, end_step=4))
+    for world, accumulation in ((2, 1), (2, 2), (4, 2)):
+        parts = [list(StepBatchSampler(50, 8, 3, 0, 4, rank, world, accumulation)) for rank in range(world)]
+        for step in range(4):
+            pieces = [parts[r][step * accumulation + m] for m in range(accumulation) for r in range(world)]
+            assert sorted(sum(pieces, [])) == sorted(one[step])  # every image once, nothing else
+    with pytest.raises(UserError, match="train.batch_size: 8 does not split into 3 rank"):
+        micro_batch_size(8, 3, 1)
+
+
+def test_two_rank_run_killed_with_sigkill_resumes_exactly(tmp_path):
+    """A 2-rank PatchGAN run is SIGKILLed (launcher and both ranks) after its first checkpoint; the same
+    command with `--resume` finishes it with the losses and weights of an uninterrupted 2-rank run."""
+    common = [*GAN, f"out_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=4"]
+    straight = subprocess.run(torchrun(*common, "name=straight"), cwd=REPO, env=clean_env(),
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = torchrun(*common, "name=killed")
+    process = subprocess.Popen(killed, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "latest.pt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "the run ended before its first checkpoint"
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before the kill"
+    resumed = subprocess.run([*killed, "--resume"], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(b) == list(range(1, 11)) and a == b
+    wa = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "d_loss" in r] == list(range(3, 11))  # the PatchGAN trained
+
+
+def test_two_rank_flextok_run_through_the_deepspeed_launcher(tmp_path):
+    """The 1D tokenizer (nested dropout, rectified-flow decoder) under DDP, started by `deepspeed`; a
+    requeued `--resume` before any checkpoint starts at step 0."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    run = subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "train_tokenizer.py",
+         "--config", "configs/1d_tiny.yaml", f"out_dir={tmp_path}", "name=flex", "flextok.input=pixels",
+         "flextok.patch_size=4", "data.resolution=16", "data.crops_per_photo=8", "data.eval_crops_per_photo=2",
+         "data.eval_images=4", "flextok.num_registers=8", "flextok.dim=32", "flextok.decoder_dim=32",
+         "flextok.heads=2", "flextok.decoder_heads=2", "train.batch_size=8", "train.steps=3",
+         "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1", "--resume"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("starting from step 0") == 1  # rank 0's notice only
+    assert sorted(losses(tmp_path / "flex")) == [1, 2, 3]
+    assert (tmp_path / "flex" / "final" / "model.safetensors").is_file()
