@@ -43,7 +43,7 @@ def bpe_stage(out: Path, name: str, tokenizer: str, config: str, mode: str, voca
         name,
         [sys.executable, "-m", "priors.bpe_from_tokenizer", "--tokenizer", str(out / tokenizer / "final"),
          "--config", config, "--mode", mode, "--vocab-size", str(vocab_size), "--out", str(out / name), *overrides],
-        f"{name}/bpe_config.json",
+        f"{name}/config.json",
     )
 
 

@@ -11,6 +11,7 @@ import sys
 
 from evaluation.schema import ExperimentConfig
 from flextok.cli import config_parser, exits_cleanly, load_from_args
+from flextok.plan import add_plan_arguments, hardware_from_args
 
 
 @exits_cleanly
@@ -18,15 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.json")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("--deepspeed_config", metavar="JSON", default=None,
+                        help="a DeepSpeed JSON merged over prior_train (wins over prior_train.deepspeed_config)")
+    add_plan_arguments(parser)
     args = parser.parse_args(argv)
+    hardware = hardware_from_args(args)
     cfg = load_from_args(args, ExperimentConfig)
+    if args.plan:  # sizes the run on the meta device: no DeepSpeed, no tokenizer, nothing trained or written
+        from priors.plan import print_prior_plan
+
+        return print_prior_plan(cfg, hardware)
     # DeepSpeed is imported only once the config is valid
-    from priors.deepspeed_utils import ensure_launch_env, shutdown_distributed
+    from flextok import distributed
     from priors.trainer import PriorTrainer
 
-    ensure_launch_env(args.local_rank)
-    final = PriorTrainer(cfg, resume=args.resume).train()
-    shutdown_distributed()
+    distributed.ensure_launch_env(args.local_rank)
+    final = PriorTrainer(cfg, resume=args.resume, deepspeed_config_path=args.deepspeed_config).train()
+    distributed.shutdown()
     if final is not None:
         print(f"saved {final}")
     return 0

@@ -12,6 +12,7 @@ import sys
 
 from evaluation.schema import ExperimentConfig
 from flextok.cli import config_parser, exits_cleanly, load_from_args
+from flextok.plan import add_plan_arguments, hardware_from_args, print_tokenizer_plan
 
 
 @exits_cleanly
@@ -19,8 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.pt")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by `deepspeed`
+    add_plan_arguments(parser)
     args = parser.parse_args(argv)
+    hardware = hardware_from_args(args)
     cfg = load_from_args(args, ExperimentConfig)
+    if args.plan:  # sizes the run on the meta device: no process group, nothing trained or written
+        return print_tokenizer_plan(cfg, hardware)
     from flextok import distributed
     from flextok.training import TokenizerTrainer
 

@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import matmul_gflops, peak_rss_mib  # noqa: E402
 
+from flextok.distributed import ensure_launch_env  # noqa: E402
 from flextok.runtime import warmup_cosine  # noqa: E402
 from flextok.schema import SamplingConfig  # noqa: E402
 from priors.schema import PriorConfig, PriorTrainConfig  # noqa: E402
 from priors import DiscretePrior, sample_tokens  # noqa: E402
-from priors.deepspeed_utils import create_engine, ensure_launch_env, init_distributed, param_groups  # noqa: E402
+from priors.deepspeed_utils import create_engine, deepspeed_config, init_distributed, param_groups  # noqa: E402
 
 VOCAB, CLASSES, DIM, DEPTH, HEADS, SEQ, BATCH = 4096, 10, 256, 6, 4, 128, 16
 REFERENCE = {  # ANCHORS.md §B, with the matmul speed of those runs (~133-176 GFLOP/s; midpoint used)
@@ -56,7 +57,7 @@ def deepspeed_step():
     """One optimizer step exactly as `train_prior.py` takes it (engine forward/backward/step, loss read)."""
     t = PriorTrainConfig(steps=1000, micro_batch_size=BATCH, lr=1e-4, weight_decay=0.05, betas=[0.9, 0.95],
                          warmup_steps=10, grad_clip=1.0, zero_stage=0)
-    engine = create_engine(build_prior(), t, bf16=False)
+    engine = create_engine(build_prior(), t, deepspeed_config(t, cuda=False, world_size=1))
     engine.train()
 
     def step(batch):

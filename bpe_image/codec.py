@@ -11,6 +11,10 @@ if the tokens decode back to the exact codes. Every mode here is exactly inverti
 * `flat`: plain BPE over the row-major sequence, the baseline.
 
 Base token ids equal code ids (0..K-1); merged tokens get K..V-1.
+
+Saved codecs use the models' Hub format (`flextok.hub`): `config.json` with `model_type: bpe_codec`, the
+backend file and a model card, loadable from a folder or a hub id. Codecs saved before it
+(`bpe_config.json`) still load.
 """
 
 from __future__ import annotations
@@ -25,7 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flextok.errors import UserError
 from flextok.files import atomic_write_bytes
+from flextok.hub import (
+    CONFIG_NAME,
+    ModelCardInfo,
+    push_folder_to_hub,
+    read_model_meta,
+    register_model,
+    resolve_model_dir,
+    usage_snippet,
+    write_model_card,
+)
 
 from ._backends import BACKENDS
 from ._grid import GridEngine
@@ -34,11 +49,14 @@ from ._sequence import SequenceEngine, block_edges
 from ._text import MAX_CODEBOOK_SIZE
 from .stats import BPEStats
 
-__all__ = ["BPECodec", "CONFIG_NAME", "GRID_BACKEND", "MODES"]
+__all__ = ["BACKEND_FILES", "BPECodec", "CONFIG_NAME", "GRID_BACKEND", "LEGACY_CONFIG_NAME", "MODEL_TYPE", "MODES",
+           "codec_dir"]
 
 MODES = ("1d", "2d", "flat")
 GRID_BACKEND = "grid"
-CONFIG_NAME = "bpe_config.json"
+MODEL_TYPE = "bpe_codec"
+LEGACY_CONFIG_NAME = "bpe_config.json"  # the layout before codecs used the Hub format; still loads
+BACKEND_FILES = (*sorted(b.filename for b in BACKENDS.values()), GridEngine.filename)
 _FORMAT = "bpe_image.BPECodec"
 _VERSION = 1
 _DEFAULT_BATCH_RATIO = 0.5
@@ -57,6 +75,7 @@ Engine = SequenceEngine | GridEngine
 Ids = np.ndarray | torch.Tensor
 
 
+@register_model(MODEL_TYPE)
 class BPECodec:
     """Lossless BPE codec over VQ code sequences or grids.
 
@@ -222,8 +241,10 @@ class BPECodec:
         items, _ = split_batch(sequences, _item_ndim(self._mode), "sequences")
         return BPEStats.measure(self._engine.encode(items), self._engine.token_sizes, self.codebook_size)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the backend file and `bpe_config.json` (atomically, config last)."""
+    def save_pretrained(self, directory: str | os.PathLike, card: ModelCardInfo | dict | None = None, *,
+                        load_path: str | None = None) -> Path:
+        """Write the backend file, the model card `README.md` and `config.json` (atomically, config last),
+        in the models' Hub format. `card` and `load_path` are as in `flextok.hub.HubMixin.save_pretrained`."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         data = self._engine.to_bytes()
@@ -241,28 +262,39 @@ class BPECodec:
             "backend_file": self._engine.filename,
             "backend_sha256": hashlib.sha256(data).hexdigest(),
         }
-        atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+        meta = {"model_type": MODEL_TYPE, "config": config}
+        write_model_card(path, meta, usage_snippet(BPECodec, load_path or str(path), "codec"), card)
+        atomic_write_bytes(path / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        return path
+
+    def push_to_hub(self, repo_id: str, private: bool = True, token: str | None = None,
+                    card: ModelCardInfo | dict | None = None) -> str:
+        """Upload the saved codec, card included, to `repo_id` (needs network access and a token)."""
+        return push_folder_to_hub(repo_id, lambda tmp: self.save_pretrained(tmp, card, load_path=repo_id),
+                                  private, token)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> BPECodec:
-        """Load a codec saved by `save_pretrained`.
+    def from_pretrained(cls, path: str | os.PathLike) -> BPECodec:
+        """Load a codec saved by `save_pretrained` from a folder or a hub id (or an older `bpe_config.json`
+        folder).
 
-        Raises FileNotFoundError naming a missing file, ValueError naming a file that
-        is corrupt or does not match the config.
+        Raises `flextok.errors.UserError` for a folder or hub id that is not there or holds another model
+        type, FileNotFoundError naming a missing file, ValueError naming a file that is corrupt or does not
+        match the config.
         """
-        path = Path(directory)
-        config = _read_config(path / CONFIG_NAME)
-        backend_path = path / config["backend_file"]
+        directory = codec_dir(path)
+        config, config_path = _read_any_config(directory)
+        backend_path = directory / config["backend_file"]
         if not backend_path.is_file():
-            raise FileNotFoundError(f"{backend_path}: backend file named in {path / CONFIG_NAME} is missing")
+            raise FileNotFoundError(f"{backend_path}: backend file named in {config_path} is missing")
         data = backend_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != config["backend_sha256"]:  # a backend file swapped under it
-            raise ValueError(f"{backend_path} does not match {path / CONFIG_NAME} (checksum differs)")
+            raise ValueError(f"{backend_path} does not match {config_path} (checksum differs)")
         engine = _load_engine(config, data)
         if (engine.codebook_size, engine.vocab_size) != (config["codebook_size"], config["vocab_size"]):
             raise ValueError(
                 f"{backend_path} holds K={engine.codebook_size}, V={engine.vocab_size} but "
-                f"{path / CONFIG_NAME} says K={config['codebook_size']}, V={config['vocab_size']}"
+                f"{config_path} says K={config['codebook_size']}, V={config['vocab_size']}"
             )
         return cls(engine, mode=config["mode"], backend=config["backend"], max_token_length=config["max_token_length"])
 
@@ -278,6 +310,12 @@ class BPECodec:
             f"BPECodec(mode={self._mode!r}, backend={self._backend!r}, codebook_size={self.codebook_size}, "
             f"vocab_size={self.vocab_size})"
         )
+
+
+def codec_dir(path: str | os.PathLike) -> Path:
+    """The local folder of a saved codec: `path` itself, or a hub id's snapshot in the Hugging Face cache
+    (downloaded if needed: config, backend files)."""
+    return resolve_model_dir(path, extra_files=(*BACKEND_FILES, LEGACY_CONFIG_NAME))
 
 
 def _item_ndim(mode: str) -> int:
@@ -324,14 +362,31 @@ def _check_train_args(
     return backend, cuts, ratio
 
 
+def _read_any_config(directory: Path) -> tuple[dict, Path]:
+    """The codec config of a saved folder and the file it came from: `config.json` (Hub format), else the
+    older `bpe_config.json`."""
+    hub_path, legacy_path = directory / CONFIG_NAME, directory / LEGACY_CONFIG_NAME
+    if hub_path.is_file():
+        _, meta = read_model_meta(directory)
+        if meta["model_type"] != MODEL_TYPE:
+            raise UserError(f"{hub_path}: holds a '{meta['model_type']}' model, not a BPE codec")
+        return _check_config(meta.get("config"), hub_path), hub_path
+    if legacy_path.is_file():
+        return _read_config(legacy_path), legacy_path
+    raise FileNotFoundError(f"{directory}: no saved BPE codec here (neither {CONFIG_NAME} nor {LEGACY_CONFIG_NAME})")
+
+
 def _read_config(config_path: Path) -> dict:
-    """Parse and sanity-check `bpe_config.json`."""
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: no saved BPE codec config here")
+    """Parse and sanity-check an older `bpe_config.json`."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    return _check_config(config, config_path)
+
+
+def _check_config(config: object, config_path: Path) -> dict:
+    """Sanity-check a codec config (the `config` of `config.json`, or all of `bpe_config.json`)."""
     if not isinstance(config, dict) or config.get("format") != _FORMAT:
         raise ValueError(f"{config_path} is not a {_FORMAT} config")
     if config.get("version") != _VERSION:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -32,6 +33,12 @@ class Quantizer(nn.Module):
 
     def __init__(self, config: QuantizerConfig, dim: int):
         super().__init__()
+        # vector-quantize-pytorch's constructors call `.item()`, which meta tensors cannot answer: under a
+        # meta-device build (`flextok.plan`) the quantizer alone is built on the CPU (small: codebooks only)
+        with torch.device("cpu") if torch.get_default_device().type == "meta" else contextlib.nullcontext():
+            self._build(config, dim)
+
+    def _build(self, config: QuantizerConfig, dim: int) -> None:
         from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
         kind, codebook_size, self.kind = config.kind, config.codebook_size, config.kind

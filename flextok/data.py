@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import random
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,11 @@ def decode_image(value: Any) -> Image.Image:
 def load_source(cfg: DataConfig, split: str, seed: int = 0):
     """Return a `datasets.Dataset` (or `IterableDataset` when streaming) with 'image' and 'label' columns.
 
-    Sources without the requested split (imagefolder, parquet, hub sets with only 'train') get a seeded
-    held-out slice of `eval_images` examples carved from 'train', disjoint from the training part.
+    `hf:<hub id or folder>`, `imagefolder:<dir>` and `parquet:<glob>` go through `datasets` and prepare (or
+    stream) only the requested split. `parquet:` also takes one glob per split:
+    `parquet:train=<glob>,test=<glob>`. Sources without the requested split (a bare image folder, a single
+    parquet glob, hub sets with only 'train') get a seeded held-out slice of `eval_images` examples carved
+    from 'train'; their training split is then the rest of 'train', disjoint from it.
     `train_images` > 0 keeps a seeded subset of that size of the training split (map-style sources).
     """
     source = _full_source(cfg, split, seed)
@@ -127,56 +131,126 @@ def _full_source(cfg: DataConfig, split: str, seed: int):
         return _fashion_mnist_dataset(arg or FASHION_MNIST_DIR, split)
     if kind == "photos":
         return _photos_dataset(cfg, arg, split, seed)
-    if kind == "hf":
-        return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict(arg, streaming=cfg.streaming))
-    if kind == "imagefolder":
-        if not Path(arg).is_dir():
-            raise UserError(f"data.source: image folder not found: {arg}")
-        return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict("imagefolder", data_dir=arg))
-    if kind == "parquet":
-        return _hf_dataset(cfg, arg, split, seed, lambda: _load_dataset_dict("parquet", data_files=arg))
+    if kind in ("hf", "imagefolder", "parquet"):
+        return _hf_dataset(cfg, arg, split, seed, *_dataset_args(kind, arg))
     raise UserError(
         f"data.source: unknown source '{cfg.source}' "
         "(use hf:<id>, imagefolder:<dir>, parquet:<glob>, fashion_mnist:<dir>, photos:<manifest> or builtin:skimage)"
     )
 
 
-def _load_dataset_dict(*args, **kwargs):
+def _dataset_args(kind: str, arg: str) -> tuple[str, dict[str, Any]]:
+    """`datasets.load_dataset` path and keyword arguments of an `hf:`, `imagefolder:` or `parquet:` source."""
+    if kind == "hf":
+        return arg, {}
+    if kind == "imagefolder":
+        if not Path(arg).is_dir():
+            raise UserError(f"data.source: image folder not found: {arg}")
+        return "imagefolder", {"data_dir": arg}
+    return "parquet", {"data_files": _parquet_files(arg)}
+
+
+_SPLIT_GLOB = re.compile(r"^[A-Za-z_][\w-]*=")  # `parquet:train=...`: a split name, then its glob
+
+
+def _parquet_files(arg: str) -> str | dict[str, str]:
+    """`<glob>` (one 'train' split), or `<split>=<glob>,<split>=<glob>...` (one glob per split)."""
+    if not _SPLIT_GLOB.match(arg):
+        return arg
+    parts = re.split(r",(?=[A-Za-z_][\w-]*=)", arg)  # a comma inside a glob stays part of it
+    files = dict(part.split("=", 1) for part in parts)
+    empty = [name for name, glob in files.items() if not glob]
+    if empty:
+        raise UserError(f"data.source: parquet split '{empty[0]}' has no glob (use parquet:<split>=<glob>,...)")
+    return files
+
+
+def _hf_dataset(cfg: DataConfig, name: str, split: str, seed: int, path: str, kwargs: dict[str, Any]):
+    """One split of a `datasets` source as 'image' (+ 'label') columns; a missing train/eval split is
+    carved from 'train'."""
     import datasets
 
-    try:
-        return datasets.load_dataset(*args, **kwargs)
-    except FileNotFoundError as err:
-        raise UserError(f"data.source: {err}") from None
-    except Exception as err:  # datasets raises many types for a missing or offline hub id
-        raise UserError(f"data.source: cannot load {args[0]!r}: {type(err).__name__}: {str(err).splitlines()[0]}")
-
-
-def _hf_dataset(cfg: DataConfig, name: str, split: str, seed: int, load):
-    import datasets
-
-    dsets = load()
-    if cfg.image_column not in dsets[next(iter(dsets))].column_names:
-        raise UserError(f"data.image_column: '{cfg.image_column}' is not a column of {name}")
-    if split in dsets:
-        ds = dsets[split]
-    elif "train" in dsets and split in (cfg.train_split, cfg.eval_split):
-        ds = _carve_split(dsets["train"], split == cfg.eval_split, cfg.eval_images, seed)
+    builder = _call_datasets(datasets.load_dataset_builder, name, path, **kwargs)
+    available = _split_names(builder)
+    # without its own eval split, 'train' gives the held-out slice and trains on the rest (a stream whole)
+    carve_train = split == cfg.train_split == "train" and cfg.eval_split not in available and not cfg.streaming
+    if split in available and not carve_train:
+        ds = _load_split(builder, name, path, kwargs, split, cfg.streaming)
+    elif "train" in available and split in (cfg.train_split, cfg.eval_split):
+        train = _load_split(builder, name, path, kwargs, "train", cfg.streaming)
+        ds = _carve_split(train, split == cfg.eval_split, cfg.eval_images, seed)
     else:
-        raise UserError(f"data: split '{split}' not in {name} (available: {', '.join(dsets)})")
+        raise UserError(f"data: split '{split}' not in {name} (available: {', '.join(available)})")
+    columns = ds.column_names or []  # None: a stream whose columns are not known before reading it
+    if columns and cfg.image_column not in columns:
+        raise UserError(f"data.image_column: '{cfg.image_column}' is not a column of {name}")
     ds = ds.rename_column(cfg.image_column, "image") if cfg.image_column != "image" else ds
     label = cfg.label_column
-    has_label = label is not None and label in (ds.column_names or [])
+    has_label = label is not None and label in columns
     if has_label and label != "label":
         ds = ds.rename_column(label, "label")
-    keep = ["image", "label"] if has_label else ["image"]
-    ds = ds.select_columns(keep)
-    if not cfg.streaming:
+    ds = ds.select_columns(["image", "label"] if has_label else ["image"])
+    if ds.features is not None:  # we decode images ourselves, so that a corrupt one is skipped, not fatal
         ds = ds.cast_column("image", datasets.Image(decode=False))
     return ds
 
 
+def _split_names(builder) -> list[str]:
+    """Splits of a source without preparing any: its data files' splits, else the recorded ones (a hub set
+    served from the `datasets` cache offline)."""
+    files = builder.config.data_files
+    return [str(name) for name in (files if files else builder.info.splits or {})]
+
+
+def _load_split(builder, name: str, path: str, kwargs: dict[str, Any], split: str, streaming: bool):
+    """Prepare (or stream) only `split`: its own data files, with the features of the whole source."""
+    import datasets
+
+    files = builder.config.data_files
+    if files:  # without this, `load_dataset(split=...)` would still prepare every split first
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("data_dir", "data_files")}
+        kwargs.update(data_files={split: list(files[split])}, **_whole_source_features(builder))
+    return _call_datasets(datasets.load_dataset, name, path, split=split, streaming=streaming, **kwargs)
+
+
+def _whole_source_features(builder) -> dict[str, Any]:
+    """Keyword arguments that give a one-split load the columns of the whole source: the features a hub set
+    declares, or for an image folder the class labels its directories name across all splits (labels
+    inferred from one split alone could be numbered differently, or be missing)."""
+    import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    if builder.info.features is not None:
+        return {"features": builder.info.features}
+    if not isinstance(builder, ImageFolder) or builder.config.drop_labels is not None:
+        return {}
+    files = [str(f) for split_files in builder.config.data_files.values() for f in split_files]
+    images = [f for f in files if Path(f).suffix.lower() in builder.EXTENSIONS]
+    if len(images) != len(files):  # metadata files or archives: `datasets` decides their columns per split
+        return {}
+    labels = sorted({Path(f).parent.name for f in images})
+    if len(labels) > 1 and len({len(Path(f).parts) for f in images}) == 1:  # `datasets`' own labelling rule
+        label = datasets.ClassLabel(names=labels)
+        return {"drop_labels": False, "features": datasets.Features({"image": datasets.Image(), "label": label})}
+    return {"drop_labels": True}
+
+
+def _call_datasets(function, name: str, *args, **kwargs):
+    """Call a `datasets` loader; a missing or unreachable source becomes one `UserError` line."""
+    try:
+        return function(*args, **kwargs)
+    except FileNotFoundError as err:
+        raise UserError(f"data.source: {_first_line(err)}") from None
+    except Exception as err:  # datasets raises many types for a missing or offline hub id
+        raise UserError(f"data.source: cannot load {name!r}: {type(err).__name__}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return next((line for line in str(err).splitlines() if line.strip()), "")
+
+
 def _carve_split(train, held_out: bool, n_eval: int, seed: int):
+    """The seeded held-out slice of `n_eval` examples of 'train' (at most half), or the rest of it."""
     if not hasattr(train, "select"):
         raise UserError("data: a streaming source needs its own eval split")
     order = np.random.default_rng(seed).permutation(len(train))
@@ -476,10 +550,15 @@ def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, e
 
 
 def load_images(cfg: DataConfig, split: str, limit: int | None = None, seed: int = 0) -> Batch:
-    """Materialize up to `limit` center-cropped images of `split` (held-out sets for metrics and grids)."""
-    ds = ImageDataset(load_source(cfg, split, seed), cfg, train=False)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    batch = collate(ds.__getitems__(list(range(n))))
+    """Materialize up to `limit` center-cropped images of `split` (held-out sets for metrics and grids); a
+    streamed split gives its first `limit` images."""
+    source = load_source(cfg, split, seed)
+    if hasattr(source, "select"):
+        ds = ImageDataset(source, cfg, train=False)
+        items = ds.__getitems__(list(range(len(ds) if limit is None else min(limit, len(ds)))))
+    else:
+        items = [example_from_row(row, i, cfg, False, 0) for i, row in enumerate(itertools.islice(source, limit))]
+    batch = collate(items)
     report_skipped(batch.skipped, f"{cfg.source} [{split}]")
     if batch.images.numel() == 0:
         raise UserError(f"data: {cfg.source} [{split}] yielded no usable image")

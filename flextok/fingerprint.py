@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .hub import CARD_NAME
 
 __all__ = ["fingerprint_files", "fingerprint_model"]
 
@@ -51,12 +52,13 @@ def fingerprint_model(model: torch.nn.Module) -> str:
 
 
 def fingerprint_files(directory: str | Path) -> str:
-    """SHA-256 over a folder's file names and bytes (a saved BPE codec)."""
+    """SHA-256 over a folder's file names and bytes (a saved BPE codec), leaving out its model card
+    (`README.md`: prose, and the path it was saved to)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"folder not found: {directory}")
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory) != Path(CARD_NAME)):
         digest.update(str(path.relative_to(directory)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

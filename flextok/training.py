@@ -30,6 +30,7 @@ from .config import save_config
 from .data import Batch, load_images, micro_batch_size, report_skipped, train_loader
 from .errors import UserError
 from .files import MetricsLog, atomic_write
+from .hub import ModelCardInfo
 from .metrics import psnr, ssim
 from .runtime import check_finite, pick_device, warmup_cosine
 from .schema import TokenizerRunConfig
@@ -135,7 +136,7 @@ class TokenizerTrainer:
             self._load_checkpoint()
         elif self.rank == 0:  # a run killed before its first checkpoint may have logged steps about to be redone
             self.metrics.truncate_after(0)
-        self.eval_batch = None
+        self.eval_batch, self.last_eval = None, {}
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             self.eval_batch = load_images(cfg.data, cfg.data.eval_split, cfg.data.eval_images, cfg.seed)
@@ -206,7 +207,8 @@ class TokenizerTrainer:
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self.log({"step": self.step, "images_per_s": rate, "lr": self.scheduler.get_last_lr()[0], **logs})
                 if self.rank == 0 and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    self.log({"step": self.step, **self.evaluate()})
+                    self.last_eval = self.evaluate()
+                    self.log({"step": self.step, **self.last_eval})
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save_checkpoint()
         except KeyboardInterrupt:
@@ -217,7 +219,12 @@ class TokenizerTrainer:
             raise
         bar.close()
         report_skipped(self.skipped, f"{self.cfg.data.source} [{self.cfg.data.train_split}]")
-        return self.ema.save_pretrained(self.run_dir / "final") if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        data = self.cfg.data
+        card = ModelCardInfo(data_source=data.source, data_split=data.train_split, resolution=data.resolution,
+                             steps=self.step, metrics=self.last_eval)
+        return self.ema.save_pretrained(self.run_dir / "final", card=card)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float] | None:
         """One optimizer step over this rank's micro-batches (gradients averaged over all of them and

@@ -21,6 +21,7 @@ from bpe_image import BPECodec
 from flextok import GridAutoencoder, UserError, load_tokenizer
 from flextok.cli import exits_cleanly
 from flextok.config import load_config
+from flextok.hub import ModelCardInfo
 
 from .schema import PriorConfig, PriorRunConfig
 from .token_dataset import build_token_dataset, token_cache_dir
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--mode 2d needs a grid tokenizer; {args.tokenizer} gives a 1D sequence (use 1d or flat)")
         codes = codes.reshape(len(codes), tokenizer.grid_size, tokenizer.grid_size)
     codec = BPECodec.train(codes, codebook_size=tokenizer.vocab_size, vocab_size=args.vocab_size, mode=args.mode)
-    codec.save_pretrained(args.out)
-    print(json.dumps(codec.stats(codes).as_dict(), indent=2))
+    stats = codec.stats(codes).as_dict()
+    codec.save_pretrained(args.out, card=ModelCardInfo(num_images=len(codes), metrics=stats))
+    print(json.dumps(stats, indent=2))
     print(f"saved {args.out}")
     return 0
 

@@ -8,51 +8,35 @@ SIGKILL at any moment leaves the pointer naming a complete checkpoint.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from flextok.distributed import barrier
 from flextok.errors import UserError
 from flextok.files import atomic_write_text
 from flextok.runtime import warmup_cosine
 
 from .schema import PriorTrainConfig
 
-__all__ = ["POINTER", "barrier", "broadcast_object", "consolidated_weights", "create_engine", "deepspeed_config",
-    "ensure_launch_env", "free_port", "gathered_state_dict", "init_distributed", "load_checkpoint",
-    "local_device_name", "on_cuda", "param_groups", "read_pointer", "remove_stale_tags", "save_checkpoint",
-    "shutdown_distributed"]
+__all__ = ["POINTER", "build_model", "consolidated_weights", "create_engine", "deepspeed_config",
+           "gathered_state_dict", "init_distributed", "load_checkpoint", "local_device_name", "on_cuda",
+           "param_groups", "read_pointer", "remove_stale_tags", "save_checkpoint"]
 
 POINTER = "latest.json"
+BATCH_KEYS = {  # DeepSpeed key -> prior_train key; the data order is scheduled from these
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accumulation",
+}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_launch_env(local_rank: int | None = None) -> None:
-    """Make a plain `python train_prior.py` a one-process job (else DeepSpeed falls back to mpi4py
-    discovery); the `deepspeed` launcher sets these itself and passes `--local_rank`."""
-    if local_rank is not None and local_rank >= 0:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-
-
-def init_distributed(timeout_minutes: int = 120) -> tuple[int, int]:
+def init_distributed(timeout_minutes: int = 60) -> tuple[int, int]:
     """Initialize DeepSpeed's process group once per process; returns (rank, world_size).
 
     On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op (about 95 s on 2 cores)
@@ -66,18 +50,8 @@ def init_distributed(timeout_minutes: int = 120) -> tuple[int, int]:
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    # a long timeout: rank 0 alone builds the token caches while the other ranks wait at a barrier
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def shutdown_distributed() -> None:
-    """All ranks finish together, then the process group is torn down. A rank that exits while another
-    still holds gloo connections (rank 0 exporting) can abort at interpreter exit with
-    "terminate called without an active exception"."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def local_device_name() -> str:
@@ -93,25 +67,23 @@ def on_cuda() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def deepspeed_config(t: PriorTrainConfig, cuda: bool, world_size: int, user: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a `prior_train` section, with the user's JSON (`user`) merged over it.
 
-
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's value on every rank."""
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def deepspeed_config(t: PriorTrainConfig, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config equivalent of a `prior_train` section.
+    The JSON wins wherever it sets a key (offload, buckets, precision, optimizer, ZeRO stage, ...),
+    except the batch sizes that schedule the data: a JSON micro batch or accumulation that differs
+    from `prior_train`, or a `train_batch_size` that is not their product times the ranks, is an
+    error, as is a `scheduler` (the schedule is `prior_train.warmup_steps` / `steps`).
 
     AdamW runs as torch's own (`torch_adam`), so no fused op is compiled on CPU or needs nvcc on GPUs;
-    the LR schedule is a client scheduler (see `train_prior`), saved and restored with checkpoints.
+    with optimizer offload, `zero_force_ds_cpu_optimizer: false` lets that torch AdamW step on the CPU
+    copy (set it true in the JSON, with DeepSpeed's CPU Adam, for speed on GPU nodes).
     """
-    return {
+    precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accumulation,
         "gradient_clipping": t.grad_clip,
@@ -120,11 +92,93 @@ def deepspeed_config(t: PriorTrainConfig, bf16: bool) -> dict[str, Any]:
             "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
                        "torch_adam": True},
         },
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 2**31 - 1,  # our own logging only
         "wall_clock_breakdown": False,
     }
+    if user is None:
+        return config
+    merged = _merged(config, _read_json(user))
+    for key, ours in BATCH_KEYS.items():
+        if merged[key] != config[key]:
+            raise UserError(f"{user}: {key}={merged[key]} disagrees with prior_train.{ours}={config[key]}")
+    product = t.micro_batch_size * t.grad_accumulation * world_size
+    if merged.get("train_batch_size", product) != product:
+        raise UserError(f"{user}: train_batch_size={merged['train_batch_size']} != micro_batch_size "
+                        f"{t.micro_batch_size} x grad_accumulation {t.grad_accumulation} x {world_size} rank(s)")
+    if "scheduler" in merged:
+        raise UserError(f"{user}: remove 'scheduler' (the LR schedule is prior_train.lr / warmup_steps / steps)")
+    if merged["bf16"].get("enabled") and merged["fp16"].get("enabled"):
+        raise UserError(f"{user}: bf16 and fp16 are both enabled")
+    return merged
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"prior_train.deepspeed_config: {path} not found") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: a DeepSpeed config is a JSON object")
+    return value
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, recursively for nested sections."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_model(build: Callable[[], torch.nn.Module], config: dict[str, Any]) -> torch.nn.Module:
+    """`build()`, already partitioned across ranks under ZeRO-3 (`deepspeed.zero.Init`): no rank ever
+    holds the full parameters.
+
+    zero.Init partitions each module's own parameters when its `__init__` returns, so writes a parent
+    module makes afterwards to a child's parameters are lost; `_redo_parent_inits` replays the ones
+    x-transformers and the priors make. The partitioned model therefore starts from the same
+    initial distributions as a plain build, though not the same numbers (the replayed draws come later
+    in the random stream).
+    """
+    if config["zero_optimization"].get("stage", 0) != 3:
+        return build()
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = build()
+    _redo_parent_inits(model)
+    return model
+
+
+def _redo_parent_inits(model: torch.nn.Module) -> None:
+    import deepspeed
+    from x_transformers.x_transformers import AdaptiveLayerNorm, AdaptiveLayerScale, TokenEmbedding
+
+    def redo(module: torch.nn.Module) -> None:
+        if isinstance(module, TokenEmbedding) and not module.l2norm_embed:
+            torch.nn.init.kaiming_normal_(module.emb.weight)
+        elif isinstance(module, AdaptiveLayerNorm):
+            torch.nn.init.zeros_(module.to_gamma.weight)
+        elif isinstance(module, AdaptiveLayerScale):  # x-transformers' default init_bias_value
+            torch.nn.init.zeros_(module.to_gamma.weight)
+            torch.nn.init.constant_(module.to_gamma.bias, -2.0)
+        elif hasattr(module, "zero_init_modules"):  # the priors' own zero-initialized outputs
+            for child in module.zero_init_modules():
+                for param in child.parameters():
+                    torch.nn.init.zeros_(param)
+
+    kinds = (TokenEmbedding, AdaptiveLayerNorm, AdaptiveLayerScale)
+    for module in model.modules():
+        if isinstance(module, kinds) or hasattr(module, "zero_init_modules"):
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    redo(module)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -136,15 +190,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def create_engine(model: torch.nn.Module, t: PriorTrainConfig, bf16: bool):
-    """`deepspeed.initialize` with the config above, weight-decay groups, and the tokenizer trainer's
-    schedule (linear warmup, cosine to 10%) as a client LR scheduler."""
+def create_engine(model: torch.nn.Module, t: PriorTrainConfig, config: dict[str, Any]):
+    """`deepspeed.initialize` with `config` (see `deepspeed_config`), weight-decay groups, and the
+    tokenizer trainer's schedule (linear warmup, cosine to 10%) as a client LR scheduler."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t.weight_decay),
-        config=deepspeed_config(t, bf16),
+        config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.warmup_steps, t.steps)),
     )
     return engine

@@ -52,6 +52,10 @@ class FlowPrior(HubMixin, nn.Module):
         self.register_buffer("latent_mean", torch.zeros(token_dim))
         self.register_buffer("latent_std", torch.ones(token_dim))
 
+    def zero_init_modules(self) -> list[nn.Module]:
+        """Modules this class zero-initializes after building them (replayed under ZeRO-3's zero.Init)."""
+        return [self.out_proj]
+
     def extra_config(self) -> dict:
         return {"num_tokens": self.num_tokens, "token_dim": self.token_dim, "tokenizer_hash": self.tokenizer_hash}
 

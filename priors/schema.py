@@ -25,6 +25,7 @@ class PriorConfig:
     bpe: Optional[str] = None  # tokens: bpe, path of a bpe_image codec
     cache_dir: Optional[str] = None  # token caches; None = <out_dir>/token_cache (see `token_cache_dir`)
     tokenize_batch_size: int = 64
+    cache_shard_size: int = 10_000  # images per token-cache shard: the unit of work per rank and of resume
     dim: int = 256
     depth: int = 6
     heads: int = 4
@@ -42,6 +43,7 @@ class PriorConfig:
         check(0.0 <= self.class_dropout < 1.0, "class_dropout' must be in [0, 1)", self.class_dropout)
         check(0.0 <= self.dropout < 1.0, "dropout' must be in [0, 1)", self.dropout)
         check(self.tokenize_batch_size > 0, "tokenize_batch_size' must be positive", self.tokenize_batch_size)
+        check(self.cache_shard_size > 0, "cache_shard_size' must be positive", self.cache_shard_size)
         check(self.tokens != "prefix" or self.prefix_length > 0, "prefix_length' must be > 0 for tokens: prefix",
               self.prefix_length)
         check(self.tokens != "bpe" or bool(self.bpe), "bpe' must name a bpe_image codec for tokens: bpe", self.bpe)
@@ -64,7 +66,12 @@ class PriorTrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    zero_stage: int = 0
+    zero_stage: int = 0  # 3 also builds the model already partitioned (`deepspeed.zero.Init`)
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and step on the CPU
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    # a DeepSpeed JSON merged over the config made from this section (it wins wherever it sets a key;
+    # batch sizes must agree, see `priors.deepspeed_utils.deepspeed_config`); `--deepspeed_config` wins
+    deepspeed_config: Optional[str] = None
     eval_every: int = 500
     sample_every: int = 500
     checkpoint_every: int = 500
@@ -77,6 +84,8 @@ class PriorTrainConfig:
         check(self.micro_batch_size > 0, "micro_batch_size' must be positive", self.micro_batch_size)
         check(self.grad_accumulation > 0, "grad_accumulation' must be positive", self.grad_accumulation)
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage' must be 0, 1, 2 or 3", self.zero_stage)
+        check(not self.offload_optimizer or self.zero_stage > 0, "offload_optimizer' needs zero_stage >= 1",
+              self.offload_optimizer)
         check(len(self.betas) == 2, "betas' must have two values", self.betas)
         for key in ("eval_every", "sample_every", "checkpoint_every", "log_every"):
             check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))

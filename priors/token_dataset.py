@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,10 +25,12 @@ import torch
 from tqdm import tqdm
 
 from bpe_image import BPECodec
+from bpe_image.codec import codec_dir
 
 from flextok.data import Batch, ImageDataset, collate, data_settings, example_from_row, load_source, report_skipped
 from flextok.errors import TokenizerMismatch, UserError
-from flextok.files import atomic_directory
+from flextok.distributed import wait_for
+from flextok.files import atomic_directory, atomic_write, atomic_write_text
 from flextok.fingerprint import fingerprint_files, fingerprint_model
 from flextok.schema import DataConfig
 
@@ -35,7 +38,7 @@ from .schema import PriorConfig, PriorRunConfig
 
 __all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "open_codec", "token_cache_dir"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: image folders / parquet without an eval split no longer train on its images
 
 
 def token_cache_dir(cfg: PriorRunConfig) -> Path:
@@ -47,15 +50,17 @@ def token_cache_dir(cfg: PriorRunConfig) -> Path:
 def open_codec(path: str | Path) -> tuple[BPECodec, str]:
     """A saved bpe_image codec and the hash of its files (its identity in cache keys)."""
     try:
-        return BPECodec.from_pretrained(path), fingerprint_files(path)
+        directory = codec_dir(path)  # a hub id is fingerprinted by its downloaded files
+        return BPECodec.from_pretrained(directory), fingerprint_files(directory)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"bpe codec {path}: {err}") from None
 
 
 def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: str, limit: int | None,
-              seed: int, flips: bool, bpe_hash: str | None, decoding: dict | None = None) -> str:
+              seed: int, flips: bool, bpe_hash: str | None, decoding: dict | None = None,
+              precision: str = "fp32") -> str:
     """Hash of every input the cached tokens depend on (`decoding`: the decoder settings that choose
-    adaptive lengths)."""
+    adaptive lengths; `precision`: bf16 autocast on GPUs gives slightly different latents and lengths)."""
     inputs = {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_hash,
@@ -69,6 +74,7 @@ def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: 
         "limit": limit,
         "seed": seed,
         "flips": flips,
+        "precision": precision,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -165,40 +171,158 @@ def build_token_dataset(
     flips: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TokenDataset:
     """Tokenize `split` of `data` with `tokenizer` as `prior` asks (full / prefix / adaptive / bpe), or
-    reuse the cache built from exactly the same inputs. `flips` adds each image's mirror image."""
+    reuse the cache built from exactly the same inputs. `flips` adds each image's mirror image.
+
+    Called on every rank of a job (`rank` of `world_size`), the split is cut into shards of
+    `prior.cache_shard_size` images; rank r tokenizes shards r, r + world_size, ... into
+    `<cache>.parts/`, each written atomically, so a killed job redoes at most one shard per rank.
+    Rank 0 merges the shards into the cache once they all exist; the other ranks wait for it on disk.
+    """
     tokenizer_hash = fingerprint_model(tokenizer)
     codec, bpe_hash = open_codec(prior.bpe) if prior.tokens == "bpe" else (None, None)
     sampling = getattr(getattr(tokenizer, "config", None), "sampling", None)
     decoding = dataclasses.asdict(sampling) if sampling is not None else None
-    key = cache_key(tokenizer_hash, prior, data, split, limit, seed, flips, bpe_hash, decoding)
+    device = torch.device(device)
+    key = cache_key(tokenizer_hash, prior, data, split, limit, seed, flips, bpe_hash, decoding,
+                    precision="bf16" if device.type == "cuda" else "fp32")
     directory = Path(cache_root) / f"{split}-{key[:20]}"
     if (directory / "meta.json").is_file():
         return TokenDataset.load(directory, tokenizer_hash)
 
+    parts = directory.with_name(directory.name + ".parts")
+    shards = _ShardWriter(parts, prior.cache_shard_size)
     was_training = tokenizer.training
     tokenizer.eval().to(device)
-    sequences: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    skipped: list[int] = []
+    bar = tqdm(desc=f"tokenize {split}", unit="img", disable=not (progress and rank == 0), dynamic_ncols=True)
     try:
-        for batch in _image_batches(data, split, limit, seed, prior.tokenize_batch_size, progress):
-            skipped += batch.skipped
-            if batch.images.numel() == 0:
-                continue
-            views = [batch.images, batch.images.flip(-1)] if flips else [batch.images]
-            for images in views:
-                sequences += _tokenize(tokenizer, images.to(device), prior, codec)
-                labels.append(batch.labels.numpy())
+        for shard, batches in _my_shards(data, split, limit, seed, prior.tokenize_batch_size, shards, rank,
+                                         world_size):
+            sequences, labels, skipped = [], [], []
+            for batch in batches:
+                skipped += batch.skipped
+                if batch.images.numel() == 0:
+                    continue
+                for images in [batch.images, batch.images.flip(-1)] if flips else [batch.images]:
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        sequences += _tokenize(tokenizer, images.to(device), prior, codec)
+                    labels.append(batch.labels.numpy())
+                bar.update(len(batch.images))
+            shards.write(shard, sequences, labels, skipped)
     finally:
         tokenizer.train(was_training)
-    report_skipped(skipped, f"{data.source} [{split}]")
-    if not sequences:
-        raise UserError(f"data: {data.source} [{split}] yielded no usable image to tokenize")
+        bar.close()
+    if rank == 0:
+        wait_for(shards.complete, parts)
+        _merge(shards, directory, tokenizer, prior, data, split, codec, tokenizer_hash, key)
+    else:
+        wait_for(lambda: (directory / "meta.json").is_file(), directory)
+    return TokenDataset.load(directory, tokenizer_hash)
 
-    spec = _spec(tokenizer, prior, sequences, codec, tokenizer_hash)
-    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+
+class _ShardWriter:
+    """The shard files of one cache being built: `<index>.npz`, plus `count.json` (shards in all) once
+    some rank has seen the end of the split."""
+
+    def __init__(self, folder: Path, size: int):
+        self.folder, self.size = folder, size
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"{index:06d}.npz"
+
+    def done(self, index: int) -> bool:
+        return self.path(index).is_file()
+
+    def write(self, index: int, sequences: list[np.ndarray], labels: list[np.ndarray], skipped: list[int]) -> None:
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        dtype = np.float32 if sequences and sequences[0].dtype.kind == "f" else np.int32
+        arrays = {
+            "tokens": np.concatenate(sequences).astype(dtype) if sequences else np.zeros(0, np.int32),
+            "lengths": lengths,
+            "labels": np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
+            "skipped": np.asarray(skipped, dtype=np.int64),
+        }
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a path
+                np.savez(handle, **arrays)
+
+        atomic_write(self.path(index), save)
+
+    def set_count(self, count: int) -> None:
+        atomic_write_text(self.folder / "count.json", json.dumps({"shards": count}))
+
+    def count(self) -> int | None:
+        path = self.folder / "count.json"
+        return json.loads(path.read_text())["shards"] if path.is_file() else None
+
+    def complete(self) -> bool:
+        count = self.count()
+        return count is not None and all(self.done(i) for i in range(count))
+
+    def read(self, index: int) -> dict[str, np.ndarray]:
+        with np.load(self.path(index)) as shard:
+            return {k: shard[k] for k in shard.files}
+
+
+def _my_shards(data: DataConfig, split: str, limit: int | None, seed: int, batch_size: int, shards: _ShardWriter,
+               rank: int, world_size: int) -> Iterator[tuple[int, Iterator[Batch]]]:
+    """(shard index, its batches of center-cropped images) for this rank's shards that are not on disk
+    yet, from map-style or streamed sources alike. Shard i holds images [i * size, (i + 1) * size)."""
+    source = load_source(data, split, seed)
+    mine = lambda index: index % world_size == rank and not shards.done(index)  # noqa: E731
+    if hasattr(source, "__len__"):
+        dataset = ImageDataset(source, data, train=False)
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        shards.set_count(max(1, -(-n // shards.size)))
+        for index in filter(mine, range(shards.count())):
+            rows = range(index * shards.size, min(n, (index + 1) * shards.size))
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
+                                                 collate_fn=collate, num_workers=data.num_workers)
+            yield index, iter(loader)
+        return
+    # a stream has no length: every rank reads it in order and decodes only the rows of its own shards
+    rows: list[dict] = []
+    index = -1
+    for index, row in enumerate(source):
+        if limit is not None and index >= limit:
+            index -= 1
+            break
+        shard = index // shards.size
+        if mine(shard):
+            rows.append(example_from_row(row, index, data, False, 0))
+        if rows and (index + 1) % shards.size == 0:
+            yield shard, _collated(rows, batch_size)
+            rows = []
+    if rows:
+        yield (index // shards.size), _collated(rows, batch_size)
+    shards.set_count(max(1, -(-(index + 1) // shards.size)))
+    if index < 0 and rank == 0:  # an empty stream still gets its (empty) shard, for the merge's error
+        shards.write(0, [], [], [])
+
+
+def _collated(rows: list[dict], batch_size: int) -> Iterator[Batch]:
+    for start in range(0, len(rows), batch_size):
+        yield collate(rows[start : start + batch_size])
+
+
+def _merge(shards: _ShardWriter, directory: Path, tokenizer, prior: PriorConfig, data: DataConfig, split: str,
+           codec, tokenizer_hash: str, key: str) -> None:
+    """Rank 0: concatenate the shards in order into the cache folder, then delete them."""
+    parts = [shards.read(i) for i in range(shards.count())]
+    report_skipped([int(i) for part in parts for i in part["skipped"]], f"{data.source} [{split}]")
+    lengths = np.concatenate([part["lengths"] for part in parts])
+    if len(lengths) == 0:
+        raise UserError(f"data: {data.source} [{split}] yielded no usable image to tokenize")
+    tokens = np.concatenate([part["tokens"] for part in parts if len(part["lengths"])])
+    continuous = tokens.dtype.kind == "f"
+    if continuous:
+        tokens = tokens.reshape(int(lengths.sum()), -1)
+    spec = _spec(tokenizer, prior, continuous, tokens.shape[1] if continuous else 0, int(lengths.max()), codec,
+                 tokenizer_hash)
     meta = {
         "key": key,
         "spec": dataclasses.asdict(spec),
@@ -208,46 +332,13 @@ def build_token_dataset(
         "target_psnr": prior.target_psnr,
         "bpe": prior.bpe,
         "split": split,
-        "count": len(sequences),
+        "count": len(lengths),
         "mean_length": float(lengths.mean()),
     }
-    dataset = TokenDataset(
-        np.concatenate(sequences).astype(np.float32 if spec.continuous else np.int32),
-        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        np.concatenate(labels).astype(np.int64),
-        meta,
-    )
-    dataset.save(directory)
-    return TokenDataset.load(directory, tokenizer_hash)
-
-
-def _image_batches(data: DataConfig, split: str, limit: int | None, seed: int, batch_size: int,
-                   progress: bool) -> Iterator[Batch]:
-    """Center-cropped images of a split in batches, from map-style or streamed sources alike."""
-    source = load_source(data, split, seed)
-    if hasattr(source, "__len__"):
-        dataset = ImageDataset(source, data, train=False)
-        n = len(dataset) if limit is None else min(limit, len(dataset))
-        subset = torch.utils.data.Subset(dataset, range(n))
-        loader = torch.utils.data.DataLoader(
-            subset, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers
-        )
-        yield from tqdm(loader, desc=f"tokenize {split}", unit="batch", disable=not progress, dynamic_ncols=True)
-        return
-    rows: list[dict] = []
-    bar = tqdm(total=limit, desc=f"tokenize {split}", unit="img", disable=not progress, dynamic_ncols=True)
-    for index, row in enumerate(source):
-        if limit is not None and index >= limit:
-            break
-        rows.append(example_from_row(row, index, data, False, 0))
-        if len(rows) == batch_size:
-            bar.update(len(rows))
-            yield collate(rows)
-            rows = []
-    if rows:
-        bar.update(len(rows))
-        yield collate(rows)
-    bar.close()
+    labels = np.concatenate([part["labels"] for part in parts])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    TokenDataset(tokens, offsets, labels, meta).save(directory)
+    shutil.rmtree(shards.folder, ignore_errors=True)
 
 
 def _tokenize(tokenizer, images: torch.Tensor, prior: PriorConfig, codec) -> list[np.ndarray]:
@@ -274,8 +365,8 @@ def _tokenize(tokenizer, images: torch.Tensor, prior: PriorConfig, codec) -> lis
     return [np.asarray(ids) for ids in codec.encode_flat(arrays)]
 
 
-def _spec(tokenizer, prior: PriorConfig, sequences: list[np.ndarray], codec, tokenizer_hash: str) -> TokenSpec:
-    continuous = sequences[0].dtype.kind == "f"
+def _spec(tokenizer, prior: PriorConfig, continuous: bool, token_dim: int, max_length: int, codec,
+          tokenizer_hash: str) -> TokenSpec:
     if continuous != (prior.kind == "flow"):
         needed = "a quantized tokenizer (integer codes)" if prior.kind == "discrete" else "a KL tokenizer (latents)"
         raise UserError(
@@ -283,12 +374,11 @@ def _spec(tokenizer, prior: PriorConfig, sequences: list[np.ndarray], codec, tok
             f"{'continuous latents' if continuous else 'integer codes'} (use prior.kind="
             f"{'flow' if continuous else 'discrete'})"
         )
-    lengths = {len(s) for s in sequences}
     return TokenSpec(
         continuous=continuous,
         vocab_size=0 if continuous else int(codec.vocab_size if codec is not None else tokenizer.vocab_size),
-        token_dim=int(sequences[0].shape[1]) if continuous else 0,
-        max_length=max(lengths),
+        token_dim=token_dim,
+        max_length=max_length,
         variable_length=prior.tokens in ("adaptive", "bpe"),
         token_set=bool(getattr(tokenizer, "token_set", False)) and prior.tokens in ("full", "prefix"),
         tokenizer_hash=tokenizer_hash,

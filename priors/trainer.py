@@ -9,7 +9,6 @@ data order and the random stream exactly, and a resumed run repeats an uninterru
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flextok import distributed as dist
 from flextok import load_tokenizer
 from flextok.config import save_config
 from flextok.data import EpochOrder
 from flextok.errors import TokenizerMismatch, UserError
 from flextok.files import MetricsLog
+from flextok.hub import ModelCardInfo
 from flextok.runtime import check_finite
 
 from .deepspeed_utils import (
-    broadcast_object,
+    build_model,
     consolidated_weights,
     create_engine,
+    deepspeed_config,
     gathered_state_dict,
     init_distributed,
     load_checkpoint,
@@ -61,7 +63,10 @@ def build_prior(cfg: PriorRunConfig, spec: TokenSpec, max_length: int) -> Discre
 
 
 class PriorTrainer:
-    def __init__(self, cfg: PriorRunConfig, resume: bool = False):
+    """`deepspeed_config`: the launcher's `--deepspeed_config` JSON, which wins over
+    `prior_train.deepspeed_config`."""
+
+    def __init__(self, cfg: PriorRunConfig, resume: bool = False, deepspeed_config_path: str | None = None):
         self.cfg, self.run_dir = cfg, cfg.prior_run_dir
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -73,10 +78,9 @@ class PriorTrainer:
             raise UserError(f"{self.run_dir} holds a tokenizer run: set prior_train.run_name to another folder")
         self.rank, self.world_size = init_distributed()
         t = cfg.prior_train
-        self.bf16 = on_cuda()
-        if not self.bf16:
-            local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // local_ranks))
+        self.ds_config = deepspeed_config(t, on_cuda(), self.world_size, deepspeed_config_path or t.deepspeed_config)
+        if not on_cuda():
+            torch.set_num_threads(dist.threads_per_rank(t.threads))
         pointer = read_pointer(self.checkpoint_dir)
         if pointer is not None and not resume:
             raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it, or set name=<new>")
@@ -98,41 +102,31 @@ class PriorTrainer:
         self.order = EpochOrder(len(self.train_tokens), global_batch, cfg.seed)
 
         torch.manual_seed(cfg.seed)
-        model = build_prior(cfg, spec, self.max_length)
+        model = build_model(lambda: build_prior(cfg, spec, self.max_length), self.ds_config)
         if isinstance(model, FlowPrior):
             model.set_normalization(torch.from_numpy(np.array(self.train_tokens.tokens[:NORMALIZATION_ROWS])))
-        self.engine = create_engine(model, t, self.bf16)
+        self.engine = create_engine(model, t, self.ds_config)
+        if self.engine.fp16_enabled() and self.engine.zero_optimization_stage() == 0:
+            raise UserError("prior_train.precision: fp16 needs zero_stage >= 1 (or use bf16)")
         self.device = self.engine.device
-        # rank 0 evaluates and samples with a plain copy of the weights (ZeRO-3 shards live elsewhere)
-        self.shadow = build_prior(cfg, spec, self.max_length).to(self.device).eval() if self.rank == 0 else None
+        self.last_eval: dict[str, float] = {}
         self.step = int(load_checkpoint(self.engine, self.checkpoint_dir)["step"]) if resume else 0
         if self.rank == 0:
             self._discard_stale_progress()
             save_config(cfg, self.run_dir / "config.yaml")
 
     def _token_datasets(self) -> tuple[torch.nn.Module | None, TokenDataset, TokenDataset]:
-        """Rank 0 loads the tokenizer and builds (or reuses) both caches; the others then open them."""
+        """Every rank tokenizes its shards of both splits (see `build_token_dataset`) and opens the merged
+        caches; rank 0 keeps the tokenizer, to decode sample grids."""
         cfg = self.cfg
+        tokenizer = load_tokenizer(cfg.prior.tokenizer)
+        common = dict(seed=cfg.seed, device=local_device_name(), rank=self.rank, world_size=self.world_size)
         cache_root = token_cache_dir(cfg)
-        tokenizer = None
-        found: tuple[str, str, str] | None = None
-        if self.rank == 0:
-            try:
-                tokenizer = load_tokenizer(cfg.prior.tokenizer)
-                common = dict(seed=cfg.seed, device=local_device_name())
-                train = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.train_split, cache_root,
-                                            flips=cfg.data.hflip, **common)
-                held_out = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.eval_split, cache_root,
-                                               limit=cfg.data.eval_images, **common)
-                found = (str(train.directory), str(held_out.directory), train.spec.tokenizer_hash)
-            finally:  # the other ranks wait for this broadcast; send even when rank 0 failed
-                found = broadcast_object(found) if self.world_size > 1 else found
-            return tokenizer, train, held_out
-        found = broadcast_object(found)
-        if found is None:
-            raise UserError("rank 0 could not build the token datasets (see its error)")
-        train_dir, eval_dir, tokenizer_hash = found
-        return None, TokenDataset.load(train_dir, tokenizer_hash), TokenDataset.load(eval_dir, tokenizer_hash)
+        train = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.train_split, cache_root,
+                                    flips=cfg.data.hflip, **common)
+        held_out = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.eval_split, cache_root,
+                                       limit=cfg.data.eval_images, **common)
+        return (tokenizer if self.rank == 0 else None), train, held_out
 
     def _check_labels(self) -> None:
         """Training labels must be classes of the prior (held-out ones may be unseen classes: see evaluate)."""
@@ -165,13 +159,16 @@ class PriorTrainer:
             last = self.step == t.steps
             if self.step % t.log_every == 0 or last:
                 self.log({"step": self.step, "tokens_per_s": rate, **logs})
-            evaluate, sample = self.step % t.eval_every == 0 or last, self.step % t.sample_every == 0 or last
+            evaluate = self.step % t.eval_every == 0 or last
+            sample = (self.step % t.sample_every == 0 or last) and t.num_samples > 0
             if evaluate or sample:
-                self._refresh_shadow()
-            if evaluate and self.rank == 0:
-                self.log({"step": self.step, **self.evaluate()})
-            if sample and self.rank == 0 and t.num_samples:
-                self.sample()
+                model = self._full_model()  # collective under ZeRO-3; None on ranks > 0
+                if evaluate and model is not None:
+                    self.last_eval = self.evaluate(model)
+                    self.log({"step": self.step, **self.last_eval})
+                if sample and model is not None:
+                    self.sample(model)
+                del model
             if self.step % t.checkpoint_every == 0 or last:
                 self.save_checkpoint()
         bar.close()
@@ -189,14 +186,12 @@ class PriorTrainer:
             batch = self.train_tokens.batch(indices[start : start + t.micro_batch_size])
             count = self._target_count(batch)
             loss = self.engine(**{k: v.to(self.device) for k, v in batch.items()})
-            stats = torch.tensor([loss.item(), count], dtype=torch.float64, device=self.device)
-            if self.world_size > 1:  # every rank sees the same numbers, so all stop together on NaN
-                torch.distributed.all_reduce(stats)
-            check_finite("loss", stats[0].item(), self.step, self.checkpoint_dir)
+            loss_total, count_total = dist.all_reduce_sum([loss.item(), count], self.device)
+            check_finite("loss", loss_total, self.step, self.checkpoint_dir)  # every rank stops together
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += stats[0].item() / self.world_size
-            tokens += stats[1].item()
+            loss_sum += loss_total / self.world_size
+            tokens += count_total
         logs = {"loss": loss_sum / t.grad_accumulation, "lr": self.engine.get_lr()[0], "tokens": tokens}
         grad_norm = self.engine.get_global_grad_norm()  # DeepSpeed reports none at ZeRO-0 in fp32
         if grad_norm is not None:
@@ -209,13 +204,18 @@ class PriorTrainer:
             return int(batch["lengths"].sum()) + len(batch["lengths"])
         return batch["tokens"].shape[0] * batch["tokens"].shape[1]
 
-    def _refresh_shadow(self) -> None:
-        state = gathered_state_dict(self.engine)  # collective under ZeRO-3
-        if self.shadow is not None:
-            self.shadow.load_state_dict(state)
+    def _full_model(self) -> DiscretePrior | FlowPrior | None:
+        """On rank 0, a plain fp32 copy of the current weights for evaluation and sample grids, built only
+        for the occasion (under ZeRO-3 the weights are gathered for it); None on the other ranks."""
+        state = gathered_state_dict(self.engine)
+        if state is None:
+            return None
+        model = build_prior(self.cfg, self.train_tokens.spec, self.max_length)
+        model.load_state_dict(state)
+        return model.to(self.device).eval()
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, model: DiscretePrior | FlowPrior) -> dict[str, float]:
         """Held-out bits per image (discrete) or fixed-noise velocity loss (flow).
 
         Always unconditional (the null class, which class dropout trains), so the figure is defined for
@@ -225,7 +225,7 @@ class PriorTrainer:
         data, size = self.eval_tokens, self.cfg.prior_train.micro_batch_size
         classes = self.cfg.prior.num_classes
         conditional = classes > 0 and data.labels.min() >= 0 and data.labels.max() < classes
-        metric = self.shadow.validation_loss if isinstance(self.shadow, FlowPrior) else self.shadow.nll_bits
+        metric = model.validation_loss if isinstance(model, FlowPrior) else model.nll_bits
         totals: dict[str, list[torch.Tensor]] = {"": [], "_cond": []}
         for start in range(0, len(data), size):
             rows = np.arange(start, min(start + size, len(data)))
@@ -234,14 +234,14 @@ class PriorTrainer:
             totals[""].append(metric(**batch, labels=None))
             if conditional:
                 totals["_cond"].append(metric(**batch, labels=labels))
-        name = "val_loss" if isinstance(self.shadow, FlowPrior) else "val_bits_per_image"
+        name = "val_loss" if isinstance(model, FlowPrior) else "val_bits_per_image"
         return {f"{name}{suffix}": torch.cat(values).mean().item() for suffix, values in totals.items() if values}
 
-    def sample(self) -> Path:
+    def sample(self, model: DiscretePrior | FlowPrior) -> Path:
         t, classes = self.cfg.prior_train, self.cfg.prior.num_classes
         labels = torch.arange(t.num_samples) % classes if classes else None
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        generate_images(self.shadow, self.tokenizer, labels, num_samples=t.num_samples, path=path, seed=self.cfg.seed)
+        generate_images(model, self.tokenizer, labels, num_samples=t.num_samples, path=path, seed=self.cfg.seed)
         return path
 
     def client_state(self) -> dict[str, Any]:
@@ -253,9 +253,13 @@ class PriorTrainer:
     def export(self) -> Path:
         """Consolidate the last checkpoint (merging ZeRO shards, fp32) into Hub format at runs/<name>/final."""
         model = build_prior(self.cfg, self.train_tokens.spec, self.max_length)
-        model.load_state_dict(consolidated_weights(self.checkpoint_dir, self.cfg.prior_train.zero_stage, self.bf16,
-                                                   model))
-        return model.save_pretrained(self.run_dir / "final")
+        model.load_state_dict(consolidated_weights(self.checkpoint_dir, self.engine.zero_optimization_stage(),
+                                                   self.engine.bfloat16_enabled(), model))
+        data = self.cfg.data
+        images = len(self.train_tokens) // (2 if data.hflip else 1)  # the cache holds each image's mirror too
+        card = ModelCardInfo(data_source=data.source, data_split=data.train_split, num_images=images,
+                             resolution=data.resolution, steps=self.step, metrics=self.last_eval)
+        return model.save_pretrained(self.run_dir / "final", card=card)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:

@@ -12,6 +12,7 @@ import pytest
 
 from bpe_image import BPECodec
 from bpe_image.train import main
+from flextok.errors import UserError
 
 K = 16
 
@@ -61,6 +62,36 @@ def test_save_load_gives_an_equal_codec(codecs, tmp_path):
         assert not leftovers
 
 
+def test_saved_in_the_models_hub_format_with_a_card(codecs, tmp_path):
+    codec, _ = codecs[-1]
+    codec.save_pretrained(tmp_path, card={"data_source": "hf:some/codes", "metrics": {"compression_ratio": 2.5}})
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["model_type"] == "bpe_codec" and meta["config"]["grid_shape"] == [4, 6]
+    assert not (tmp_path / "bpe_config.json").exists()
+    card = (tmp_path / "README.md").read_text()
+    assert "bpe_codec" in card and "hf:some/codes" in card and "| compression_ratio | 2.5 |" in card
+
+
+def test_codecs_saved_in_the_older_layout_still_load(codecs, tmp_path):
+    for i, (codec, data) in enumerate(codecs):
+        folder = tmp_path / str(i)
+        codec.save_pretrained(folder)
+        # the older layout: the bare codec config as bpe_config.json, no config.json and no card
+        config = json.loads((folder / "config.json").read_text())["config"]
+        (folder / "bpe_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "config.json").unlink()
+        (folder / "README.md").unlink()
+        loaded = BPECodec.from_pretrained(folder)
+        assert repr(loaded) == repr(codec)
+        assert all(np.array_equal(a, b) for a, b in zip(loaded.encode_batch(data), codec.encode_batch(data)))
+
+
+def test_a_model_folder_is_not_a_codec(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "grid_autoencoder", "config": {}}))
+    with pytest.raises(UserError, match="grid_autoencoder.*not a BPE codec"):
+        BPECodec.from_pretrained(tmp_path)
+
+
 def test_tokenizers_ids_are_public_ids_without_a_lookup_table(codecs, tmp_path):
     codec, data = codecs[0]
     codec.save_pretrained(tmp_path)
@@ -75,8 +106,11 @@ def test_tokenizers_ids_are_public_ids_without_a_lookup_table(codecs, tmp_path):
 
 
 def test_load_missing_files(codecs, tmp_path):
-    with pytest.raises(FileNotFoundError, match="bpe_config.json"):
+    with pytest.raises(UserError, match="model not found: .*nothing"):
         BPECodec.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        BPECodec.from_pretrained(tmp_path / "empty")
     codec, _ = codecs[0]
     codec.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
@@ -94,6 +128,10 @@ def test_load_mismatched_backend_file(codecs, tmp_path):
 
 
 def test_load_rejects_foreign_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bpe_codec", "config": {"format": "other"}}))
+    with pytest.raises(ValueError, match="config.json is not a bpe_image.BPECodec config"):
+        BPECodec.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
     (tmp_path / "bpe_config.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="bpe_config.json"):
         BPECodec.from_pretrained(tmp_path)
@@ -260,3 +298,15 @@ def test_backend_vocabularies_are_checked_when_mapped_to_public_ids():
         _public_ids([a, b, "x"], 2)
     with pytest.raises(ValueError, match="each of the 2 codes"):
         _public_ids([a, ab], 2)
+
+
+def test_a_codec_folders_fingerprint_leaves_out_its_card(codecs, tmp_path):
+    from flextok.fingerprint import fingerprint_files
+
+    codec, other = codecs[0][0], codecs[2][0]
+    codec.save_pretrained(tmp_path / "a", card={"steps": 1, "metrics": {"ratio": 2.0}})
+    codec.save_pretrained(tmp_path / "elsewhere")  # another card: other path in its snippet, no metrics
+    other.save_pretrained(tmp_path / "other")
+    assert (tmp_path / "a" / "README.md").read_text() != (tmp_path / "elsewhere" / "README.md").read_text()
+    assert fingerprint_files(tmp_path / "a") == fingerprint_files(tmp_path / "elsewhere")
+    assert fingerprint_files(tmp_path / "a") != fingerprint_files(tmp_path / "other")

@@ -31,7 +31,8 @@ def test_every_mode_becomes_rgb(mode):
 
 def test_odd_images_converted_and_corrupt_skipped(tmp_path):
     folder = make_folder(tmp_path / "imgs")
-    cfg = DataConfig(source=f"imagefolder:{folder}", resolution=16, label_column=None, eval_images=100)
+    # eval_images=0: no held-out slice is carved from this split-less folder, so 'train' is all of it
+    cfg = DataConfig(source=f"imagefolder:{folder}", resolution=16, label_column=None, eval_images=0)
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable"):
         batch = load_images(cfg, "train", seed=0)
     assert batch.images.shape == (6, 3, 16, 16)
@@ -149,3 +150,111 @@ def test_the_shipped_photo_manifest_holds_out_whole_photographs():
     test = {e["sha256"] for e in entries if e["split"] == "test"}
     assert len(train) >= 20 and len(test) >= 5 and not train & test
     assert all(min(e["width"], e["height"]) >= 1024 and e["licence"] and e["author"] for e in entries)
+
+
+def write_parquet(path, n: int, seed: int, first_label: int = 0):
+    """`n` random 20x24 RGB images (PNG-encoded, as `datasets` stores them) with labels from `first_label`."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(n)]
+    rows = {"image": images, "label": list(range(first_label, first_label + n))}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(path)
+    return path
+
+
+def save_random_png(path, rng: np.random.Generator) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+
+
+def test_only_the_requested_split_is_read(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    write_parquet(folder / "train.parquet", 12, seed=0)
+    write_parquet(folder / "test.parquet", 5, seed=1, first_label=100)
+    split_globs = f"parquet:train={folder / 'train.parquet'},test={folder / 'test.parquet'}"
+    expected = load_images(DataConfig(source=split_globs, resolution=16), "test")
+    assert expected.images.shape == (5, 3, 16, 16) and expected.labels.tolist() == [100, 101, 102, 103, 104]
+
+    (folder / "train.parquet").write_bytes(b"not a parquet file")  # any read of 'train' now fails
+    for source in (split_globs, f"hf:{folder}"):  # a new file, so a new `datasets` cache entry
+        test = load_images(DataConfig(source=source, resolution=16), "test")
+        assert torch.equal(test.images, expected.images) and torch.equal(test.labels, expected.labels)
+        with pytest.raises(UserError, match="data.source: cannot load"):
+            load_images(DataConfig(source=source, resolution=16), "train")
+
+
+def test_a_hub_dataset_loads_offline_from_the_datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    write_parquet(tmp_path / "train.parquet", 6, seed=6)
+    write_parquet(tmp_path / "test.parquet", 3, seed=7, first_label=30)
+    files = {split: str(tmp_path / f"{split}.parquet") for split in ("train", "test")}
+    datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "build"))
+    # where `datasets` keeps a downloaded hub set someone/tiny-set: <cache>/someone___tiny-set/<config>/<version>/
+    # <hash>/tiny-set-<split>.arrow
+    prepared = next(path.parent for path in (tmp_path / "build").rglob("dataset_info.json"))
+    cached = tmp_path / "cache" / "someone___tiny-set" / "default" / prepared.parent.name / prepared.name
+    cached.parent.mkdir(parents=True)
+    prepared.rename(cached)
+    for arrow in cached.glob("parquet-*.arrow"):
+        arrow.rename(cached / arrow.name.replace("parquet-", "tiny-set-"))
+    (cached / "tiny-set-train.arrow").unlink()  # reading 'train' now fails
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    for streaming in (False, True):
+        test = load_images(DataConfig(source="hf:someone/tiny-set", resolution=16, streaming=streaming), "test")
+        assert test.images.shape == (3, 3, 16, 16) and test.labels.tolist() == [30, 31, 32]
+    with pytest.raises(UserError, match="tiny-set-train.arrow"):
+        load_images(DataConfig(source="hf:someone/tiny-set", resolution=16), "train")
+    with pytest.raises(UserError, match="data.source: cannot load 'someone/absent'"):
+        load_images(DataConfig(source="hf:someone/absent", resolution=16), "test")
+
+
+def test_a_source_without_eval_split_holds_out_a_seeded_slice_of_train(tmp_path):
+    write_parquet(tmp_path / "only.parquet", 12, seed=2)
+    cfg = DataConfig(source=f"parquet:{tmp_path / 'only.parquet'}", resolution=16, eval_images=4)
+    held_out, train = load_images(cfg, "test", seed=3), load_images(cfg, "train", seed=3)
+    assert len(held_out.labels) == 4 and len(train.labels) == 8
+    assert sorted(held_out.labels.tolist() + train.labels.tolist()) == list(range(12))  # disjoint, complete
+    assert torch.equal(load_images(cfg, "test", seed=3).labels, held_out.labels)
+    assert not torch.equal(load_images(cfg, "test", seed=4).labels, held_out.labels)
+    with pytest.raises(UserError, match="split 'validation' not in"):
+        load_images(cfg, "validation")
+
+
+def test_image_folder_labels_are_numbered_across_all_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    layout = {"train": ["ant", "cat", "dog"], "test": ["cat", "dog"], "validation": ["dog"]}
+    for split, classes in layout.items():
+        for name in classes:
+            for i in range(2):
+                save_random_png(tmp_path / split / name / f"{i}.png", rng)
+    cfg = DataConfig(source=f"imagefolder:{tmp_path}", resolution=16)
+    # 'test' alone would number cat 0 and dog 1, and 'validation' alone would have no label at all
+    assert load_images(cfg, "test").labels.tolist() == [1, 1, 2, 2]
+    assert load_images(cfg, "validation").labels.tolist() == [2, 2]
+    assert load_images(cfg, "train").labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_streaming_a_local_folder_resumes_exactly(tmp_path):
+    # an image folder with one class per image, so that labels name images (a parquet stream would do as well,
+    # but `datasets` 5 sleeps 5 s after each pass over a parquet stream)
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 10), ("test", 3)):
+        for i in range(n):
+            save_random_png(tmp_path / split / f"c{i}" / "x.png", rng)
+    cfg = DataConfig(source=f"imagefolder:{tmp_path}", resolution=16, streaming=True)
+    full = list(train_loader(cfg, batch_size=4, seed=0, start_step=0, end_step=5))
+    assert [b.images.shape for b in full] == [(4, 3, 16, 16)] * 5
+    epoch_0 = torch.cat([full[0].labels, full[1].labels, full[2].labels[:2]])  # 10 images: 2.5 batches
+    assert sorted(epoch_0.tolist()) == list(range(10))
+    resumed = list(train_loader(cfg, batch_size=4, seed=0, start_step=3, end_step=5))  # step 3 is in epoch 1
+    assert len(resumed) == 2
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+    streamed = load_images(cfg, "test", limit=2)
+    mapped = load_images(DataConfig(source=f"imagefolder:{tmp_path}", resolution=16), "test", limit=2)
+    assert torch.equal(streamed.images, mapped.images) and streamed.labels.tolist() == [0, 1]

@@ -131,3 +131,58 @@ def test_bpe_tokens_round_trip_and_samples_decode(tmp_path):
     # every sample spells 16 codes
     images = generate_images(prior, tokenizer, num_samples=4, sampling=SamplingConfig(temperature=2.0))
     assert images.shape == (4, 3, 16, 16)
+
+
+def test_ranks_tokenize_their_own_shards_and_rank_0_merges_them(tmp_path):
+    """Two ranks (threads here; processes in the launcher tests) each tokenize every other shard; the
+    merged cache equals a one-rank build, image for image, flips and labels included."""
+    import threading
+
+    prior = PriorConfig(tokenizer="tok", cache_shard_size=5)  # 24 images -> 5 shards
+    single = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "one", flips=True,
+                                 progress=False)
+    tokenizers = [grid_tokenizer(), grid_tokenizer()]
+    seen = [[], []]
+    for rank, tokenizer in enumerate(tokenizers):
+        tokenize = tokenizer.tokenize
+        tokenizer.tokenize = lambda images, _t=tokenize, _r=rank: seen[_r].append(len(images)) or _t(images)
+    results: list = [None, None]
+
+    def build(rank: int) -> None:
+        results[rank] = build_token_dataset(tokenizers[rank], prior, DATA, "train", tmp_path / "two", flips=True,
+                                            progress=False, rank=rank, world_size=2)
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results[0].directory == results[1].directory
+    assert sum(seen[0]) == 2 * 14 and sum(seen[1]) == 2 * 10  # shards 0, 2, 4 vs 1, 3 (and their flips)
+    for merged in results:
+        assert np.array_equal(merged.tokens, single.tokens) and np.array_equal(merged.labels, single.labels)
+    assert not list((tmp_path / "two").glob("*.parts"))  # shards are removed once merged
+
+
+def test_killed_build_resumes_at_shard_granularity(tmp_path, monkeypatch):
+    import priors.token_dataset as token_dataset
+
+    prior = PriorConfig(tokenizer="tok", cache_shard_size=4, tokenize_batch_size=4)  # 24 images -> 6 shards
+    clean = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "clean", progress=False)
+    real, calls, killed = token_dataset._tokenize, [], []
+
+    def dies_at_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3 and not killed:
+            killed.append(True)
+            raise SystemExit("killed")  # stands in for a SIGKILL: nothing after this point runs
+        return real(*args)
+
+    monkeypatch.setattr(token_dataset, "_tokenize", dies_at_third_batch)
+    with pytest.raises(SystemExit):
+        build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "killed", progress=False)
+    assert len(list((tmp_path / "killed").glob("*.parts/*.npz"))) == 2
+    calls.clear()
+    resumed = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "killed", progress=False)
+    assert len(calls) == 4  # only the four shards that were not on disk
+    assert np.array_equal(resumed.tokens, clean.tokens) and np.array_equal(resumed.labels, clean.labels)

@@ -22,10 +22,12 @@ import torch
 from evaluation.schema import ExperimentConfig
 from flextok import load_model
 from flextok.config import load_config
+from flextok.errors import UserError
 from flextok.grid_autoencoder import GridAutoencoder
 from flextok.schema import GridConfig, SamplingConfig
 from priors import DiscretePrior, FlowPrior, generate_images
-from priors.deepspeed_utils import POINTER, consolidated_weights, ensure_launch_env, free_port, read_pointer
+from flextok.distributed import ensure_launch_env, free_port
+from priors.deepspeed_utils import POINTER, consolidated_weights, read_pointer
 from priors.trainer import PriorTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +153,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_loadable(workdi
         trainer.save_checkpoint()
     checkpoints = cfg.run_dir / "checkpoints"
     assert read_pointer(checkpoints)["tag"] == "step_00000002"
-    weights = consolidated_weights(checkpoints, 2, bf16=False, model=trainer.shadow)
+    weights = consolidated_weights(checkpoints, 2, bf16=False, model=trainer.engine.module)
     assert set(weights) == set(trainer.engine.module.state_dict())
     resumed = PriorTrainer(cfg, resume=True)
     assert resumed.step == 2 and not (checkpoints / "step_00000003").exists()
@@ -226,23 +228,114 @@ def test_sigkill_at_any_moment_leaves_a_resumable_run(workdir, vq_tokenizer):
     assert [p.name for p in pointer.parent.glob("step_*")] == [f"step_{killed_at + 2:08d}"]
 
 
+def test_user_deepspeed_json_merges_over_prior_train(tmp_path):
+    from priors.deepspeed_utils import deepspeed_config
+    from priors.schema import PriorTrainConfig
+
+    t = PriorTrainConfig(micro_batch_size=4, grad_accumulation=2, zero_stage=1)
+    base = deepspeed_config(t, cuda=False, world_size=2)
+    assert base["zero_optimization"] == {"stage": 1} and not base["bf16"]["enabled"]
+    assert deepspeed_config(t, cuda=True, world_size=2)["bf16"]["enabled"]  # auto: bf16 on GPUs
+    assert deepspeed_config(PriorTrainConfig(precision="fp16"), cuda=True, world_size=1)["fp16"]["enabled"]
+
+    def with_json(value) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(value))
+        return deepspeed_config(t, cuda=False, world_size=2, user=str(path))
+
+    merged = with_json({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                        "train_batch_size": 16, "bf16": {"enabled": True}})
+    assert merged["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert merged["bf16"]["enabled"] and merged["optimizer"] == base["optimizer"]  # unset keys stay ours
+    for value, message in [
+        ({"train_micro_batch_size_per_gpu": 8}, "disagrees with prior_train.micro_batch_size=4"),
+        ({"train_batch_size": 32}, "train_batch_size=32 != micro_batch_size 4 x grad_accumulation 2 x 2 rank"),
+        ({"scheduler": {"type": "WarmupLR"}}, "remove 'scheduler'"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both enabled"),
+        ([1, 2], "a JSON object"),
+    ]:
+        with pytest.raises(UserError, match=message.replace("(", r"\(")):
+            with_json(value)
+    with pytest.raises(UserError, match="not found"):
+        deepspeed_config(t, cuda=False, world_size=1, user=str(tmp_path / "missing.json"))
+
+
+def test_zero3_builds_the_prior_partitioned_with_the_plain_initialization(vq_tokenizer):
+    """Under ZeRO-3 the model is built inside `zero.Init` (parameters are partitioned as they are
+    created); the initializations modules make to their children afterwards are replayed, so every
+    constant-initialized tensor matches a plain build exactly and random ones match in scale."""
+    import deepspeed
+
+    from priors.deepspeed_utils import build_model, deepspeed_config, init_distributed
+    from priors.schema import PriorConfig, PriorTrainConfig
+
+    init_distributed()
+    config3 = deepspeed_config(PriorTrainConfig(zero_stage=3), cuda=False, world_size=1)
+    prior = PriorConfig(dim=64, heads=2, depth=2, num_classes=3)
+    for build in (lambda: DiscretePrior(prior, vocab_size=500, max_length=16),
+                  lambda: FlowPrior(prior, num_tokens=16, token_dim=4)):
+        torch.manual_seed(0)
+        plain = build().state_dict()
+        model = build_model(build, config3)
+        # partitioned from the start: outside a gather, no parameter holds its full data
+        assert all(hasattr(param, "ds_id") and param.data.numel() == 0 for param in model.parameters())
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            built = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for key, value in plain.items():
+            if value.numel() > 1 and value.unique().numel() == 1:  # zeros, ones, constants
+                assert torch.equal(built[key], value), key
+            elif value.is_floating_point() and value.numel() > 64:
+                ratio = built[key].std() / value.std()
+                assert 0.8 < ratio < 1.25, (key, ratio.item())
+
+
 @pytest.mark.launcher
-def test_deepspeed_launcher_two_ranks(workdir, vq_tokenizer):
-    """`deepspeed --num_gpus 2 train_prior.py --config configs/prior_tiny.yaml` (two CPU ranks, ZeRO-3)."""
+def test_two_rank_zero3_offload_prior_survives_repeated_kills(workdir, vq_tokenizer, tmp_path):
+    """A requeued 2-rank job: the same `deepspeed ... --resume` command (ZeRO-3, optimizer offload to
+    CPU from the user's DeepSpeed JSON) is SIGKILLed again and again at seeded random moments (during
+    start-up and token caching, before the first checkpoint, and while training), then finishes."""
     if shutil.which("deepspeed") is None:
         pytest.skip("the deepspeed launcher is not on PATH")
+    ds_json = tmp_path / "offload.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    run = subprocess.run(
-        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "train_prior.py",
-         "--config", "configs/prior_tiny.yaml", f"out_dir={workdir}", "name=launcher",
-         f"prior.tokenizer={vq_tokenizer}", f"prior.cache_dir={workdir / 'cache'}", *TINY,
-         "prior_train.steps=4", "prior_train.zero_stage=3", "prior_train.eval_every=4", "prior_train.sample_every=4",
-         "prior_train.checkpoint_every=2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
+
+    def command() -> list[str]:
+        return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "train_prior.py",
+                "--config", "configs/prior_tiny.yaml", f"out_dir={workdir}", "name=requeued_zero3",
+                f"prior.tokenizer={vq_tokenizer}", f"prior.cache_dir={workdir / 'requeued_zero3_cache'}", *TINY,
+                "prior.cache_shard_size=16", "prior_train.steps=16", "prior_train.eval_every=8",
+                "prior_train.sample_every=16", "prior_train.checkpoint_every=2", "--deepspeed_config",
+                str(ds_json), "--resume"]
+
+    rng = torch.Generator().manual_seed(7)
+    pointer = workdir / "requeued_zero3" / "checkpoints" / POINTER
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=rng).item()
+
+    # start-up, token caching, before the first checkpoint; then twice somewhere in the train/save cycle
+    for kill_after_checkpoint, delay in ((False, uniform(1, 5)), (False, uniform(5, 10)), (True, uniform(0, 0.3)),
+                                         (True, uniform(0, 0.3))):
+        had = read_pointer(pointer.parent)["step"] if pointer.exists() else 0
+        process = subprocess.Popen(command(), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while kill_after_checkpoint and process.poll() is None and time.time() < deadline and (
+                not pointer.exists() or read_pointer(pointer.parent)["step"] == had):
+            time.sleep(0.05)
+        time.sleep(delay)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert pointer.exists() and read_pointer(pointer.parent)["step"] < 16, "no kill landed while training"
+    run = subprocess.run(command(), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    run_dir = workdir / "launcher"
+    run_dir = workdir / "requeued_zero3"
     tag = run_dir / "checkpoints" / read_pointer(run_dir / "checkpoints")["tag"]
-    assert len(list(tag.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # the export merged two ranks' shards
-    assert len(records(run_dir, "loss")) == 4 and len(records(run_dir, "val_bits_per_image")) == 1
+    assert tag.name == "step_00000016"
+    assert len(list(tag.glob("*zero_pp_rank_*_optim_states.pt"))) == 2  # two ranks' optimizer shards
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 17))  # every step logged exactly once across all the restarts
+    assert len(records(run_dir, "val_bits_per_image")) == 2
     assert isinstance(load_model(run_dir / "final"), DiscretePrior)
