@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from benchmarks.machine import matmul_gflops  # the same figure every benchmark prints
+from flextok.distributed import available_ranks
 
 __all__ = ["Stage", "bpe_stage", "evaluate_stage", "prior_stage", "run_stages", "tokenizer_stage"]
 
@@ -32,8 +35,17 @@ class Stage:
         return [*self.command, *(f"{key}={max(2, round(value * scale))}" for key, value in self.scaled.items())]
 
 
+def tokenizer_launcher() -> list[str]:
+    """One process on a CPU or a single GPU (the quickstart's tokenizers are too small to gain from
+    DDP on 2 cores); `torchrun` with one rank per GPU when there are several."""
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "train_tokenizer.py"]
+    return [sys.executable, "train_tokenizer.py"]
+
+
 def tokenizer_stage(out: Path, name: str, config: str, steps: int, *overrides: str) -> Stage:
-    command = [sys.executable, "train_tokenizer.py", "--config", config, f"out_dir={out}", f"name={name}"]
+    command = [*tokenizer_launcher(), "--config", config, f"out_dir={out}", f"name={name}"]
     return Stage(name, [*command, *overrides], f"{name}/final/model.safetensors", {"train.steps": steps},
                  resumable=True)
 
@@ -48,7 +60,7 @@ def bpe_stage(out: Path, name: str, tokenizer: str, config: str, mode: str, voca
 
 
 def prior_stage(out: Path, name: str, config: str, steps: int, *overrides: str) -> Stage:
-    launcher = ["deepspeed", "--num_gpus", "2", "train_prior.py", "--config", config]
+    launcher = ["deepspeed", "--num_gpus", str(available_ranks()), "train_prior.py", "--config", config]
     return Stage(name, [*launcher, f"out_dir={out}", f"name={name}", *overrides], f"{name}/final/model.safetensors",
                  {"prior_train.steps": steps}, resumable=True)
 

@@ -59,6 +59,7 @@ class EvalContext:
         count = len(self.held_out.images)
         self.preview_index = torch.linspace(0, count - 1, min(cfg.eval.grid_rows, count)).round().long().unique()
         self.token_memo: dict[str, list[list[torch.Tensor]]] = {}  # BPE entries reuse their tokenizer's tokens
+        self.prefix_memo: dict[str, dict[int, torch.Tensor]] = {}  # a 1D tokenizer's prefix rows, decoded at once
         self.backbone = self._build_backbone()
         self.lpips_weights = self.settings.lpips_weights or os.environ.get(LPIPS_WEIGHTS_ENV)
         self.lpips = self._load_lpips()

@@ -104,6 +104,13 @@ class TokenizerUnderTest:
         return dataclasses.replace(self.decoder, steps=1, guidance_scale=1.0) if mode.mean else self.decoder
 
     @property
+    def prefix_lengths(self) -> list[int]:
+        """The prefix lengths of a 1D tokenizer's rows (decoded together), else none."""
+        if self.codec is not None or base_family(self.model) != "1d":
+            return []
+        return powers_of_two_upto(self.model.num_registers)
+
+    @property
     def has_mean(self) -> bool:
         """Whether one step from pure noise estimates E[x0 | tokens]: a velocity (rectified flow) or
         v-prediction does; eps-prediction divides by sqrt(alpha_bar(1)) ~ 0.003 there, which is no estimate."""
@@ -206,8 +213,25 @@ class Reconstruction:
 
     @cached_property
     def images(self) -> torch.Tensor:
+        if self.tut.prefix_lengths and self.mode.k in self.tut.prefix_lengths:
+            return self._prefix_images().pop(self.mode.k)  # handed over once: the memo does not keep it
         return torch.cat([self.tut.detokenize(tokens, self.mode, self.ctx.cfg.seed + b).float().cpu()
                           for b, tokens in enumerate(self.tokens)])
+
+    def _prefix_images(self) -> dict[int, torch.Tensor]:
+        """Every prefix row (k = 1, 2, ..., R) of this tokenizer and decoding (sample or mean), decoded at
+        once: each batch's tokens go through the decoder in one pass for all k, with the noise the per-k
+        decodings would use (`FlexTok.detokenize_prefixes`). Memoized for the rows that follow (a row that
+        asks again after taking its images decodes all prefixes once more)."""
+        ks = self.tut.prefix_lengths
+        key = json.dumps({"prefixes": self.tut.token_identity(Mode(k=max(ks)), self.ctx), "mean": self.mode.mean})
+        if self.mode.k not in self.ctx.prefix_memo.get(key, {}):
+            full = Reconstruction(self.tut, Mode(k=max(ks), mean=self.mode.mean), self.ctx).tokens
+            decoding = dataclasses.asdict(self.tut.decoding(self.mode))
+            per_batch = [self.tut.model.detokenize_prefixes(tokens, ks, seed=self.ctx.cfg.seed + b, **decoding)
+                         for b, tokens in enumerate(full)]
+            self.ctx.prefix_memo[key] = {k: torch.cat([images[k].float().cpu() for images in per_batch]) for k in ks}
+        return self.ctx.prefix_memo[key]
 
 
 def rate_record(tut: TokenizerUnderTest, mode: Mode, batches: list[list[torch.Tensor]]) -> dict[str, Any]:

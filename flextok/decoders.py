@@ -55,10 +55,14 @@ def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Te
     return guidance.combine(trunk(guidance.repeat(x), guidance.repeat(t), guidance.conditions(cond, null)))
 
 
-def start_from_noise(shape: tuple[int, ...], steps: int, generator: torch.Generator,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded pure noise and the time grid from 1 down to 0 that both samplers walk."""
-    return torch.randn(shape, generator=generator, device=device), torch.linspace(1.0, 0.0, steps + 1, device=device)
+def start_from_noise(shape: tuple[int, ...], steps: int, generator: torch.Generator, device: torch.device,
+                     repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded pure noise and the time grid from 1 down to 0 that both samplers walk. With `repeats`, the
+    batch is that many copies of the noise of its first shape[0] / repeats rows (one image decoded from
+    several token prefixes gets the same noise in each)."""
+    noise = torch.randn((shape[0] // repeats, *shape[1:]), generator=generator, device=device)
+    noise = noise.repeat(repeats, *[1] * (len(shape) - 1))
+    return noise, torch.linspace(1.0, 0.0, steps + 1, device=device)
 
 
 class RectifiedFlowDecoder(nn.Module):
@@ -80,9 +84,9 @@ class RectifiedFlowDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], sampling: SamplingConfig,
-               generator: torch.Generator) -> torch.Tensor:
+               generator: torch.Generator, repeats: int = 1) -> torch.Tensor:
         steps = sampling.steps
-        x, times = start_from_noise(shape, steps, generator, cond.device)
+        x, times = start_from_noise(shape, steps, generator, cond.device, repeats)
         for i in range(steps):
             t = times[i].expand(shape[0])
             v = guided(self.trunk, x, t, cond, null, Guidance.at(sampling, float(times[i])))
@@ -123,9 +127,9 @@ class DiffusionDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], sampling: SamplingConfig,
-               generator: torch.Generator) -> torch.Tensor:
+               generator: torch.Generator, repeats: int = 1) -> torch.Tensor:
         steps = sampling.steps
-        x, times = start_from_noise(shape, steps, generator, cond.device)
+        x, times = start_from_noise(shape, steps, generator, cond.device, repeats)
         for i in range(steps):
             t = times[i].expand(shape[0])
             a, a_next = cosine_alpha_bar(times[i]), cosine_alpha_bar(times[i + 1])

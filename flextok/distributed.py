@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["all_reduce_sum", "barrier", "broadcast_object", "ensure_launch_env", "free_port",
+__all__ = ["all_reduce_sum", "available_ranks", "barrier", "broadcast_object", "ensure_launch_env", "free_port",
            "init_process_group", "is_main", "local_device", "local_rank", "local_world_size", "rank",
            "shutdown", "threads_per_rank", "wait_for", "world_size"]
 
@@ -82,6 +82,14 @@ def local_device(device: torch.device) -> torch.device:
         torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return device
+
+
+def available_ranks() -> int:
+    """Ranks a launcher should start on this machine: one per GPU; on CPUs 2 gloo ranks (1 on one core),
+    which exercise the multi-rank code paths at little cost."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return min(2, os.cpu_count() or 1)
 
 
 def threads_per_rank(requested: int = 0) -> int:

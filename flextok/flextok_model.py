@@ -191,22 +191,33 @@ class FlexTok(HubMixin, nn.Module):
         return dataclasses.replace(self.config.sampling, **{k: v for k, v in fields.items() if v is not None})
 
     @torch.no_grad()
+    def detokenize_prefixes(self, tokens: list[torch.Tensor], ks: list[int], seed: int = 0,
+                            **sampling) -> dict[int, torch.Tensor]:
+        """The images of every prefix length k in `ks` of each sequence, decoded in one batched pass; k's
+        images equal `detokenize([t[:k] for t in tokens], seed)` (each image gets the same noise for every
+        k), up to floating-point summation order. Memory grows with len(ks) x len(tokens) rows."""
+        prefixes = [t[:k] for k in ks for t in tokens]
+        targets = self.sample_targets(prefixes, self.decoding(**sampling), seed, repeats=len(ks))
+        return dict(zip(ks, self.from_target(targets).split(len(tokens))))
+
+    @torch.no_grad()
     def eval_reconstructions(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
         """Reconstructions from every prefix length 1, 2, 4, ..., R (token sets: all R tokens)."""
         tokens = self.tokenize(images)
         ks = [self.num_registers] if self.token_set else powers_of_two_upto(self.num_registers)
-        return {f"k={k}": self.detokenize([t[:k] for t in tokens], seed=seed) for k in ks}
+        return {f"k={k}": images for k, images in self.detokenize_prefixes(tokens, ks, seed=seed).items()}
 
     def sample_targets(self, tokens: list[torch.Tensor], sampling: SamplingConfig | None = None,
-                       seed: int = 0) -> torch.Tensor:
-        """Token lists -> decoded target patches (before `from_target`), for callers that stay in latent space."""
+                       seed: int = 0, repeats: int = 1) -> torch.Tensor:
+        """Token lists -> decoded target patches (before `from_target`), for callers that stay in latent
+        space. `repeats`: the rows are that many groups of the same images (see `detokenize_prefixes`)."""
         indices, keep = self._pack(tokens)
         codes = self.quantizer.codes_from_indices(indices)
         cond = self.condition(codes, keep)
         generator = torch.Generator(device=indices.device).manual_seed(seed)
         n_patches, patch_dim = self.grid**2, self.channels * self.config.patch_size**2
         return self.decoder.sample(cond, self.null_condition(len(tokens)), (len(tokens), n_patches, patch_dim),
-                                   sampling or self.config.sampling, generator)
+                                   sampling or self.config.sampling, generator, repeats)
 
     def _pack(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate and pad variable-length token lists to [B, R] indices plus keep counts [B]."""

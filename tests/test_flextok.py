@@ -198,3 +198,20 @@ def test_fingerprint_ignores_default_sampling_settings():
     with torch.no_grad():
         other.mask_token.add_(1.0)
     assert fingerprint_model(other) != fingerprint_model(model)
+
+
+def test_all_prefixes_decode_in_one_pass_like_one_pass_per_k(eight_images):
+    from flextok import FlexTok
+    from flextok.schema import FlexTokConfig, QuantizerConfig
+
+    torch.manual_seed(0)
+    model = FlexTok.from_config(FlexTokConfig(input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2,
+                                              decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                                              quantizer=QuantizerConfig(fsq_levels=[5, 5])), resolution=16).eval()
+    torch.nn.init.normal_(model.decoder.trunk.proj_out.weight, std=0.1)  # zero-initialized: would ignore tokens
+    tokens = model.tokenize(eight_images)
+    together = model.detokenize_prefixes(tokens, [1, 2, 8], seed=3, steps=3, guidance_scale=2.0)
+    for k, images in together.items():
+        alone = model.detokenize([t[:k] for t in tokens], seed=3, steps=3, guidance_scale=2.0)
+        torch.testing.assert_close(images, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together[1], together[8])
