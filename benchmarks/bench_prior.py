@@ -44,7 +44,8 @@ REFERENCE = {  # ANCHORS.md §B, with the matmul speed of those runs (~133-176 G
 
 def build_prior() -> DiscretePrior:
     torch.manual_seed(0)
-    config = PriorConfig(dim=DIM, depth=DEPTH, heads=HEADS, num_classes=CLASSES, class_dropout=0.1)
+    # dropout 0.1 as in the LlamaGen reference run (ANCHORS.md §B)
+    config = PriorConfig(dim=DIM, depth=DEPTH, heads=HEADS, num_classes=CLASSES, class_dropout=0.1, dropout=0.1)
     return DiscretePrior(config, vocab_size=VOCAB, max_length=SEQ)
 
 
@@ -72,7 +73,7 @@ def deepspeed_step():
 def plain_step():
     """The same model, optimizer, clipping and schedule in a plain torch loop."""
     model = build_prior().train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(10, 1000))
 
     def step(batch):

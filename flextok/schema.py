@@ -207,6 +207,7 @@ class TrainConfig:
     log_every: int = 50
     grad_accumulation: int = 1  # micro-steps per optimizer step; batch_size is the global batch
     activation_checkpointing: bool = False  # recompute transformer / residual blocks in backward
+    compile: bool = False  # torch.compile the training forward (pays off only on long runs: see RESULTS.md)
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA, fp32 on CPU)
     threads: int = 0  # torch threads per rank on CPU; 0 = the cores shared evenly by the local ranks
 

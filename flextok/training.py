@@ -126,9 +126,13 @@ class TokenizerTrainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         if t.activation_checkpointing:
             recompute_in_backward(self.objective)
+        if t.compile:  # in place: parameter names, checkpoints and the EMA copy are unchanged
+            self.objective.compile()
         self.replicas = self._data_parallel()
         params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        # fused: one kernel over all parameters instead of a dozen small ops per tensor
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                           fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
         self.step = 0
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")

@@ -75,7 +75,8 @@ def deepspeed_config(t: PriorTrainConfig, cuda: bool, world_size: int, user: str
     from `prior_train`, or a `train_batch_size` that is not their product times the ranks, is an
     error, as is a `scheduler` (the schedule is `prior_train.warmup_steps` / `steps`).
 
-    AdamW runs as torch's own (`torch_adam`), so no fused op is compiled on CPU or needs nvcc on GPUs;
+    AdamW runs as torch's own fused kernel (`torch_adam`, `fused`: one pass over all parameters instead
+    of a dozen small ops per tensor), so no DeepSpeed op is compiled on CPU or needs nvcc on GPUs;
     with optimizer offload, `zero_force_ds_cpu_optimizer: false` lets that torch AdamW step on the CPU
     copy (set it true in the JSON, with DeepSpeed's CPU Adam, for speed on GPU nodes).
     """
@@ -90,7 +91,7 @@ def deepspeed_config(t: PriorTrainConfig, cuda: bool, world_size: int, user: str
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
-                       "torch_adam": True},
+                       "torch_adam": True, "fused": True},
         },
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,

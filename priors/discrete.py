@@ -8,27 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder, TransformerWrapper
-from x_transformers.x_transformers import LayerNorm
 
 from flextok.hub import HubMixin, register_model
 
+from .fast_layers import use_fast_layers
 from .schema import PriorConfig
 
-__all__ = ["DiscretePrior", "FusedLayerNorm", "IGNORE", "LOGIT_CHUNK_BYTES"]
+__all__ = ["DiscretePrior", "IGNORE", "LOGIT_CHUNK_BYTES"]
 
 IGNORE = -100
 LOGIT_CHUNK_BYTES = 2**24  # logits are made in chunks of at most 16 MiB (see `_token_nll`)
-
-
-class FusedLayerNorm(LayerNorm):
-    """x-transformers' LayerNorm (normalize, then a separate multiply by gamma) as one fused op.
-
-    Same parameters and state-dict keys; swapped in by class so checkpoints and the KV-cache decoder are
-    unaffected. The separate multiply was ~2% of a CPU training step.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.gamma + float(self.unit_offset), None, self.ln.eps)
 
 
 @register_model("discrete_prior")
@@ -63,12 +52,10 @@ class DiscretePrior(HubMixin, nn.Module):
                 dim=config.dim, depth=config.depth, heads=config.heads, attn_dim_head=dim_head,
                 # rotate at least 32 dims of each head (x-transformers' advice), half of larger heads
                 rotary_pos_emb=True, rotary_emb_dim=min(dim_head, max(32, dim_head // 2)),
-                attn_flash=True, attn_dropout=config.dropout, ff_dropout=config.dropout,
+                attn_flash=True, attn_dropout=config.attn_dropout, ff_dropout=config.dropout,
             ),
         )
-        for module in self.net.modules():
-            if type(module) is LayerNorm:
-                module.__class__ = FusedLayerNorm
+        use_fast_layers(self.net)
 
     def extra_config(self) -> dict:
         return {

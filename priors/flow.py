@@ -20,6 +20,7 @@ from flextok.hub import HubMixin, register_model
 from flextok.patching import timestep_embedding
 from flextok.schema import SamplingConfig
 
+from .fast_layers import use_fast_layers
 from .schema import PriorConfig
 
 __all__ = ["FlowPrior"]
@@ -43,8 +44,9 @@ class FlowPrior(HubMixin, nn.Module):
         self.encoder = Encoder(
             dim=dim, depth=config.depth, heads=config.heads, attn_dim_head=dim // config.heads, attn_flash=True,
             use_adaptive_layernorm=True, use_adaptive_layerscale=True, dim_condition=dim,
-            attn_dropout=config.dropout, ff_dropout=config.dropout,
+            attn_dropout=config.attn_dropout, ff_dropout=config.dropout,
         )
+        use_fast_layers(self.encoder)
         self.out_proj = nn.Linear(dim, token_dim)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)

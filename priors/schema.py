@@ -31,7 +31,10 @@ class PriorConfig:
     heads: int = 4
     num_classes: int = 0  # 0 = unconditional
     class_dropout: float = 0.1
-    dropout: float = 0.0
+    dropout: float = 0.0  # in the feed-forward blocks
+    # on the attention weights; 0 as in LlamaGen, and only then does CPU training use the fused attention
+    # kernel (dropout masks over [B, heads, L, L] cost a fifth of a CPU training step)
+    attn_dropout: float = 0.0
     # this prior's sampling defaults; a flow prior integrates 25 Euler steps (SamplingConfig's 8 suit the
     # 1D decoder), as it did before the sampling section existed, so older flow priors sample the same
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=25))
@@ -42,6 +45,7 @@ class PriorConfig:
         check(self.num_classes >= 0, "num_classes' must be >= 0", self.num_classes)
         check(0.0 <= self.class_dropout < 1.0, "class_dropout' must be in [0, 1)", self.class_dropout)
         check(0.0 <= self.dropout < 1.0, "dropout' must be in [0, 1)", self.dropout)
+        check(0.0 <= self.attn_dropout < 1.0, "attn_dropout' must be in [0, 1)", self.attn_dropout)
         check(self.tokenize_batch_size > 0, "tokenize_batch_size' must be positive", self.tokenize_batch_size)
         check(self.cache_shard_size > 0, "cache_shard_size' must be positive", self.cache_shard_size)
         check(self.tokens != "prefix" or self.prefix_length > 0, "prefix_length' must be > 0 for tokens: prefix",
