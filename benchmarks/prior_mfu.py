@@ -2,7 +2,7 @@
 
     python benchmarks/prior_mfu.py --config configs/1d_256_mini.yaml --run runs/x/prior [overrides] [--ranks N]
 
-MFU = (sequences/s x training FLOPs per sequence) / (ranks x peak FLOP/s). FLOPs per sequence are the
+MFU = (sequences/s x training FLOPs per sequence) / peak FLOP/s of all ranks. FLOPs per sequence are the
 plan's (`priors.plan.prior_workload`: 6·W·s + 12·L·h·s²); sequences/s is the run's last logged
 `tokens_per_s` (all ranks, training steps only) over the tokens it predicts per sequence. The peak is
 the device's dense bf16 figure from its datasheet (CUDA), `--peak-tflops` when given, or on a CPU the
@@ -29,16 +29,17 @@ from priors.plan import planned_prior, prior_workload  # noqa: E402
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
-def device_peak() -> tuple[float, str]:
-    """Peak FLOP/s of one rank's device and where the figure comes from."""
+def device_peak(ranks: int) -> tuple[float, str]:
+    """Peak FLOP/s of all ranks' devices together, and where the figure comes from (CPU ranks share the
+    machine whose matmul is measured, so their peak is that figure once)."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, tflops in DENSE_BF16_TFLOPS.items():
             if key in name:
-                return tflops * 1e12, f"{name}: {tflops:.0f} TFLOP/s dense bf16 (datasheet)"
+                return ranks * tflops * 1e12, f"{ranks} x {name}: {tflops:.0f} TFLOP/s dense bf16 (datasheet)"
         raise SystemExit(f"unknown peak for {name}: pass --peak-tflops")
     gflops = matmul_gflops()
-    return gflops * 1e9, f"CPU: fp32 matmul {gflops:.0f} GFLOP/s measured in this process"
+    return gflops * 1e9, f"the CPU's fp32 matmul {gflops:.0f} GFLOP/s measured in this process"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     predicted = planned.spec.max_length + int(planned.spec.variable_length)  # + EOS when lengths vary
     achieved = tokens_per_s / predicted * workload.train_flops
     if args.peak_tflops:
-        peak, source = args.peak_tflops * 1e12, f"--peak-tflops {args.peak_tflops:g}"
+        peak, source = args.ranks * args.peak_tflops * 1e12, f"{args.ranks} x --peak-tflops {args.peak_tflops:g}"
     else:
-        peak, source = device_peak()
+        peak, source = device_peak(args.ranks)
     print(f"prior {planned.model.__class__.__name__} {sum(p.numel() for p in planned.model.parameters()) / 1e6:.1f}M "
           f"parameters: {tokens_per_s:,.0f} tokens/s on {args.ranks} rank(s) = {achieved / 1e12:.3f} TFLOP/s; "
-          f"MFU {achieved / (args.ranks * peak):.1%} of {args.ranks} x {source}")
+          f"MFU {achieved / peak:.1%} of {source}")
     return 0
 
 
