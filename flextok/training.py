@@ -130,9 +130,7 @@ class TokenizerTrainer:
             self.objective.compile()
         self.replicas = self._data_parallel()
         params = [p for p in self.objective.parameters() if p.requires_grad]
-        # fused: one kernel over all parameters instead of a dozen small ops per tensor
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                           fused=True)
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
         self.step = 0
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import launcher_env
 from safetensors.torch import load_file
 
 from flextok.data import StepBatchSampler, micro_batch_size
@@ -19,17 +20,12 @@ from flextok.distributed import free_port
 from flextok.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 GAN = [  # a quantized grid autoencoder with the PatchGAN switched on after step 2
     "--config", "configs/grid_vq.yaml", "data.resolution=16", "data.crops_per_photo=8",
     "data.eval_crops_per_photo=2", "data.eval_images=4", "grid.channels=16", "train.batch_size=8",
     "train.grad_accumulation=2", "train.activation_checkpointing=true", "train.log_every=1",
     "train.eval_every=100", "train.warmup_steps=2", "loss.adversarial=0.1", "loss.adversarial_start=2",
 ]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
 
 
 def torchrun(*args: str) -> list[str]:
@@ -57,12 +53,12 @@ def test_two_rank_run_killed_with_sigkill_resumes_exactly(tmp_path):
     """A 2-rank PatchGAN run is SIGKILLed (launcher and both ranks) after its first checkpoint; the same
     command with `--resume` finishes it with the losses and weights of an uninterrupted 2-rank run."""
     common = [*GAN, f"out_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=4"]
-    straight = subprocess.run(torchrun(*common, "name=straight"), cwd=REPO, env=clean_env(),
+    straight = subprocess.run(torchrun(*common, "name=straight"), cwd=REPO, env=launcher_env(),
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed = torchrun(*common, "name=killed")
-    process = subprocess.Popen(killed, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(killed, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "killed" / "checkpoints" / "latest.pt"
     deadline = time.time() + 240
@@ -72,7 +68,7 @@ def test_two_rank_run_killed_with_sigkill_resumes_exactly(tmp_path):
     process.wait()
     assert checkpoint.exists(), "the run ended before its first checkpoint"
     assert not (tmp_path / "killed" / "final").exists(), "the run finished before the kill"
-    resumed = subprocess.run([*killed, "--resume"], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+    resumed = subprocess.run([*killed, "--resume"], cwd=REPO, env=launcher_env(), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -97,7 +93,7 @@ def test_two_rank_flextok_run_through_the_deepspeed_launcher(tmp_path):
          "data.eval_images=4", "flextok.num_registers=8", "flextok.dim=32", "flextok.decoder_dim=32",
          "flextok.heads=2", "flextok.decoder_heads=2", "train.batch_size=8", "train.steps=3",
          "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1", "--resume"],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("starting from step 0") == 1  # rank 0's notice only

@@ -2,7 +2,6 @@
 few steps each: parquet export, then every stage on 2 CPU ranks (torchrun, torchrun, deepspeed)."""
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -10,13 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import launcher_env
 
 import priors  # noqa: F401  (registers the prior classes with load_model)
 from flextok import load_model
 from flextok.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def readme_commands() -> list[list[str]]:
@@ -36,7 +35,7 @@ def test_miniature_recipe_runs_from_the_readme_on_two_ranks(tmp_path):
              f"prior.tokenizer={out}/1d_256_mini/final"]
     few = ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
            "loss.adversarial_start=1", "data.eval_images=8"]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = launcher_env()
 
     def run(argv: list[str]) -> None:
         done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIST_ENV, launcher_env
 
 from evaluation.schema import ExperimentConfig
 from flextok import load_model
@@ -31,7 +32,6 @@ from priors.deepspeed_utils import POINTER, consolidated_weights, read_pointer
 from priors.trainer import PriorTrainer
 
 REPO = Path(__file__).resolve().parents[1]
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TINY = [
     "data.resolution=16", "data.crops_per_photo=16", "data.eval_crops_per_photo=4", "data.eval_images=8",
     "prior.dim=64", "prior.heads=2", "prior.depth=2", "prior_train.micro_batch_size=8",
@@ -209,7 +209,7 @@ def test_sigkill_at_any_moment_leaves_a_resumable_run(workdir, vq_tokenizer):
               f"out_dir={workdir}", "name=sigkill", f"prior.tokenizer={vq_tokenizer}",
               f"prior.cache_dir={workdir / 'cache'}", *TINY, "prior_train.checkpoint_every=1",
               "prior_train.zero_stage=2", "prior_train.eval_every=1000", "prior_train.sample_every=1000"]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = launcher_env()
     process = subprocess.Popen([*common, "prior_train.steps=1000"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     pointer = workdir / "sigkill" / "checkpoints" / POINTER
@@ -298,7 +298,7 @@ def test_two_rank_zero3_offload_prior_survives_repeated_kills(workdir, vq_tokeni
         pytest.skip("the deepspeed launcher is not on PATH")
     ds_json = tmp_path / "offload.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = launcher_env()
 
     def command() -> list[str]:
         return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "train_prior.py",
