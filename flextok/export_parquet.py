@@ -2,10 +2,10 @@
 
     python -m flextok.export_parquet --source builtin:skimage --out runs/mini_data [data.key=value ...]
 
-The folder (`<out>/data/<split>-XXXXX-of-YYYYY.parquet`, an 'image' column of encoded images and
-'label') is what `datasets.load_dataset(<out>)` reads, so `data.source: hf:<out>` trains on it through
-exactly the code path of a Hub dataset id. `configs/1d_256_mini.yaml` uses it to rehearse the ImageNet
-recipe on CPU.
+The folder (`<out>/data/<split>-<shard>-of-<shards>.parquet`, e.g. `train-00000-of-00001.parquet`: an
+'image' column of encoded images and 'label') is what `datasets.load_dataset(<out>)` reads, so
+`data.source: hf:<out>` trains on it through exactly the code path of a Hub dataset id.
+`configs/1d_256_mini.yaml` uses it to rehearse the ImageNet recipe on CPU.
 """
 
 from __future__ import annotations

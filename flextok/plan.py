@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .data import micro_batch_size
 from .errors import ConfigError, UserError
 from .schema import TokenizerRunConfig
 
@@ -376,8 +377,8 @@ def tokenizer_plan(cfg: TokenizerRunConfig, hw: Hardware) -> str:
     """The plan of `train_tokenizer.py` for `cfg` on `hw`, as printable text."""
     parts = planned_tokenizer(cfg)
     t = cfg.train
-    accumulation = getattr(t, "grad_accumulation", 1)  # trainers without accumulation: one micro-batch
-    micro = _tokenizer_micro_batch(t.batch_size, hw.gpus, accumulation)
+    accumulation = t.grad_accumulation
+    micro = micro_batch_size(t.batch_size, hw.gpus, accumulation)
     workloads = tokenizer_workloads(cfg, parts)
     title = (f"plan: train_tokenizer.py, run '{cfg.name}' ({cfg.tokenizer} tokenizer, "
              f"{cfg.data.resolution}px) on {hw.gpus} GPU(s); nothing is trained or written")
@@ -393,14 +394,6 @@ def tokenizer_plan(cfg: TokenizerRunConfig, hw: Hardware) -> str:
 def print_tokenizer_plan(cfg: TokenizerRunConfig, hw: Hardware) -> int:
     print(tokenizer_plan(cfg, hw))
     return 0
-
-
-def _tokenizer_micro_batch(batch_size: int, gpus: int, accumulation: int) -> int:
-    parts = gpus * accumulation
-    if batch_size % parts:
-        raise UserError(f"train.batch_size: {batch_size} does not split into {gpus} GPU(s) x {accumulation} "
-                        f"accumulation step(s); make it a multiple of {parts}")
-    return batch_size // parts
 
 
 def _grid_parts(cfg: TokenizerRunConfig) -> TokenizerParts:

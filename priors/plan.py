@@ -203,8 +203,7 @@ def prior_workload(cfg: PriorRunConfig, planned: PlannedPrior) -> Workload:
 def _precision(cfg: PriorRunConfig) -> tuple[str, bool]:
     """The training precision (`auto` is bf16 on GPUs) and whether the optimizer is offloaded to the CPU."""
     t = cfg.prior_train
-    precision = getattr(t, "precision", "auto")
-    return ("bf16" if precision == "auto" else precision), bool(getattr(t, "offload_optimizer", False))
+    return ("bf16" if t.precision == "auto" else t.precision), t.offload_optimizer
 
 
 def _memory(cfg: PriorRunConfig, model: nn.Module, workload: Workload, hw: Hardware) -> list[str]:
