@@ -66,21 +66,37 @@ def start_from_noise(shape: tuple[int, ...], steps: int, generator: torch.Genera
 
 
 class RectifiedFlowDecoder(nn.Module):
-    """x_t = t*eps + (1-t)*x0 with logit-normal t; the trunk predicts the velocity eps - x0; Euler from t=1 to 0.
+    """x_t = t*eps + (1-t)*x0 with logit-normal t; the loss is the MSE of the velocity eps - x0; Euler from t=1 to 0.
+
+    `prediction`: the trunk outputs the velocity ("v") or the clean target ("x0", turned into the velocity
+    (x_t - x0) / t). With "x0" the one-step mean from t = 1 is the trunk's output itself; with "v" the trunk
+    must also copy its input noise to the output exactly (x0 = eps - v), and any error in that copy lands
+    in the reconstruction. The velocity loss of an x0 prediction weighs its error by 1/t^2; t is clamped at
+    `MIN_T` there so the weight stays bounded near clean targets.
 
     `time_logit_mean` > 0 shifts training toward noisier t, where the decoder must rely on the registers:
     on short CPU runs this is what makes later tokens carry detail (measured; see configs/1d_tiny.yaml).
     """
 
-    def __init__(self, trunk: DecoderTrunk, time_logit_mean: float = 0.0):
+    MIN_T = 0.05
+
+    def __init__(self, trunk: DecoderTrunk, time_logit_mean: float = 0.0, prediction: str = "v"):
         super().__init__()
-        self.trunk, self.time_logit_mean = trunk, time_logit_mean
+        if prediction not in ("v", "x0"):
+            raise ValueError(f"rectified flow predicts 'v' or 'x0', got {prediction!r}")
+        self.trunk, self.time_logit_mean, self.prediction = trunk, time_logit_mean, prediction
+
+    def velocity(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The trunk's (guided) output at x_t, time t [B] -> the velocity eps - x0."""
+        if self.prediction == "v":
+            return out
+        return (x_t - out) / t.clamp_min(self.MIN_T)[:, None, None]
 
     def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         t = torch.sigmoid(torch.randn(len(x0), device=x0.device) + self.time_logit_mean)
         eps = torch.randn_like(x0)
         x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * x0
-        return F.mse_loss(self.trunk(x_t, t, cond), eps - x0)
+        return F.mse_loss(self.velocity(self.trunk(x_t, t, cond), x_t, t), eps - x0)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], sampling: SamplingConfig,
@@ -89,8 +105,8 @@ class RectifiedFlowDecoder(nn.Module):
         x, times = start_from_noise(shape, steps, generator, cond.device, repeats)
         for i in range(steps):
             t = times[i].expand(shape[0])
-            v = guided(self.trunk, x, t, cond, null, Guidance.at(sampling, float(times[i])))
-            x = x + (times[i + 1] - times[i]) * v
+            out = guided(self.trunk, x, t, cond, null, Guidance.at(sampling, float(times[i])))
+            x = x + (times[i + 1] - times[i]) * self.velocity(out, x, t)
         return x
 
 
@@ -141,7 +157,7 @@ class DiffusionDecoder(nn.Module):
 
 def build_decoder(kind: str, trunk: DecoderTrunk, prediction: str, time_logit_mean: float = 0.0) -> nn.Module:
     if kind == "rectified_flow":
-        return RectifiedFlowDecoder(trunk, time_logit_mean)
+        return RectifiedFlowDecoder(trunk, time_logit_mean, prediction)
     if kind == "diffusion":
         return DiffusionDecoder(trunk, prediction)
     raise ValueError(f"unknown decoder '{kind}' (use rectified_flow or diffusion)")

@@ -164,7 +164,8 @@ class FlexTokConfig:
     nested_dropout: Literal["uniform", "pow2", "uniform_pow2"] = "pow2"
     token_set: bool = False
     decoder: Literal["rectified_flow", "diffusion"] = "rectified_flow"
-    prediction: Literal["v", "eps"] = "v"  # diffusion decoder
+    # what the decoder's trunk outputs: rectified flow "v" (velocity) or "x0"; diffusion "v" or "eps"
+    prediction: Literal["v", "eps", "x0"] = "v"
     time_logit_mean: float = 0.0  # rectified flow: t = sigmoid(N(mean, 1)); > 0 favours noisier t
     cond_dropout: float = 0.1  # null-condition probability, for classifier-free guidance
     # detokenize's defaults. Guidance only at noise levels 0.3-0.7: on the quickstart tokenizer it was at least
@@ -180,6 +181,9 @@ class FlexTokConfig:
             w, h = getattr(self, width), getattr(self, heads)
             check(w % 4 == 0 and h > 0 and w % h == 0, f"{width}' must be divisible by 4 and by {heads}", w)
         check(0.0 <= self.cond_dropout < 1.0, "cond_dropout' must be in [0, 1)", self.cond_dropout)
+        allowed = {"rectified_flow": ("v", "x0"), "diffusion": ("v", "eps")}[self.decoder]
+        check(self.prediction in allowed, f"prediction' must be {' or '.join(allowed)} for the {self.decoder} decoder",
+              self.prediction)
 
 
 @dataclass

@@ -50,14 +50,20 @@ def test_bootstrap_interval_covers_the_true_mean():
     assert covered >= 34  # a 95% interval: expect 38 of 40
 
 
+def _known_posterior_tokenizer(prediction: str) -> FlexTok:
+    torch.manual_seed(0)
+    cfg = FlexTokConfig(input="pixels", patch_size=4, num_registers=4, dim=32, depth=1, heads=2, decoder_dim=32,
+                        decoder_depth=1, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]),
+                        prediction=prediction)
+    model = FlexTok.from_config(cfg, 16).eval()
+    model.target_scale.fill_(1.0)
+    return model
+
+
 def test_mean_decoding_is_the_posterior_mean_of_a_known_model():
     """A rectified flow whose velocity at t = 1 is x - m(c) has E[x0 | c] = m(c): one Euler step from t = 1
     returns m exactly, whatever the noise, while sampling with more steps does not."""
-    torch.manual_seed(0)
-    cfg = FlexTokConfig(input="pixels", patch_size=4, num_registers=4, dim=32, depth=1, heads=2, decoder_dim=32,
-                        decoder_depth=1, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]))
-    model = FlexTok.from_config(cfg, 16).eval()
-    model.target_scale.fill_(1.0)
+    model = _known_posterior_tokenizer("v")
     target = torch.randn(1, 16, 48)  # 16 patches of 4x4x3
     model.decoder.trunk.forward = lambda x_t, t, cond: x_t - target
     tokens = [torch.tensor([0, 1, 2, 3])] * 2
@@ -66,6 +72,30 @@ def test_mean_decoding_is_the_posterior_mean_of_a_known_model():
         torch.testing.assert_close(mean, target.expand(2, -1, -1))
     sample = model.sample_targets(tokens, model.decoding(steps=8), seed=0)
     assert not torch.allclose(sample, target.expand(2, -1, -1), atol=1e-2)
+
+
+def test_x0_prediction_turns_the_clean_estimate_into_the_velocity():
+    """With prediction x0 the trunk's output is the clean estimate: one step from t = 1 returns it, and for a
+    model sure of its answer (a point-mass posterior) every Euler path x_t = t*eps + (1-t)*x0 ends on it."""
+    model = _known_posterior_tokenizer("x0")
+    target = torch.randn(1, 16, 48)
+    model.decoder.trunk.forward = lambda x_t, t, cond: target.expand(len(x_t), -1, -1)
+    tokens = [torch.tensor([0, 1, 2, 3])] * 2
+    for steps in (1, 8):
+        torch.testing.assert_close(model.sample_targets(tokens, model.decoding(steps=steps), seed=steps),
+                                   target.expand(2, -1, -1))
+    x0, eps, t = torch.randn(3, 16, 48), torch.randn(3, 16, 48), torch.tensor([0.9, 0.5, 0.01])
+    x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * x0
+    velocity = model.decoder.velocity(x0, x_t, t)  # a perfect x0 gives the true velocity where t >= MIN_T
+    torch.testing.assert_close(velocity[:2], (eps - x0)[:2])
+    assert velocity[2].abs().max() < (eps - x0)[2].abs().max()  # clamped: bounded near clean targets
+
+
+def test_prediction_must_suit_the_decoder():
+    with pytest.raises(ValueError, match="prediction"):
+        FlexTokConfig(prediction="eps")
+    with pytest.raises(ValueError, match="prediction"):
+        FlexTokConfig(decoder="diffusion", prediction="x0")
 
 
 def test_token_set_rows_pay_the_multiset_cost():

@@ -1,0 +1,96 @@
+"""Ablations of the 1D tokenizer: train named variants of one experiment's `flextok` section for the same
+number of steps, then decode each held-out image from every prefix k = 1, 2, 4, ..., R as the posterior mean
+(one Euler step from t = 1) and print PSNR per k with a 95% bootstrap interval, beside training time and img/s.
+
+    python benchmarks/ablate_flextok.py --config configs/fmnist.yaml --autoencoder runs/study_fmnist/kl_f4/final \
+        --steps 1000 --variant base: --variant enc4:flextok.depth=4 --variant dec6:flextok.decoder_depth=6
+
+A variant is NAME:OVERRIDE[;OVERRIDE...] (`section.key=value`, as on train_tokenizer.py's command line). Each
+trains in its own `train_tokenizer.py` process into OUT/NAME, logging to OUT/NAME.log; a variant whose
+OUT/NAME/final exists is not retrained. Nothing else should run meanwhile, or the times say nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from machine import matmul_gflops
+
+from evaluation.bootstrap import bootstrap_interval
+from flextok.config import load_config
+from flextok.data import load_images
+from flextok.flextok_model import FlexTok
+from flextok.metrics import psnr
+from flextok.nested_dropout import powers_of_two_upto
+from flextok.schema import TokenizerRunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(config: str, autoencoder: str, out: Path, name: str, steps: int, overrides: list[str]) -> float:
+    """Train one variant in its own process; returns its wall-clock seconds (0 when reused)."""
+    if (out / name / "final").exists():
+        return 0.0
+    command = [sys.executable, str(ROOT / "train_tokenizer.py"), "--config", config, f"name={name}",
+               f"out_dir={out}", "tokenizer=flextok", f"flextok.autoencoder={autoencoder}", f"train.steps={steps}",
+               f"train.eval_every={steps}", *overrides]
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(out / f"{name}.log", "w") as log:  # the trainer's progress bar and lines
+        subprocess.run(command, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def mean_psnr_per_k(model: FlexTok, images: torch.Tensor, batch: int = 100) -> dict[int, np.ndarray]:
+    ks = powers_of_two_upto(model.num_registers)
+    values = {k: [] for k in ks}
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch]
+        decoded = model.detokenize_prefixes(model.tokenize(x), ks, seed=0, steps=1, guidance_scale=1.0)
+        for k in ks:
+            values[k].append(psnr(decoded[k], x))
+    return {k: torch.cat(v).double().numpy() for k, v in values.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment YAML whose flextok section is the base")
+    parser.add_argument("--autoencoder", required=True, help="trained grid KL autoencoder (flextok.autoencoder)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--images", type=int, default=500, help="held-out images (the config's eval_split)")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablate_flextok"))
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME:OVERRIDES")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul 2048^3 fp32: "
+          f"{matmul_gflops():.1f} GFLOP/s")
+    cfg = load_config(args.config, cls=TokenizerRunConfig, own_sections_only=True)
+    images = load_images(cfg.data, cfg.data.eval_split, limit=args.images).images
+    rows = []
+    for spec in args.variant:
+        name, _, rest = spec.partition(":")
+        overrides = [o for o in rest.split(";") if o]
+        seconds = train(args.config, args.autoencoder, args.out, name, args.steps, overrides)
+        model = FlexTok.from_pretrained(args.out / name / "final").eval()
+        per_k = mean_psnr_per_k(model, images)
+        rate = args.steps * cfg.train.batch_size / seconds if seconds else float("nan")
+        cells = "  ".join(f"k={k} {v.mean():.2f} [{lo:.2f}, {hi:.2f}]"
+                          for k, v in per_k.items() for lo, hi in [bootstrap_interval(v)])
+        print(f"{name} ({'; '.join(overrides) or 'the config as it is'}): trained {seconds:.0f} s "
+              f"({rate:.0f} img/s); mean PSNR dB on {len(images)} held-out images: {cells}", flush=True)
+        rows.append({"name": name, "overrides": overrides, "seconds": seconds,
+                     "psnr": {k: float(v.mean()) for k, v in per_k.items()}})
+    print(f"matmul after: {matmul_gflops():.1f} GFLOP/s")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
