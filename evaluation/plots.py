@@ -76,30 +76,29 @@ def plot_tradeoff(rows: list[TokenizerRow], x_key: str, x_label: str, backbone: 
     return _save(figure, path)
 
 
-def _reconstruction_of(prior: PriorRow, rows: list[TokenizerRow]) -> TokenizerRow | None:
-    """The tokenizer row whose tokens a prior models: same tokenizer and codec, the prior's token count
-    (adaptive priors: the adaptive row), posterior mean preferred where the decoder is generative."""
-    matches = [r for r in rows if r.path == prior.tokenizer and r.bpe == prior.bpe
-               and r.adaptive == (prior.tokens == "adaptive") and r.target_psnr == prior.target_psnr]
-    if prior.tokens != "adaptive":
-        matches = [r for r in matches if abs(r.tokens_per_image - prior.tokens_per_image) < 1e-6 or r.bpe]
-    order = {"mean": 0, "deterministic": 1, "sample": 2}
-    return min(matches, key=lambda r: (order[r.decoding], -r.tokens_per_image), default=None)
-
-
 def plot_modelability(result: EvaluationResult, path: Path) -> Path:
     """Each discrete prior's held-out NLL (bits per image) against the reconstruction PSNR of the tokens
-    it models: down and to the right is cheaper to model at better quality."""
+    it models: down and to the right is cheaper to model at better quality. A prior over an ordered 1D stream
+    is also drawn as a line through its prefixes k = 1, 2, 4, ...: the bits of the first k tokens against
+    the reconstruction from k tokens."""
     figure = Figure(figsize=(7.5, 5.5), layout="constrained")
     ax = figure.subplots()
     for prior in result.prior_rows:
-        row = None if prior.nll_bits_per_image is None else _reconstruction_of(prior, result.tokenizer_rows)
+        row = None if prior.nll_bits_per_image is None else result.reconstruction_of(prior)
         if row is None:
             continue
         colour = FAMILY_COLOURS.get(row.family, "tab:gray")
         ax.scatter(row.psnr, prior.nll_bits_per_image, s=70, color=colour, edgecolor="black", zorder=3)
         ax.annotate(f"{prior.name} ({row.mode})", (row.psnr, prior.nll_bits_per_image),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
+        points = [(k, rec.psnr, bits) for k, bits, rec in result.prefix_points(prior)]
+        if points:
+            ax.plot([p[1] for p in points], [p[2] for p in points], ":", marker=".", color=colour, zorder=2,
+                    label=f"{prior.name}: first k tokens")
+            for k, x, y in points[:-1]:
+                ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left")
     ax.set_xlabel("reconstruction PSNR of the modelled tokens (dB)")
     ax.set_ylabel("prior's held-out NLL (bits per image), lower is easier to model")
     ax.grid(True, alpha=0.3)

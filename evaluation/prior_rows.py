@@ -15,6 +15,7 @@ from torch import nn
 from bpe_image import BPECodec
 from flextok.data import data_settings
 from flextok.errors import UserError
+from flextok.nested_dropout import powers_of_two_upto
 from priors import DiscretePrior, FlowPrior, build_token_dataset, generate_images
 from priors.pairing import check_tokenizer
 from priors.token_dataset import open_codec
@@ -76,16 +77,27 @@ def open_prior(entry: EvalPriorConfig, ctx: EvalContext) -> PriorUnderTest:
     return put
 
 
+def prefix_lengths(put: PriorUnderTest) -> list[int]:
+    """The prefix lengths k = 1, 2, 4, ..., R whose bits a prior's NLL record also gives: for a discrete prior
+    over an ordered 1D tokenizer's full, fixed-length stream (the coarse-to-fine operating points); else none."""
+    ordered = base_family(put.tokenizer) == "1d" and put.codec is None
+    if isinstance(put.prior, FlowPrior) or put.prior.config.tokens != "full" or not ordered:
+        return []
+    return powers_of_two_upto(put.tokenizer.num_registers)
+
+
 @torch.no_grad()
 def nll_record(put: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
-    """Held-out bits per image under the null condition (held-out images may belong to unseen classes).
+    """Held-out bits per image under the null condition (held-out images may belong to unseen classes), and
+    for ordered 1D streams the bits of each prefix k (`prefix_lengths`).
 
     A flow prior has no discrete likelihood: its fixed-noise validation loss is reported instead."""
     data = build_token_dataset(put.tokenizer, put.prior.config, ctx.cfg.data, ctx.cfg.data.eval_split,
                                ctx.token_cache, limit=ctx.settings.num_images, seed=ctx.cfg.seed,
                                device=ctx.device, progress=False)
     flow = isinstance(put.prior, FlowPrior)
-    values = []
+    ks = prefix_lengths(put)
+    values, prefixes = [], []
     for start in range(0, len(data), ctx.settings.batch_size):
         batch = data.batch(np.arange(start, min(start + ctx.settings.batch_size, len(data))))
         inputs = {k: v.to(ctx.device) for k, v in batch.items() if k != "labels"}
@@ -93,9 +105,12 @@ def nll_record(put: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
             values.append(put.prior.validation_loss(**inputs, seed=ctx.cfg.seed))
         else:
             values.append(put.prior.nll_bits(**inputs))
+        if ks:
+            prefixes.append(put.prior.prefix_nll_bits(inputs["tokens"], ks))
     mean = torch.cat(values).mean().item()
+    prefix_bits = dict(zip(map(str, ks), torch.cat(prefixes).mean(0).tolist())) if ks else None
     return {"nll_bits_per_image": None if flow else mean, "flow_val_loss": mean if flow else None,
-            "nll_images": len(data), "tokens_per_image": float(data.lengths.mean())}
+            "nll_prefix_bits": prefix_bits, "nll_images": len(data), "tokens_per_image": float(data.lengths.mean())}
 
 
 class Sampling:
@@ -136,8 +151,9 @@ def evaluate_prior(entry: EvalPriorConfig, ctx: EvalContext) -> tuple[PriorRow, 
     sampling = Sampling(put, sampler, ctx)
     gfid_inputs = {**base, "sampler": sampler, "backbone": ctx.backbone.name, "reference": ctx.reference_key,
                    "timed_on": {"device": str(ctx.device), "threads": torch.get_num_threads()}}  # images/s is measured
-    nll, nll_fresh = ctx.cache.record({**base, "metric": "nll", "held_out": ctx.held_out_key,
-                                       "data": data_settings(ctx.cfg.data)}, lambda: nll_record(put, ctx))
+    nll_inputs = {**base, "metric": "nll", "prefixes": prefix_lengths(put), "held_out": ctx.held_out_key,
+                  "data": data_settings(ctx.cfg.data)}
+    nll, nll_fresh = ctx.cache.record(nll_inputs, lambda: nll_record(put, ctx))
     gfid, gfid_fresh = ctx.cache.record({**gfid_inputs, "metric": "gfid"}, sampling.record)
     count = min(SAMPLE_PREVIEW, sampler.samples)
     preview, preview_fresh = ctx.cache.images({**gfid_inputs, "metric": "samples", "count": count},

@@ -141,6 +141,14 @@ def _prior_table(rows: list[PriorRow]) -> str:
     return _table(header, body)
 
 
+def _prefix_table(result: EvaluationResult) -> str:
+    """Per ordered 1D prior and prefix k: the bits of the first k tokens beside the reconstruction from them."""
+    header = ["prior", "k", "held-out bits of the first k tokens", "tokens x log2(vocab)", "PSNR dB", "decoding"]
+    body = [[f"`{prior.name}`", str(k), f"{bits:.1f}", _fmt(row.bits_per_image, ".0f"), f"{row.psnr:.2f}", row.decoding]
+            for prior in result.prior_rows for k, bits, row in result.prefix_points(prior)]
+    return _table(header, body) if body else ""
+
+
 def _lpips_line(lpips: dict[str, str] | None) -> str:
     if lpips is None:
         return "- LPIPS: not measured (no local weights: set FLEXTOK_LPIPS_WEIGHTS or eval.lpips_weights)."
@@ -188,6 +196,11 @@ def summary_markdown(result: EvaluationResult) -> str:
     if result.prior_rows:
         lines += ["## Priors", "", "NLL: unconditional (null class), bits per image including EOS.", "",
                   _prior_table(result.prior_rows), ""]
+        prefixes = _prefix_table(result)
+        if prefixes:
+            lines += ["An ordered 1D stream can stop after any k tokens. Its prior's bits for the first k tokens "
+                      "(the prior's exact marginal likelihood of the prefix, no length code: k is the operating "
+                      "point) against the reconstruction from those k tokens:", "", prefixes, ""]
     if result.errors:
         lines += ["## Errors", ""]
         lines += [f"- {e.kind} `{e.name}` ({e.path}{', ' + e.mode if e.mode else ''}): {e.error}"

@@ -97,6 +97,7 @@ class PriorRow:
     sampler: SamplerSettings
     nll_bits_per_image: Optional[float]  # None for flow priors (no discrete likelihood)
     flow_val_loss: Optional[float]  # flow priors' fixed-noise velocity loss instead
+    nll_prefix_bits: Optional[dict[str, float]]  # ordered 1D streams: held-out bits of the first k tokens, by k
     nll_images: int
     tokens_per_image: float
     gfid: float
@@ -132,6 +133,29 @@ class EvaluationResult:
     errors: list[ErrorRow] = field(default_factory=list)
     previews: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (tokenizer, mode) -> images
     samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)  # prior -> images
+
+    def reconstruction_of(self, prior: PriorRow, k: int | None = None) -> TokenizerRow | None:
+        """The tokenizer row whose tokens a prior models (with `k`: its first k tokens): same tokenizer and
+        codec, the prior's token count (adaptive priors: the adaptive row), the posterior mean preferred where
+        the decoder is generative."""
+        matches = [r for r in self.tokenizer_rows if r.path == prior.tokenizer and r.bpe == prior.bpe
+                   and r.adaptive == (prior.tokens == "adaptive") and r.target_psnr == prior.target_psnr]
+        if k is not None:
+            matches = [r for r in matches if r.k == k]
+        elif prior.tokens != "adaptive":
+            matches = [r for r in matches if abs(r.tokens_per_image - prior.tokens_per_image) < 1e-6 or r.bpe]
+        order = {"mean": 0, "deterministic": 1, "sample": 2}
+        return min(matches, key=lambda r: (order[r.decoding], -r.tokens_per_image), default=None)
+
+    def prefix_points(self, prior: PriorRow) -> list[tuple[int, float, TokenizerRow]]:
+        """(k, bits of the first k tokens, the reconstruction from k tokens) for each prefix a prior's NLL
+        record holds whose reconstruction row exists."""
+        points = []
+        for k, bits in (prior.nll_prefix_bits or {}).items():
+            row = self.reconstruction_of(prior, int(k))
+            if row is not None:
+                points.append((int(k), bits, row))
+        return points
 
     def fail(self, kind: str, name: str, path: str, err: Exception, mode: str | None = None) -> None:
         """Record one failed entry (or row) by name and path, and say so right away."""

@@ -186,6 +186,11 @@ def test_report_files_schema_and_error_rows(first_run):
         assert prior["sampling_images_per_s"] > 0 and prior["nll_images"] == NUM_IMAGES
     assert priors["prior_1d"]["nll_bits_per_image"] > 0 and priors["prior_bpe"]["nll_bits_per_image"] > 0
     assert priors["prior_kl"]["nll_bits_per_image"] is None and priors["prior_kl"]["flow_val_loss"] > 0
+    # the ordered 1D stream's prior also gives the bits of each prefix k; BPE and KL streams have none
+    prefix_bits = priors["prior_1d"]["nll_prefix_bits"]
+    assert list(prefix_bits) == ["1", "2", "4", "8"] and list(prefix_bits.values()) == sorted(prefix_bits.values())
+    assert prefix_bits["8"] == pytest.approx(priors["prior_1d"]["nll_bits_per_image"], rel=1e-5)
+    assert priors["prior_bpe"]["nll_prefix_bits"] is None and priors["prior_kl"]["nll_prefix_bits"] is None
     assert priors["prior_1d"]["sampler"]["labels"] == "classes 0..5 in turn"
     kl_sampler, oned_sampler = priors["prior_kl"]["sampler"], priors["prior_1d"]["sampler"]
     assert kl_sampler["flow"] and kl_sampler["sampling"]["steps"] == 25 and kl_sampler["decoder"] is None
@@ -203,6 +208,8 @@ def test_report_files_schema_and_error_rows(first_run):
     assert backbone in summary and "never with Inception FID" in summary
     assert f"{GFID_SAMPLES} / {TRAIN_IMAGES}" in summary and f"first {NUM_IMAGES} images" in summary
     assert "## Errors" in summary and "`wrong_res`" in summary and "`missing`" in summary
+    assert "bits of the first k tokens" in summary
+    assert summary.count("| `prior_1d` |") == 1 + 4  # the priors table, then one row per prefix k
 
 
 def test_bits_per_image_per_family(artifacts, first_run):

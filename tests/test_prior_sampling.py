@@ -177,3 +177,26 @@ def test_token_set_likelihood_is_a_distribution_over_sorted_multisets():
     with torch.no_grad():
         bits = prior.nll_bits(multisets)
     assert torch.exp2(-bits).sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_prefix_bits_are_the_marginal_likelihood_of_the_prefix():
+    """The bits of the first k tokens equal -log2 of the prior's probability summed over every continuation
+    (brute force on a 4-code vocabulary), and at k = the full length they are the sequence's bits."""
+    torch.manual_seed(0)
+    prior = DiscretePrior(PriorConfig(dim=32, depth=1, heads=2), vocab_size=4, max_length=4).eval()
+    everything = torch.tensor(list(itertools.product(range(4), repeat=4)))
+    with torch.no_grad():
+        full = prior.nll_bits(everything)
+        prefix = prior.prefix_nll_bits(everything[:5], [1, 2, 4])
+    for row in range(5):
+        for column, k in enumerate([1, 2, 4]):
+            same_prefix = (everything[:, :k] == everything[row, :k]).all(1)
+            marginal = torch.exp2(-full[same_prefix]).sum()
+            assert prefix[row, column].item() == pytest.approx(-torch.log2(marginal).item(), abs=1e-4)
+    torch.testing.assert_close(prefix[:, -1], full[:5])
+    assert (prefix.diff(dim=1) >= 0).all()
+    with pytest.raises(ValueError, match="prefix lengths"):
+        prior.prefix_nll_bits(everything[:2], [5])
+    set_prior = DiscretePrior(PriorConfig(dim=32, depth=1, heads=2), vocab_size=4, max_length=4, token_set=True)
+    with pytest.raises(ValueError, match="ordered"):
+        set_prior.prefix_nll_bits(everything[:2], [2])
