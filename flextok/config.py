@@ -9,7 +9,9 @@ key, and `from_dict(..., upgrade=True)` moves `RENAMED` keys, so checkpoints sav
 
 from __future__ import annotations
 
+
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -193,6 +195,13 @@ def _coerce(tp: Any, value: Any, source: str, key: str, upgrade: bool = False) -
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         return float(value)

@@ -26,9 +26,11 @@ def write(tmp_path, name, text):
 def test_defaults_base_chain_and_overrides(tmp_path):
     write(tmp_path, "base.yaml", "name: parent\ngrid:\n  latent_channels: 8\ntrain:\n  steps: 10\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\ntrain:\n  lr: 0.01\n")
-    cfg = load_config(child, ["train.steps=7", "grid.quantizer.fsq_levels=[4,4]", "data.label_column=null"])
+    cfg = load_config(child, ["train.steps=7", "grid.quantizer.fsq_levels=[4,4]", "data.label_column=null",
+                              "loss.l1=2e-1"])  # YAML reads 2e-1 (no dot) as a string: still a number here
     assert isinstance(cfg, ExperimentConfig)
     assert (cfg.name, cfg.grid.latent_channels, cfg.train.steps, cfg.train.lr) == ("child", 8, 7, 0.01)
+    assert cfg.loss.l1 == 0.2
     assert cfg.grid.quantizer.fsq_levels == [4, 4] and cfg.data.label_column is None
     assert cfg.train.batch_size == ExperimentConfig().train.batch_size  # untouched defaults come from the dataclass
 
@@ -41,6 +43,8 @@ def test_defaults_base_chain_and_overrides(tmp_path):
         ("grid:\n  downsample: 3\n", [], "'grid.downsample' must be 4, 8 or 16"),
         ("grid:\n  bottleneck: gaussian\n", [], "'grid.bottleneck' must be one of"),
         ("data:\n  hflip: 1\n", [], "'data.hflip' must be true/false"),
+        ("", ["train.lr=fast"], "'train.lr' must be a number"),
+        ("", ["train.lr=nan"], "'train.lr' must be a number"),
         ("", ["nosuch.key=1"], "unknown key 'nosuch'"),
         ("", ["train.steps"], "must look like section.key=value"),
         ("flextok:\n  guidance: 3.0\n", [], "'flextok.guidance' was renamed: use 'flextok.sampling.guidance_scale'"),
