@@ -28,8 +28,8 @@ from machine import matmul_gflops
 
 from evaluation.bootstrap import bootstrap_interval
 from flextok.config import load_config
+from flextok import FlexTok
 from flextok.data import load_images
-from flextok.flextok_model import FlexTok
 from flextok.metrics import psnr
 from flextok.nested_dropout import powers_of_two_upto
 from flextok.schema import TokenizerRunConfig
@@ -41,9 +41,11 @@ def train(config: str, autoencoder: str, out: Path, name: str, steps: int, overr
     """Train one variant in its own process; returns its wall-clock seconds (0 when reused)."""
     if (out / name / "final").exists():
         return 0.0
-    command = [sys.executable, str(ROOT / "train_tokenizer.py"), "--config", config, f"name={name}",
-               f"out_dir={out}", "tokenizer=flextok", f"flextok.autoencoder={autoencoder}", f"train.steps={steps}",
-               f"train.eval_every={steps}", *overrides]
+    if Path(autoencoder).exists():  # a local folder (else a hub id)
+        autoencoder = str(Path(autoencoder).resolve())
+    command = [sys.executable, str(ROOT / "train_tokenizer.py"), "--config", str(Path(config).resolve()),
+               f"name={name}", f"out_dir={out}", "tokenizer=flextok", f"flextok.autoencoder={autoencoder}",
+               f"train.steps={steps}", f"train.eval_every={steps}", *overrides]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:  # the trainer's progress bar and lines
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME:OVERRIDES")
     parser.add_argument("--swap-after", type=int, default=8, help="the tail-swap probe keeps this many own tokens")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the trainer runs in the repository root, this script anywhere
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul 2048^3 fp32: "
           f"{matmul_gflops():.1f} GFLOP/s")
     cfg = load_config(args.config, cls=TokenizerRunConfig, own_sections_only=True)
