@@ -103,10 +103,11 @@ def nll_record(put: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
         inputs = {k: v.to(ctx.device) for k, v in batch.items() if k != "labels"}
         if flow:
             values.append(put.prior.validation_loss(**inputs, seed=ctx.cfg.seed))
+        elif ks:  # one pass for both: the last prefix is the whole fixed-length sequence
+            prefixes.append(put.prior.prefix_nll_bits(inputs["tokens"], ks))
+            values.append(prefixes[-1][:, -1])
         else:
             values.append(put.prior.nll_bits(**inputs))
-        if ks:
-            prefixes.append(put.prior.prefix_nll_bits(inputs["tokens"], ks))
     mean = torch.cat(values).mean().item()
     prefix_bits = dict(zip(map(str, ks), torch.cat(prefixes).mean(0).tolist())) if ks else None
     return {"nll_bits_per_image": None if flow else mean, "flow_val_loss": mean if flow else None,
