@@ -28,6 +28,7 @@ from flextok.config import load_config  # noqa: E402
 from flextok.data import train_loader  # noqa: E402
 from flextok.grid_autoencoder import GridAutoencoder  # noqa: E402
 from flextok.plan import planned_tokenizer, tokenizer_workloads  # noqa: E402
+from evaluation.schema import ExperimentConfig  # noqa: E402
 from flextok.schema import TokenizerRunConfig  # noqa: E402
 from flextok.training import TokenizerTrainer  # noqa: E402
 
@@ -50,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     before = matmul_gflops()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        base = load_config(args.config, args.overrides, cls=TokenizerRunConfig)
+        base = load_config(args.config, args.overrides, cls=ExperimentConfig)
         overrides = [*args.overrides, *frozen_autoencoder(base, folder), f"out_dir={folder}", "name=bench",
                      f"train.steps={args.steps + 5}", "train.eval_every=100000", "train.checkpoint_every=100000"]
-        cfg = load_config(args.config, overrides, cls=TokenizerRunConfig)
+        cfg = load_config(args.config, overrides, cls=ExperimentConfig)
         trainer = TokenizerTrainer(cfg)
         loader = iter(train_loader(cfg.data, cfg.train.batch_size, cfg.seed, 0, args.steps + 5))
         compute = loading = 0.0

@@ -22,7 +22,7 @@ import yaml
 from .errors import ConfigError
 from .files import atomic_write_text
 
-__all__ = ["check", "from_dict", "load_config", "save_config", "upgrade_keys"]
+__all__ = ["check", "from_dict", "load_config", "read_with_bases", "save_config", "upgrade_keys"]
 
 
 def check(ok: bool, message: str, value: Any) -> None:
@@ -38,7 +38,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
     `own_sections_only` ignores top-level keys `cls` does not know: a tool of an early layer reading an
     experiment file whose other sections belong to later layers."""
-    raw: dict[str, Any] = _read_with_bases(Path(path), seen=()) if path is not None else {}
+    raw: dict[str, Any] = read_with_bases(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     for item in overrides:
         _apply_override(raw, item)
@@ -122,7 +122,8 @@ def _reject_old_key(cls: type, key: str, value: Any, names: set[str], source: st
         raise ConfigError(f"{source}: '{prefix}{key}' has moved: use '{moved[key]}'")
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a YAML config file with its `base:` chain merged in (nothing validated)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -136,7 +137,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    parent = _read_with_bases(path.parent / base, seen + (path.resolve(),))
+    parent = read_with_bases(path.parent / base, seen + (path.resolve(),))
     return _deep_merge(parent, raw)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+import pipeline
 
 import study
 from flextok.errors import ConfigError
@@ -46,3 +49,34 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
     bad.write_text("experiment: exp.yaml\nstages: [{name: t, overrides: ['flextok.autoencoder={kl}']}]\n")
     with pytest.raises(ConfigError, match=r"\['kl'\]"):
         study.load_study(bad)
+
+
+def test_stamps_follow_settings_and_upstream_stages():
+    config, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
+    stamps = lambda overrides=(), scale=1.0: pipeline.stage_stamps(  # noqa: E731
+        study.study_stages(config, experiment, list(overrides))[0], Path("runs/study_fmnist"), scale)
+    base = stamps()
+    assert base == stamps() and len(set(base.values())) == len(base)
+    edited = config.stages[[s.name for s in config.stages].index("1d")]
+    edited.overrides = [*edited.overrides, "train.lr=2e-3"]
+    changed = {name for name, value in stamps().items() if value != base[name]}
+    # the 1D tokenizer, everything made from its codes, and the report; no grid stage
+    assert changed == {"1d", "1d_bpe", "prior_1d", "prior_1d_bpe", "report"}
+    assert all(a != b for a, b in zip(stamps(scale=0.1).values(), base.values()))
+
+
+def test_a_stage_is_reused_only_while_its_stamp_holds(tmp_path):
+    log = tmp_path / "runs.txt"
+
+    def stage(value: str) -> pipeline.Stage:
+        code = (f"import pathlib; p = pathlib.Path({str(tmp_path / 'a' / 'done')!r}); p.write_text('x'); "
+                f"open({str(log)!r}, 'a').write({value!r})")
+        return pipeline.Stage("a", [sys.executable], ["-c", code], "a/done")
+
+    pipeline.run_stages([stage("1")], tmp_path, 1.0, force=False)
+    pipeline.run_stages([stage("1")], tmp_path, 1.0, force=False)  # same command: reused
+    assert log.read_text() == "1"
+    pipeline.run_stages([stage("2")], tmp_path, 1.0, force=False)  # another command: made afresh
+    pipeline.run_stages([stage("2")], tmp_path, 0.5, force=False)  # another scale: made afresh
+    pipeline.run_stages([stage("2")], tmp_path, 0.5, force=True)
+    assert log.read_text() == "1222"
