@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import pipeline
 
@@ -51,10 +52,14 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
         study.load_study(bad)
 
 
-def test_stamps_follow_settings_and_upstream_stages():
+def test_stamps_follow_settings_and_upstream_stages(tmp_path):
     config, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
-    stamps = lambda overrides=(), scale=1.0: pipeline.stage_stamps(  # noqa: E731
-        study.study_stages(config, experiment, list(overrides))[0], Path("runs/study_fmnist"), scale)
+
+    def stamps(scale: float = 1.0) -> dict[str, str]:
+        stages, out, evaluation = study.study_stages(config, experiment, [f"out_dir={tmp_path}"])
+        (out / "study_eval.yaml").write_text(yaml.safe_dump(evaluation))  # as study.main writes it
+        return pipeline.stage_stamps(stages, out, scale)
+
     base = stamps()
     assert base == stamps() and len(set(base.values())) == len(base)
     edited = config.stages[[s.name for s in config.stages].index("1d")]
