@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,13 @@ def _config_of(args: list[str], sections: tuple[str, ...] | None) -> dict:
     return {key: value for key, value in raw.items() if sections is None or key in sections}
 
 
+def _reads(arg: str, sections: tuple[str, ...] | None) -> bool:
+    """False for a `section.key=value` override of a section the stage does not read (e.g. `eval.*` given
+    to every stage of a study): it cannot change the stage's artifact."""
+    override = re.match(r"([A-Za-z_]\w*)(?:\.\w+)*=", arg)
+    return sections is None or override is None or override.group(1) in sections
+
+
 def _strings(value) -> list[str]:
     if isinstance(value, dict):
         return [s for item in value.values() for s in _strings(item)]
@@ -121,7 +129,7 @@ def stage_stamps(stages: list[Stage], out: Path, scale: float) -> dict[str, str]
     stamps: dict[str, str] = {}
     folders: dict[str, Path] = {}
     for stage in stages:
-        args = stage.scaled_args(scale)
+        args = [arg for arg in stage.scaled_args(scale) if _reads(arg, stage.sections)]
         config = _config_of(args, stage.sections)
         texts = _strings([args, config])
         reads = {name: stamps[name] for name, folder in folders.items() if any(_names_folder(t, folder) for t in texts)}

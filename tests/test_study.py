@@ -55,8 +55,8 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
 def test_stamps_follow_settings_and_upstream_stages(tmp_path):
     config, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
 
-    def stamps(scale: float = 1.0) -> dict[str, str]:
-        stages, out, evaluation = study.study_stages(config, experiment, [f"out_dir={tmp_path}"])
+    def stamps(scale: float = 1.0, *overrides: str) -> dict[str, str]:
+        stages, out, evaluation = study.study_stages(config, experiment, [f"out_dir={tmp_path}", *overrides])
         (out / "study_eval.yaml").write_text(yaml.safe_dump(evaluation))  # as study.main writes it
         return pipeline.stage_stamps(stages, out, scale)
 
@@ -67,7 +67,11 @@ def test_stamps_follow_settings_and_upstream_stages(tmp_path):
     changed = {name for name, value in stamps().items() if value != base[name]}
     # the 1D tokenizer, everything made from its codes, and the report; no grid stage
     assert changed == {"1d", "1d_bpe", "prior_1d", "prior_1d_bpe", "report"}
-    assert all(a != b for a, b in zip(stamps(scale=0.1).values(), base.values()))
+    assert all(a != b for a, b in zip(stamps(0.1).values(), base.values()))
+    # a command-line override reaches every stage, but only those reading its section change
+    edited = stamps()
+    changed = {name for name, value in stamps(1.0, "eval.gfid_samples=40").items() if value != edited[name]}
+    assert changed == {"report"}
 
 
 def test_a_stage_is_reused_only_while_its_stamp_holds(tmp_path):
