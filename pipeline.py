@@ -5,8 +5,8 @@ stage continues with `--resume`, and `--scale` multiplies every step count (a re
 A stage's folder keeps a stamp of what made it: its arguments at this scale, the sections of its config
 file it reads, and the stamps of the earlier stages whose folders it names. A stage whose stamp changed
 (an edited config or command line, another --scale, a changed upstream stage) is made afresh, never reused
-or resumed, so a report never mixes models from different settings. The launcher (interpreter, rank count)
-is not part of the stamp.
+or resumed, so a report never mixes models from different settings. Neither the launcher (interpreter, rank
+count) nor the code is part of the stamp: after changing the code, re-run with --force.
 """
 
 from __future__ import annotations
