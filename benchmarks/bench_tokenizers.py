@@ -75,10 +75,11 @@ def anchor_flextok() -> tuple[FlexTok, torch.Tensor]:
     return model, torch.randn(32, 8 * 8, 16)  # latent patches: the autoencoder is excluded from timing
 
 
-def bench_flextok(compile_trunks: bool = False, interval: tuple[float, float] = (0.0, 1.0)) -> dict[str, float]:
+def bench_flextok(compile_trunks: bool = False, interval: tuple[float, float] = (0.0, 1.0),
+                  steps: int = 8) -> dict[str, float]:
     model, x0 = anchor_flextok()
-    plain = model.decoding(steps=8, guidance_scale=1.0)
-    guided = model.decoding(steps=8, guidance_scale=7.5, guidance_interval=list(interval))
+    plain = model.decoding(steps=steps, guidance_scale=1.0)
+    guided = model.decoding(steps=steps, guidance_scale=7.5, guidance_interval=list(interval))
     if compile_trunks:
         model.encoder.trunk.compile()
         model.decoder.trunk.compile()
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the 1D tokenizer's trunks")
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.3, 0.7), metavar=("LOW", "HIGH"),
                         help="guided decoding guides only at noise levels t in [LOW, HIGH] (default: FlexTok's)")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="Euler steps of our decoding; the reference's figures are always its 8-step ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -117,9 +120,9 @@ def main() -> None:
                 f"encode+decode {r['encode_decode_img_s']:.0f} img/s"
             )
     if args.only in (None, "flextok"):
-        r = bench_flextok(args.compile, tuple(args.guidance_interval))
+        r = bench_flextok(args.compile, tuple(args.guidance_interval), args.steps)
         mode = "torch.compile" if args.compile else "eager"
-        mode += f", guidance interval {list(args.guidance_interval)}"
+        mode += f", guidance interval {list(args.guidance_interval)}, {args.steps} steps (reference: 8)"
         print(f"1D tokenizer at ANCHORS §A, {mode} (per matmul-GFLOP/s, vs the reference at ~158 GFLOP/s):")
         for key, value in r.items():
             ours, ref = value / gflops, REFERENCE[key] / REFERENCE_MATMUL
