@@ -4,6 +4,7 @@ loader's images/s, and the achieved FLOP/s (the plan's training FLOPs per image,
 share of the fp32 matmul GFLOP/s measured in this process.
 
     python benchmarks/bench_tokenizer_training.py --config configs/1d_tiny.yaml [--steps 40] [overrides ...]
+    python benchmarks/bench_tokenizer_training.py --config configs/fmnist.yaml tokenizer=flextok   # a study's 1D
 
 A 1D tokenizer that reads latents gets a randomly initialized autoencoder built from the config's
 `grid` section (the speed does not depend on its weights), so no earlier stage has to exist.
@@ -24,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from machine import matmul_gflops, peak_rss_mib  # noqa: E402
 
+from evaluation.schema import ExperimentConfig  # noqa: E402
 from flextok.config import load_config  # noqa: E402
 from flextok.data import train_loader  # noqa: E402
 from flextok.grid_autoencoder import GridAutoencoder  # noqa: E402
 from flextok.plan import planned_tokenizer, tokenizer_workloads  # noqa: E402
-from evaluation.schema import ExperimentConfig  # noqa: E402
 from flextok.schema import TokenizerRunConfig  # noqa: E402
 from flextok.training import TokenizerTrainer  # noqa: E402
 
