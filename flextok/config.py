@@ -9,7 +9,6 @@ key, and `from_dict(..., upgrade=True)` moves `RENAMED` keys, so checkpoints sav
 
 from __future__ import annotations
 
-
 import dataclasses
 import math
 import types

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 import pipeline
-
 import study
 from flextok.errors import ConfigError
 
