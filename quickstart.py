@@ -6,7 +6,7 @@ Stages (each reuses its finished artifact on a re-run; --force retrains everythi
 grid KL autoencoder -> 1D tokenizer on its latents -> grid FSQ baseline -> BPE codecs on both code streams
 -> priors with the DeepSpeed launcher (2 CPU ranks): 1D tokens, BPE'd 1D tokens, grid codes, and a flow
 prior on KL latents -> evaluate.py. Everything lands in runs/quickstart/<stage>/, the report in
-runs/quickstart/report/. `--scale` multiplies every stage's step count (CI runs a reduced chain).
+runs/quickstart/report/. `--scale` multiplies every stage's step count (0.03 runs a reduced chain).
 """
 
 from __future__ import annotations

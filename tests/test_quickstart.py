@@ -1,0 +1,38 @@
+"""`quickstart.py` wires its stages in order: every folder a stage or its config file names was made by an
+earlier stage, and the report evaluates exactly what the stages made. (CI runs the Fashion-MNIST study end to
+end, which drives the same stage runner and scripts; this test keeps the quickstart's own wiring checked.)"""
+
+from __future__ import annotations
+
+import re
+
+import quickstart
+from flextok.config import read_with_bases
+from pipeline import ROOT
+
+FOLDER = re.compile(rf"{quickstart.OUT.as_posix()}/(\w+)")
+
+
+def named_folders(stage) -> set[str]:
+    """The `runs/quickstart/<folder>` names in a stage's arguments and in its config file (bases merged)."""
+    args = stage.scaled_args(1.0)
+    text = " ".join(args) + " " + str(read_with_bases(ROOT / args[args.index("--config") + 1]))
+    return set(FOLDER.findall(text))
+
+
+def test_every_stage_reads_only_folders_that_earlier_stages_made():
+    stages = quickstart.stages()
+    names = [stage.name for stage in stages]
+    assert len(set(names)) == len(names) and names[-1] == "report"
+    made: set[str] = set()
+    for stage in stages:
+        read = named_folders(stage) - {stage.name, "token_cache"}  # the priors' token cache is a cache, not a stage
+        assert read <= made, f"{stage.name} reads {sorted(read - made)} before any stage makes them"
+        made.add(stage.name)
+
+
+def test_the_report_evaluates_every_trained_tokenizer_and_prior():
+    stages = quickstart.stages()
+    evaluated = named_folders(stages[-1])
+    trained = {stage.name for stage in stages[:-1] if stage.resumable}  # the training stages
+    assert trained <= evaluated, f"not evaluated: {sorted(trained - evaluated)}"
