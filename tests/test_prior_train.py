@@ -200,7 +200,8 @@ def test_user_errors_exit_with_code_2(workdir, vq_tokenizer, kl_tokenizer, capsy
     assert train_prior.main([*base, "name=mismatch", f"prior.tokenizer={kl_tokenizer}", "prior.kind=flow",
                              "--resume"]) == 2
     # the error is one line, the last: only the token cache's progress bars (when it is built) come before it
-    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip() and not line.startswith("tokenize ")]
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.strip() and not line.startswith("tokenize ")]
     assert len(lines) == 1 and "trained on tokens of tokenizer" in lines[0]
 
 

@@ -1,5 +1,5 @@
 """`quickstart.py` wires its stages in order: every folder a stage or its config file names was made by an
-earlier stage, and the report evaluates exactly what the stages made. (CI runs the Fashion-MNIST study end to
+earlier stage, and the report evaluates every model the stages trained. (CI runs the Fashion-MNIST study end to
 end, which drives the same stage runner and scripts; this test keeps the quickstart's own wiring checked.)"""
 
 from __future__ import annotations
