@@ -166,7 +166,9 @@ def run_stage(stage: Stage, out: Path, scale: float, force: bool, stamp: str) ->
             f"[{out.name}] stage '{stage.name}' failed (exit code {proc.returncode}); earlier stages' artifacts "
             f"are kept in {out}/. Fix the error above and re-run: finished stages are reused."
         )
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    print(f"[{out.name}] {stage.name}: finished in {seconds:.0f}s", flush=True)  # long runs show each as it ends
+    return seconds
 
 
 def run_stages(stages: list[Stage], out: Path, scale: float, force: bool) -> dict[str, float]:
