@@ -23,6 +23,7 @@ from flextok.config import save_config
 from flextok.data import EpochOrder
 from flextok.errors import TokenizerMismatch, UserError
 from flextok.files import MetricsLog
+from flextok.fingerprint import fingerprint_model
 from flextok.hub import ModelCardInfo
 from flextok.runtime import check_finite
 
@@ -89,13 +90,15 @@ class PriorTrainer:
                 print(f"--resume: no checkpoint in {self.checkpoint_dir} yet; starting from step 0")
             resume = False
 
-        self.tokenizer, self.train_tokens, self.eval_tokens = self._token_datasets()
-        spec = self.train_tokens.spec
-        if pointer is not None and pointer.get("tokenizer_hash") != spec.tokenizer_hash:
+        tokenizer = load_tokenizer(cfg.prior.tokenizer)
+        tokenizer_hash = fingerprint_model(tokenizer)
+        if pointer is not None and pointer.get("tokenizer_hash") != tokenizer_hash:  # before tokenizing a dataset
             raise TokenizerMismatch(
                 f"{self.run_dir} was trained on tokens of tokenizer {str(pointer.get('tokenizer_hash'))[:12]}, "
-                f"but prior.tokenizer={cfg.prior.tokenizer} is tokenizer {spec.tokenizer_hash[:12]}"
+                f"but prior.tokenizer={cfg.prior.tokenizer} is tokenizer {tokenizer_hash[:12]}"
             )
+        self.tokenizer, self.train_tokens, self.eval_tokens = self._token_datasets(tokenizer)
+        spec = self.train_tokens.spec
         self._check_labels()
         self.max_length = int(max(self.train_tokens.lengths.max(), self.eval_tokens.lengths.max()))
         global_batch = t.micro_batch_size * t.grad_accumulation * self.world_size
@@ -115,11 +118,10 @@ class PriorTrainer:
             self._discard_stale_progress()
             save_config(cfg, self.run_dir / "config.yaml")
 
-    def _token_datasets(self) -> tuple[torch.nn.Module | None, TokenDataset, TokenDataset]:
+    def _token_datasets(self, tokenizer: torch.nn.Module) -> tuple[torch.nn.Module | None, TokenDataset, TokenDataset]:
         """Every rank tokenizes its shards of both splits (see `build_token_dataset`) and opens the merged
         caches; rank 0 keeps the tokenizer, to decode sample grids."""
         cfg = self.cfg
-        tokenizer = load_tokenizer(cfg.prior.tokenizer)
         common = dict(seed=cfg.seed, device=local_device_name(), rank=self.rank, world_size=self.world_size)
         cache_root = token_cache_dir(cfg)
         train = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.train_split, cache_root,
