@@ -45,6 +45,9 @@ class StudyStage:
 class StudyConfig:
     experiment: str = ""  # the experiment YAML every stage and the evaluation use (relative to this file)
     stages: list[StudyStage] = field(default_factory=list)
+    # multiplies every tokenizer and prior stage's `steps` (not the evaluation's), so that a study on costlier
+    # data fits its time budget without restating the stages of the study it extends
+    train_scale: float = 1.0
 
 
 def load_study(path: Path) -> tuple[StudyConfig, Path]:
@@ -63,6 +66,7 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
         check(not unknown, f"stages[{i}]' ({s.name}) refers to no earlier stage {unknown}", references)
         check(s.kind == "bpe" or s.steps > 0, f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
         check(s.kind != "bpe" or s.vocab_size > 0, f"stages[{i}].vocab_size' must be positive", s.vocab_size)
+    check(study.train_scale > 0, "train_scale' must be positive", study.train_scale)
     return study, experiment
 
 
@@ -79,8 +83,9 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
     stages, tokenizers, priors = [], [], []
     for s in study.stages:
         extra = [*overrides, *expand(s.overrides)]
+        steps = max(2, round(s.steps * study.train_scale))
         if s.kind == "tokenizer":
-            stages.append(tokenizer_stage(out, s.name, str(experiment), s.steps, *extra))
+            stages.append(tokenizer_stage(out, s.name, str(experiment), steps, *extra))
             entries, entry = tokenizers, {"name": s.name, "path": str(folder(s.name))}
         elif s.kind == "bpe":
             stages.append(bpe_stage(out, s.name, s.tokenizer, str(experiment), s.mode, s.vocab_size, *extra))
@@ -88,7 +93,7 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
         else:
             tokens = [f"prior.tokenizer={folder(s.tokenizer)}"]
             tokens += ["prior.tokens=bpe", f"prior.bpe={out / s.bpe}"] if s.bpe else []
-            stages.append(prior_stage(out, s.name, str(experiment), s.steps, *tokens, *extra))
+            stages.append(prior_stage(out, s.name, str(experiment), steps, *tokens, *extra))
             entry = {"name": s.name, "path": str(folder(s.name)), "tokenizer": str(folder(s.tokenizer))}
             entries = priors
         if s.evaluate:

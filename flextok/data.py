@@ -13,6 +13,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import random
 import re
 import warnings
@@ -310,7 +311,7 @@ def _skimage_dataset(cfg: DataConfig, split: str, seed: int):
     held_out = _split_side(cfg, split, "builtin:skimage")
     names = SKIMAGE_EVAL_PHOTOS if held_out else SKIMAGE_TRAIN_PHOTOS
     photos = ((all_photos.index(name), Image.fromarray(skimage_photo(name))) for name in names)
-    return _photo_crops(photos, cfg, held_out, seed, split)
+    return _array_dataset(*_photo_crops(photos, cfg, held_out, seed, split))
 
 
 def _split_side(cfg: DataConfig, split: str, source: str) -> bool:
@@ -320,7 +321,7 @@ def _split_side(cfg: DataConfig, split: str, source: str) -> bool:
     return split == cfg.eval_split
 
 
-def _photo_crops(photos, cfg: DataConfig, held_out: bool, seed: int, split: str):
+def _photo_crops(photos, cfg: DataConfig, held_out: bool, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Crops at random scales of (label, photograph) pairs, deterministic per seed: `crops_per_photo` per
     training photograph, `eval_crops_per_photo` per held-out one. The label is the photograph's id."""
     per_photo = cfg.eval_crops_per_photo if held_out else cfg.crops_per_photo
@@ -330,12 +331,27 @@ def _photo_crops(photos, cfg: DataConfig, held_out: bool, seed: int, split: str)
         for _ in range(per_photo):
             crops.append(_random_scaled_crop(photo, cfg.resolution, rng))
             labels.append(label)
-    return _array_dataset(np.stack(crops), np.asarray(labels))
+    return np.stack(crops), np.asarray(labels)
+
+
+PHOTO_CROPS_VERSION = 1  # bump when `_photo_crops` or `_random_scaled_crop` changes the crops they draw
+
+
+def photo_crops_cache_dir() -> Path:
+    """Where crops of manifest photographs are kept: beside the `datasets` cache (`HF_DATASETS_CACHE`)."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "flextok_photo_crops"
 
 
 def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
     """Photographs listed in a manifest (`data/debian_photos.json`: path, sha256, split, licence, author),
-    split by photograph as the manifest says, each file checked against its recorded SHA-256."""
+    split by photograph as the manifest says, each file checked against its recorded SHA-256.
+
+    Cropping thousands of windows out of multi-megapixel photographs takes about a minute on a slow CPU and
+    every stage of a study needs the same crops, so they are kept in `photo_crops_cache_dir()`, keyed by the
+    photographs' hashes and every setting that draws them. The files are still checked on every call.
+    """
     path = Path(manifest)
     if not path.is_file():
         raise UserError(f"data.source: photo manifest not found: {manifest}")
@@ -346,21 +362,33 @@ def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
     # labels: training photographs 0..n-1 in manifest order (the classes a prior or classifier learns), then
     # the held-out ones
     ordered = [e for e in entries if e["split"] == "train"] + [e for e in entries if e["split"] != "train"]
+    mine = [(label, entry) for label, entry in enumerate(ordered) if entry["split"] == side]
+    files = {}
+    for _, entry in mine:
+        file = Path(entry["path"])
+        if not file.is_file():
+            raise UserError(f"data: {file} is missing: apt-get install {entry['package']} (see {manifest})")
+        files[file] = file.read_bytes()
+        if hashlib.sha256(files[file]).hexdigest() != entry["sha256"]:
+            raise UserError(f"data: {file} differs from the one in {manifest} (another {entry['package']} "
+                            f"version than {entry['version']}?)")
 
-    def photos():
-        for label, entry in enumerate(ordered):
-            if entry["split"] != side:
-                continue
-            file = Path(entry["path"])
-            if not file.is_file():
-                raise UserError(f"data: {file} is missing: apt-get install {entry['package']} (see {manifest})")
-            data = file.read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise UserError(f"data: {file} differs from the one in {manifest} (another {entry['package']} "
-                                f"version than {entry['version']}?)")
-            yield label, to_rgb(Image.open(io.BytesIO(data)))
-
-    return _photo_crops(photos(), cfg, held_out, seed, split)
+    key = hashlib.sha256(json.dumps({
+        "version": PHOTO_CROPS_VERSION, "photos": [(label, entry["sha256"]) for label, entry in mine],
+        "resolution": cfg.resolution, "per_photo": cfg.eval_crops_per_photo if held_out else cfg.crops_per_photo,
+        "seed": seed, "split": split,
+    }).encode()).hexdigest()[:24]
+    cache = photo_crops_cache_dir() / f"{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            return _array_dataset(stored["images"], stored["labels"])
+    photos = ((label, to_rgb(Image.open(io.BytesIO(files.pop(Path(entry["path"])))))) for label, entry in mine)
+    images, labels = _photo_crops(photos, cfg, held_out, seed, split)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npz")  # ranks may build the same crops at once
+    np.savez(partial, images=images, labels=labels)
+    os.replace(partial, cache)
+    return _array_dataset(images, labels)
 
 
 def _random_scaled_crop(photo: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,11 +115,15 @@ def test_train_images_keeps_a_seeded_subset_of_the_training_split():
     assert torch.equal(load_images(cfg, "test").images, load_images(full, "test").images)  # held-out: untouched
 
 
-def test_photos_are_split_by_photograph_and_checked_against_the_manifest(tmp_path):
+def test_photos_are_split_by_photograph_and_checked_against_the_manifest(tmp_path, monkeypatch):
     import hashlib
     import json
 
     from PIL import Image
+
+    import flextok.data
+
+    monkeypatch.setattr(flextok.data, "photo_crops_cache_dir", lambda: tmp_path / "crops")
 
     entries = []
     for i in range(6):
@@ -133,6 +139,12 @@ def test_photos_are_split_by_photograph_and_checked_against_the_manifest(tmp_pat
     assert sorted(set(train.labels.tolist())) == [0, 1, 2, 3] and sorted(set(test.labels.tolist())) == [4, 5]
     assert len(train.images) == 4 * 5 and len(test.images) == 2 * 3
     assert torch.equal(load_images(cfg, "train").images, train.images)  # crops are seeded
+    assert len(list((tmp_path / "crops").glob("*.npz"))) == 2  # one file per split, no partial file left
+    with monkeypatch.context() as m:  # a second run reads the crops it drew back from the cache
+        m.setattr(flextok.data, "_photo_crops", lambda *a: pytest.fail("crops drawn again"))
+        assert torch.equal(load_images(cfg, "train").images, train.images)
+    more = dataclasses.replace(cfg, crops_per_photo=6)  # another setting is another cache entry
+    assert len(load_images(more, "train").images) == 4 * 6
     (tmp_path / "photo3.png").write_bytes((tmp_path / "photo2.png").read_bytes())
     with pytest.raises(UserError, match="differs from the one in"):
         load_images(cfg, "train")

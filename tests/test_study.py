@@ -34,6 +34,18 @@ def test_stages_reference_each_other_and_the_evaluation_lists_them():
                                                                                                     "study_fmnist")
 
 
+def test_train_scale_shortens_training_stages_but_not_the_evaluation():
+    fmnist = study.study_stages(*study.load_study(ROOT / "configs/study_fmnist.yaml"), [])[0]
+    config, experiment = study.load_study(ROOT / "configs/study_photos.yaml")
+    assert config.train_scale == 0.6 and [s.name for s in config.stages] == [s.name for s in fmnist[:-1]]
+    photos = study.study_stages(config, experiment, [])[0]
+    for full, short in zip(fmnist, photos):
+        assert set(full.scaled) == set(short.scaled)
+        for key, value in full.scaled.items():
+            expected = value if short.name == "report" else round(value * 0.6)
+            assert short.scaled[key] == expected, (short.name, key)
+
+
 def test_a_bad_study_file_names_the_problem(tmp_path):
     bad = tmp_path / "study.yaml"
     bad.write_text("experiment: nowhere.yaml\nstages: []\n")
@@ -45,6 +57,9 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
     (tmp_path / "exp.yaml").write_text("name: e\n")
     bad.write_text("experiment: exp.yaml\nstages: [{name: p, kind: prior, tokenizer: later}, {name: later}]\n")
     with pytest.raises(ConfigError, match="refers to no earlier stage"):
+        study.load_study(bad)
+    bad.write_text("experiment: exp.yaml\nstages: [{name: t, steps: 5}]\ntrain_scale: 0\n")
+    with pytest.raises(ConfigError, match="train_scale"):
         study.load_study(bad)
     bad.write_text("experiment: exp.yaml\nstages: [{name: t, overrides: ['flextok.autoencoder={kl}']}]\n")
     with pytest.raises(ConfigError, match=r"\['kl'\]"):
