@@ -13,7 +13,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import random
 import re
 import warnings
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .files import atomic_write
 from .schema import DataConfig
 
 __all__ = [
@@ -363,13 +363,13 @@ def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
     # the held-out ones
     ordered = [e for e in entries if e["split"] == "train"] + [e for e in entries if e["split"] != "train"]
     mine = [(label, entry) for label, entry in enumerate(ordered) if entry["split"] == side]
-    files = {}
+    contents = []  # each photograph's bytes, in `mine` order
     for _, entry in mine:
         file = Path(entry["path"])
         if not file.is_file():
             raise UserError(f"data: {file} is missing: apt-get install {entry['package']} (see {manifest})")
-        files[file] = file.read_bytes()
-        if hashlib.sha256(files[file]).hexdigest() != entry["sha256"]:
+        contents.append(file.read_bytes())
+        if hashlib.sha256(contents[-1]).hexdigest() != entry["sha256"]:
             raise UserError(f"data: {file} differs from the one in {manifest} (another {entry['package']} "
                             f"version than {entry['version']}?)")
 
@@ -382,12 +382,14 @@ def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
     if cache.is_file():
         with np.load(cache) as stored:
             return _array_dataset(stored["images"], stored["labels"])
-    photos = ((label, to_rgb(Image.open(io.BytesIO(files.pop(Path(entry["path"])))))) for label, entry in mine)
+    photos = ((label, to_rgb(Image.open(io.BytesIO(data)))) for (label, _), data in zip(mine, contents))
     images, labels = _photo_crops(photos, cfg, held_out, seed, split)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npz")  # ranks may build the same crops at once
-    np.savez(partial, images=images, labels=labels)
-    os.replace(partial, cache)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a handle: given a path, np.savez would append ".npz" to it
+            np.savez(handle, images=images, labels=labels)
+
+    atomic_write(cache, write)  # ranks that draw the same crops at once each rename a complete file
     return _array_dataset(images, labels)
 
 
