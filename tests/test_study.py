@@ -21,10 +21,10 @@ def test_stages_reference_each_other_and_the_evaluation_lists_them():
     by_name = {s.name: s for s in stages}
     assert out == Path("runs/study_fmnist")
     one_d = " ".join(by_name["1d"].argv(1.0))
-    assert f"flextok.autoencoder={out / 'kl_f4' / 'final'}" in one_d and "train.steps=2000" in one_d
+    assert f"flextok.autoencoder={out / 'kl_f4' / 'final'}" in one_d and "train.steps=1400" in one_d
     assert "data.train_images=100" in one_d and "data.train_images=100" in " ".join(by_name["1d_bpe"].argv(1.0))
     prior = " ".join(by_name["prior_1d_bpe"].argv(0.01))
-    assert "prior.tokens=bpe" in prior and f"prior.bpe={out / '1d_bpe'}" in prior and "prior_train.steps=6" in prior
+    assert "prior.tokens=bpe" in prior and f"prior.bpe={out / '1d_bpe'}" in prior and "prior_train.steps=4" in prior
     assert by_name["prior_kl_f4"].resumable and not by_name["1d_bpe"].resumable
     names = [e["name"] for e in evaluation["eval"]["tokenizers"]]
     assert names[:2] == ["kl_f4", "kl_f8"] and "1d_bpe" in names
@@ -35,15 +35,17 @@ def test_stages_reference_each_other_and_the_evaluation_lists_them():
 
 
 def test_train_scale_shortens_training_stages_but_not_the_evaluation():
-    fmnist = study.study_stages(*study.load_study(ROOT / "configs/study_fmnist.yaml"), [])[0]
-    config, experiment = study.load_study(ROOT / "configs/study_photos.yaml")
-    assert config.train_scale == 0.6 and [s.name for s in config.stages] == [s.name for s in fmnist[:-1]]
-    photos = study.study_stages(config, experiment, [])[0]
-    for full, short in zip(fmnist, photos):
-        assert set(full.scaled) == set(short.scaled)
-        for key, value in full.scaled.items():
-            expected = value if short.name == "report" else round(value * 0.6)
-            assert short.scaled[key] == expected, (short.name, key)
+    unscaled = study.load_study(ROOT / "configs/study_fmnist.yaml")
+    unscaled[0].train_scale = 1.0
+    full = study.study_stages(*unscaled, [])[0]
+    for name, scale in [("study_fmnist", 0.7), ("study_photos", 0.6)]:
+        config, experiment = study.load_study(ROOT / f"configs/{name}.yaml")
+        assert config.train_scale == scale and [s.name for s in config.stages] == [s.name for s in full[:-1]]
+        for long, short in zip(full, study.study_stages(config, experiment, [])[0]):
+            assert set(long.scaled) == set(short.scaled)
+            for key, value in long.scaled.items():
+                expected = value if short.name == "report" else round(value * scale)
+                assert short.scaled[key] == expected, (name, short.name, key)
 
 
 def test_a_bad_study_file_names_the_problem(tmp_path):
