@@ -7,8 +7,9 @@ Layers, in pipeline order; a module may import only its own layer or earlier one
    exempt, since they re-export.
 1. `bpe_image`: may depend only on `flextok`'s base modules, or on nothing.
 2. `priors`: may depend on `flextok` and `bpe_image`.
-3. `evaluation`: may depend on all of the above.
-4. scripts: the top-level `*.py` files and `benchmarks/*.py`; may import anything.
+3. `codec`: the image codec; may depend on `flextok`, `bpe_image` and `priors`.
+4. `evaluation`: may depend on all of the above.
+5. scripts: the top-level `*.py` files and `benchmarks/*.py`; may import anything.
 
 An import is an `import` / `from` statement anywhere in a module (relative ones resolved), or
 `importlib.import_module("x.y")` / `__import__("x.y")` with a string constant. A string constant
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"flextok": 0, "bpe_image": 1, "priors": 2, "evaluation": 3}
+PACKAGES = {"flextok": 0, "bpe_image": 1, "priors": 2, "codec": 3, "evaluation": 4}
+SCRIPT_LAYER = len(PACKAGES)
 SCRIPTS = {path.stem for path in ROOT.glob("*.py")}
 BASE = set(  # the shared base of `flextok`; every other `flextok` module is a tokenizer module
     "errors files config schema runtime hub fingerprint data metrics visualize guidance weights lpips cli patching"
@@ -73,10 +75,10 @@ def collect(source: str, module: str, is_package: bool = False, filename: str = 
 def project() -> tuple[list[Edge], frozenset[str]]:
     """Every import edge of the project, and the dotted names of all its modules."""
     files = [(path, layer) for pkg, layer in PACKAGES.items() for path in sorted((ROOT / pkg).rglob("*.py"))]
-    files += [(path, 4) for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")])]
+    files += [(path, SCRIPT_LAYER) for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")])]
     edges, modules = [], set()
     for path, layer in files:
-        parts = path.relative_to(ROOT).with_suffix("").parts if layer < 4 else (path.stem,)
+        parts = path.relative_to(ROOT).with_suffix("").parts if layer < SCRIPT_LAYER else (path.stem,)
         is_pkg = parts[-1] == "__init__"
         module, rel = ".".join(parts[:-1] if is_pkg else parts), str(path.relative_to(ROOT))
         modules.add(module)
@@ -93,7 +95,7 @@ def resolve(name: str) -> str:
 
 def layer_of(name: str) -> int | None:
     top = name.split(".")[0]
-    return PACKAGES.get(top, 4 if top in SCRIPTS else None)
+    return PACKAGES.get(top, SCRIPT_LAYER if top in SCRIPTS else None)
 
 
 def flextok_module(name: str) -> str | None:
