@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:  # sizes the run on the meta device: no DeepSpeed, no tokenizer, nothing trained or written
         from priors.plan import print_prior_plan
 
-        return print_prior_plan(cfg, hardware)
+        return print_prior_plan(cfg, hardware, args.deepspeed_config)
     # DeepSpeed is imported only once the config is valid
     from flextok import distributed
     from priors.trainer import PriorTrainer

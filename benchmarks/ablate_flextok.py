@@ -41,7 +41,7 @@ def train(config: str, autoencoder: str, out: Path, name: str, steps: int, overr
     """Train one variant in its own process; returns its wall-clock seconds (0 when reused)."""
     if (out / name / "final").exists():
         return 0.0
-    if Path(autoencoder).exists():  # a local folder (else a hub id)
+    if Path(autoencoder).exists():  # a local folder (else a hub id hf:owner/name)
         autoencoder = str(Path(autoencoder).resolve())
     command = [sys.executable, str(ROOT / "train_tokenizer.py"), "--config", str(Path(config).resolve()),
                f"name={name}", f"out_dir={out}", "tokenizer=flextok", f"flextok.autoencoder={autoencoder}",

@@ -13,7 +13,7 @@ if the tokens decode back to the exact codes. Every mode here is exactly inverti
 Base token ids equal code ids (0..K-1); merged tokens get K..V-1.
 
 Saved codecs use the models' Hub format (`flextok.hub`): `config.json` with `model_type: bpe_codec`, the
-backend file and a model card, loadable from a folder or a hub id. Codecs saved before it
+backend file and a model card, loadable from a folder or a hub id `hf:owner/name`. Codecs saved before it
 (`bpe_config.json`) still load.
 """
 
@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flextok.errors import UserError
+from flextok.errors import ConfigError, UserError
 from flextok.files import atomic_write_bytes
 from flextok.hub import (
     CONFIG_NAME,
     ModelCardInfo,
+    card_load_path,
     push_folder_to_hub,
     read_model_meta,
     register_model,
@@ -263,24 +264,25 @@ class BPECodec:
             "backend_sha256": hashlib.sha256(data).hexdigest(),
         }
         meta = {"model_type": MODEL_TYPE, "config": config}
-        write_model_card(path, meta, usage_snippet(BPECodec, load_path or str(path), "codec"), card)
+        write_model_card(path, meta, usage_snippet(BPECodec, card_load_path(path, load_path), "codec"), card)
         atomic_write_bytes(path / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
         return path
 
     def push_to_hub(self, repo_id: str, private: bool = True, token: str | None = None,
                     card: ModelCardInfo | dict | None = None) -> str:
-        """Upload the saved codec, card included, to `repo_id` (needs network access and a token)."""
-        return push_folder_to_hub(repo_id, lambda tmp: self.save_pretrained(tmp, card, load_path=repo_id),
+        """Upload the saved codec, card included, to `repo_id` (`owner/name` or `hf:owner/name`; needs network
+        access and a token); returns the `hf:owner/name` that loads it."""
+        return push_folder_to_hub(repo_id, lambda tmp, ref: self.save_pretrained(tmp, card, load_path=ref),
                                   private, token)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> BPECodec:
-        """Load a codec saved by `save_pretrained` from a folder or a hub id (or an older `bpe_config.json`
-        folder).
+        """Load a codec saved by `save_pretrained` from a folder or a hub id `hf:owner/name` (or an older
+        `bpe_config.json` folder).
 
         Raises `flextok.errors.UserError` for a folder or hub id that is not there or holds another model
-        type, FileNotFoundError naming a missing file, ValueError naming a file that is corrupt or does not
-        match the config.
+        type, FileNotFoundError naming a missing file, `flextok.errors.ConfigError` (a UserError and a
+        ValueError) naming a file that is corrupt or does not match the config, each one line.
         """
         directory = codec_dir(path)
         config, config_path = _read_any_config(directory)
@@ -289,10 +291,14 @@ class BPECodec:
             raise FileNotFoundError(f"{backend_path}: backend file named in {config_path} is missing")
         data = backend_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != config["backend_sha256"]:  # a backend file swapped under it
-            raise ValueError(f"{backend_path} does not match {config_path} (checksum differs)")
-        engine = _load_engine(config, data)
+            raise ConfigError(f"{backend_path} does not match {config_path} (checksum differs)")
+        try:
+            engine = _load_engine(config, data)
+        except Exception as err:  # the backends raise many types (tokenizers: plain Exception) on bad bytes
+            detail = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise ConfigError(f"{backend_path}: not a readable {config['backend']} backend file ({detail})") from None
         if (engine.codebook_size, engine.vocab_size) != (config["codebook_size"], config["vocab_size"]):
-            raise ValueError(
+            raise ConfigError(
                 f"{backend_path} holds K={engine.codebook_size}, V={engine.vocab_size} but "
                 f"{config_path} says K={config['codebook_size']}, V={config['vocab_size']}"
             )
@@ -313,8 +319,8 @@ class BPECodec:
 
 
 def codec_dir(path: str | os.PathLike) -> Path:
-    """The local folder of a saved codec: `path` itself, or a hub id's snapshot in the Hugging Face cache
-    (downloaded if needed: config, backend files)."""
+    """The local folder of a saved codec: `path` itself, or a hub id `hf:owner/name`'s snapshot in the Hugging
+    Face cache (downloaded if needed: config, backend files)."""
     return resolve_model_dir(path, extra_files=(*BACKEND_FILES, LEGACY_CONFIG_NAME))
 
 
@@ -381,21 +387,43 @@ def _read_config(config_path: Path) -> dict:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+        raise ConfigError(f"{config_path} is not valid JSON: {err}") from None
     return _check_config(config, config_path)
 
 
 def _check_config(config: object, config_path: Path) -> dict:
-    """Sanity-check a codec config (the `config` of `config.json`, or all of `bpe_config.json`)."""
+    """Check a codec config (the `config` of `config.json`, or all of `bpe_config.json`): every key present
+    with the right type, the values `train` would accept, and the backend file its backend writes (never
+    a path elsewhere). ConfigError naming the file and the key."""
     if not isinstance(config, dict) or config.get("format") != _FORMAT:
-        raise ValueError(f"{config_path} is not a {_FORMAT} config")
+        raise ConfigError(f"{config_path} is not a {_FORMAT} config")
     if config.get("version") != _VERSION:
-        raise ValueError(f"{config_path} has version {config.get('version')}, this library reads {_VERSION}")
-    if config.get("mode") not in MODES:
-        raise ValueError(f"{config_path} has unknown mode {config.get('mode')!r}")
+        raise ConfigError(f"{config_path} has version {config.get('version')!r}, this library reads {_VERSION}")
+    if not isinstance(config.get("mode"), str) or config["mode"] not in MODES:
+        raise ConfigError(f"{config_path} has unknown mode {config.get('mode')!r}")
     missing = sorted(_CONFIG_KEYS - config.keys())
     if missing:
-        raise ValueError(f"{config_path} lacks {missing}")
+        raise ConfigError(f"{config_path} lacks {missing}")
+    for key, kind in (("codebook_size", int), ("vocab_size", int), ("max_token_length", int), ("backend", str),
+                      ("backend_file", str), ("backend_sha256", str)):
+        if not isinstance(config[key], kind) or isinstance(config[key], bool):
+            raise ConfigError(f"{config_path}: '{key}' must be {'an integer' if kind is int else 'a string'}, "
+                              f"got {config[key]!r}")
+    for key, length in (("boundaries", None), ("grid_shape", 2)):
+        value = config[key]
+        if value is not None and not (isinstance(value, list) and all(type(v) is int and v > 0 for v in value)
+                                      and length in (None, len(value))):
+            raise ConfigError(f"{config_path}: '{key}' must be null or a list of {length or 'some'} positive "
+                              f"integers, got {value!r}")
+    try:
+        backend, _, _ = _check_train_args(config["mode"], config["codebook_size"], config["vocab_size"],
+                                          config["backend"], config["boundaries"], config["max_token_length"], None)
+    except ValueError as err:
+        raise ConfigError(f"{config_path}: {err}") from None
+    filename = GridEngine.filename if backend == GRID_BACKEND else BACKENDS[backend].filename
+    if config["backend_file"] != filename:
+        raise ConfigError(f"{config_path}: 'backend_file' must be {filename!r} for backend {backend!r}, "
+                          f"got {config['backend_file']!r}")
     return config
 
 
@@ -404,7 +432,7 @@ def _load_engine(config: dict, data: bytes) -> Engine:
     if config["mode"] == "2d":
         shape = config.get("grid_shape")
         if not isinstance(shape, list) or len(shape) != 2:
-            raise ValueError("a 2d codec config needs grid_shape [h, w]")
+            raise ConfigError("a 2d codec config needs grid_shape [h, w]")
         return GridEngine.from_bytes(data, (int(shape[0]), int(shape[1])))
     if config["backend"] not in BACKENDS:
         raise ValueError(f"unknown backend {config['backend']!r} in config")

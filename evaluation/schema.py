@@ -18,7 +18,7 @@ class EvalEntry:
     """One saved model `evaluate.py` measures: a row label and where the model is."""
 
     name: str = ""  # row label and file-name part: letters, digits, . _ + -
-    path: str = ""  # folder or hub id
+    path: str = ""  # folder or hub id hf:owner/name
 
     def __post_init__(self):
         # entry names label rows and name files (samples_<name>.png), so they stay file-name safe

@@ -15,5 +15,5 @@ __all__ = [
 
 
 def load_tokenizer(path, map_location: str = "cpu") -> FlexTok | GridAutoencoder:
-    """Load any saved tokenizer (grid KL/quantized autoencoder or FlexTok) from a folder or hub id."""
+    """Load any saved tokenizer (grid KL/quantized autoencoder or FlexTok) from a folder or hub id hf:owner/name."""
     return load_model(path, map_location, expect=(FlexTok, GridAutoencoder), what="a tokenizer")

@@ -52,7 +52,7 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", prefix: s
 
     `upgrade` first moves keys a section has renamed (used for saved checkpoints, never for YAML files)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
     if upgrade:
         data = upgrade_keys(cls, data)
     hints = typing.get_type_hints(cls)

@@ -7,12 +7,15 @@ crashing a run. Batches are addressed by step (see `StepBatchSampler`), which ma
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import gzip
 import hashlib
 import io
 import itertools
 import json
+import logging
 import random
 import re
 import warnings
@@ -24,15 +27,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import distributed as dist
 from .errors import UserError
 from .files import atomic_write
 from .schema import DataConfig
 
 __all__ = [
     "Batch", "EpochOrder", "FASHION_MNIST_DIR", "ImageDataset", "SKIMAGE_EVAL_PHOTOS", "SKIMAGE_TRAIN_PHOTOS",
-    "StepBatchSampler", "StreamingImages", "collate", "data_settings", "decode_image", "example_from_row",
-    "load_images", "load_source", "micro_batch_size", "pad_to_square", "pil_to_tensor", "report_skipped",
-    "resize_crop", "skimage_photo", "tensor_to_uint8", "to_rgb", "train_loader",
+    "STREAM_SHUFFLE_BLOCK", "StepBatchSampler", "StreamLoader", "StreamingImages", "collate", "data_settings",
+    "decode_image", "example_from_row", "load_images", "load_source", "loader_state", "micro_batch_size",
+    "pad_to_square", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo", "tensor_to_uint8",
+    "to_rgb", "train_loader",
 ]
 
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
@@ -531,52 +536,162 @@ def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int
     return batch_size // parts
 
 
+STREAM_SHUFFLE_BLOCK = 1000  # examples of a stream shuffled together (the memory a shuffle buffer would take)
+
+
 class StreamingImages(torch.utils.data.IterableDataset):
-    """A streamed hub dataset, shuffled per epoch with a buffer; resuming skips what was consumed."""
+    """A streamed training source: the shard order is reshuffled each pass and the examples are shuffled in
+    consecutive blocks of `block_size`, each by a generator seeded with (seed, epoch, block).
 
-    def __init__(self, hf_iterable, cfg: DataConfig, seed: int, skip: int):
-        self.ds, self.cfg, self.seed, self.skip = hf_iterable, cfg, seed, skip
+    `state_dict()` says where the stream stands: the epoch, the block, the `datasets` state of the stream at
+    the start of that block (`IterableDataset.state_dict()`; None at the start of an epoch), how many of the
+    block's examples were yielded, and how many examples were yielded in all (augmentation seeds and the ids
+    of skipped images count them). Restored, it makes `datasets` reopen the stream at the block's start, so a
+    resumed stream reads again one block and at most one shard up to it (`datasets` reopens a shard by reading
+    it up to the saved row; `train_loader` cuts Parquet into one shard per row group), never what the earlier
+    blocks consumed. Why blocks: a rolling shuffle buffer loses its contents on restore (`datasets` refills it
+    with later examples), while a block is a function of the stream's position, so the resumed batches are
+    exactly the uninterrupted ones.
+    The stream is read in the training process (no DataLoader workers), so its state is what was consumed.
+    """
 
-    def __iter__(self):
-        consumed, epoch = 0, 0
+    def __init__(self, hf_iterable, cfg: DataConfig, seed: int, state: dict | None = None,
+                 block_size: int = STREAM_SHUFFLE_BLOCK):
+        self.ds, self.cfg, self.seed, self.block_size = hf_iterable, cfg, seed, block_size
+        self.position = copy.deepcopy(state) or {"epoch": 0, "block": 0, "source": None, "offset": 0,
+                                                 "consumed": 0}
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self.position)
+
+    def __iter__(self) -> Iterator[dict]:
+        pos = self.position
         while True:
-            stream = self.ds.shuffle(seed=self.seed + epoch, buffer_size=1000)
-            got_any = False
-            for row in stream:
-                got_any = True
-                if consumed >= self.skip:
-                    aug_seed = hash((self.seed, consumed)) & 0x7FFFFFFF
-                    yield example_from_row(row, consumed, self.cfg, True, aug_seed)
-                consumed += 1
-            if not got_any:
+            fresh_epoch = pos["block"] == 0 and pos["source"] is None
+            stream = self._epoch_stream(pos["epoch"], pos["source"])
+            rows = iter(stream)
+            with _restored_buffer_is_empty():  # the first read reopens the stream
+                block = list(itertools.islice(rows, self.block_size))
+            while block:
+                block_end = stream.state_dict()  # where the next block starts
+                order = np.random.default_rng([self.seed, pos["epoch"], pos["block"]]).permutation(len(block))
+                for j in range(pos["offset"], len(block)):
+                    index = pos["consumed"]
+                    if j + 1 < len(block):  # the position after this example, set before the trainer gets it
+                        pos.update(offset=j + 1, consumed=index + 1)
+                    else:
+                        pos.update(block=pos["block"] + 1, source=block_end, offset=0, consumed=index + 1)
+                    aug_seed = hash((self.seed, index)) & 0x7FFFFFFF
+                    yield example_from_row(block[order[j]], index, self.cfg, True, aug_seed)
+                block = list(itertools.islice(rows, self.block_size))
+            if fresh_epoch and pos["block"] == 0:
                 raise UserError("data: the streamed training source has no images")
-            epoch += 1
+            pos.update(epoch=pos["epoch"] + 1, block=0, source=None, offset=0)
+
+    def _epoch_stream(self, epoch: int, source_state: dict | None):
+        """The source with its shards in this epoch's order (`datasets`' shuffle with a one-example buffer
+        only permutes the shards), reopened at `source_state` when given."""
+        stream = self.ds.shuffle(generator=np.random.default_rng([self.seed, epoch]), buffer_size=1,
+                                 max_buffer_input_shards=1)
+        if source_state is not None:
+            stream.load_state_dict(source_state)
+        return stream
+
+
+@contextlib.contextmanager
+def _restored_buffer_is_empty():
+    """Silence `datasets`' warning that a restored shuffle buffer lost its contents: the one-example buffer
+    of `StreamingImages._epoch_stream` is empty between examples, so nothing is lost."""
+    log = logging.getLogger("datasets.iterable_dataset")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class StreamLoader:
+    """This rank's micro-batches of a streamed source for steps [start_step, end_step), `accumulation` per
+    step. It keeps the stream's state at the last two step boundaries: a run interrupted while training a
+    step has already read that step's batches, and its checkpoint must record where the step began."""
+
+    def __init__(self, stream: StreamingImages, micro: int, start_step: int, end_step: int, accumulation: int):
+        self.stream, self.micro, self.accumulation = stream, micro, accumulation
+        self.start, self.end = start_step, end_step
+        self.states = {start_step: stream.state_dict()}
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.accumulation
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.micro, collate_fn=collate)
+        for i, batch in enumerate(itertools.islice(loader, len(self))):  # the stream itself never ends
+            if (i + 1) % self.accumulation == 0:
+                step = self.start + (i + 1) // self.accumulation
+                self.states[step] = self.stream.state_dict()
+                self.states.pop(step - 2, None)
+            yield batch
+
+    def position(self, step: int) -> dict:
+        """This rank's stream state once the batches of the steps before `step` were read."""
+        if step not in self.states:
+            raise ValueError(f"no stream state kept for step {step} (kept: {sorted(self.states)})")
+        return {"step": step, **copy.deepcopy(self.states[step])}
+
+
+def loader_state(loader, step: int) -> list[dict] | None:
+    """What a checkpoint at `step` keeps of the training data, for `train_loader(data_state=...)`: every
+    rank's stream position for a streamed source (a collective: call it on every rank), None for a
+    map-style source, whose batches follow from the step. Plain Python values: `weights_only` loads them."""
+    if not isinstance(loader, StreamLoader):
+        return None
+    return dist.all_gather_object(loader.position(step))
 
 
 def train_loader(cfg: DataConfig, batch_size: int, seed: int, start_step: int, end_step: int,
-                 rank: int = 0, world_size: int = 1, accumulation: int = 1):
+                 rank: int = 0, world_size: int = 1, accumulation: int = 1, data_state: list[dict] | None = None):
     """This rank's micro-batches for steps [start_step, end_step): `accumulation` per step, each 1 /
     (world_size * accumulation) of the step's global batch of `batch_size` images.
 
     Map-style sources slice each step's global batch (`StepBatchSampler`); a streamed source is split
-    between ranks by `datasets.distributed.split_dataset_by_node` and each rank reads its own part.
+    between ranks by `datasets.distributed.split_dataset_by_node` and each rank reads its own part, from the
+    position `data_state` (what `loader_state()` returned at a checkpoint of step `start_step`) when resuming.
     """
     micro = micro_batch_size(batch_size, world_size, accumulation)
     if cfg.streaming:
-        source = load_source(cfg, cfg.train_split, seed)
+        state = _rank_stream_state(data_state, start_step, rank, world_size)
+        # Parquet: one shard per row group, so a resumed stream reopens a row group, not a whole file
+        source = load_source(cfg, cfg.train_split, seed).reshard()
         if world_size > 1:
             from datasets.distributed import split_dataset_by_node
 
             source = split_dataset_by_node(source, rank=rank, world_size=world_size)
-        stream = StreamingImages(source, cfg, seed, skip=start_step * micro * accumulation)
-        loader = torch.utils.data.DataLoader(stream, batch_size=micro, collate_fn=collate)
-        return itertools.islice(loader, (end_step - start_step) * accumulation)  # the stream never ends
+        stream = StreamingImages(source, cfg, seed, state, block_size=STREAM_SHUFFLE_BLOCK)
+        return StreamLoader(stream, micro, start_step, end_step, accumulation)
     ds = ImageDataset(load_source(cfg, cfg.train_split, seed), cfg, train=True)
     sampler = StepBatchSampler(len(ds), batch_size, seed, start_step, end_step, rank, world_size, accumulation)
     return torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
+
+
+def _rank_stream_state(data_state: list[dict] | None, start_step: int, rank: int, world_size: int) -> dict | None:
+    """This rank's saved stream state for a run resumed at `start_step` (None: a new run)."""
+    if not data_state:
+        if start_step:
+            raise UserError("checkpoint: no stream position saved with it (written before streamed runs kept "
+                            "one); a streamed run resumes only from the position its checkpoint records")
+        return None
+    if len(data_state) != world_size:
+        raise UserError(f"checkpoint: this streamed run was saved by {len(data_state)} rank(s); resume it with "
+                        f"as many (each rank streams its own part of the source)")
+    state = dict(data_state[rank])
+    if state.pop("step") != start_step:
+        raise UserError(f"checkpoint: its stream position is for step {data_state[rank]['step']}, "
+                        f"not the step {start_step} it resumes")
+    return state
 
 
 def load_images(cfg: DataConfig, split: str, limit: int | None = None, seed: int = 0) -> Batch:

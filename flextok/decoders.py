@@ -55,12 +55,16 @@ def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Te
     return guidance.combine(trunk(guidance.repeat(x), guidance.repeat(t), guidance.conditions(cond, null)))
 
 
-def start_from_noise(shape: tuple[int, ...], steps: int, generator: torch.Generator, device: torch.device,
-                     repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def start_from_noise(shape: tuple[int, ...], steps: int, generator: torch.Generator | list[torch.Generator],
+                     device: torch.device, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded pure noise and the time grid from 1 down to 0 that both samplers walk. With `repeats`, the
     batch is that many copies of the noise of its first shape[0] / repeats rows (one image decoded from
-    several token prefixes gets the same noise in each)."""
-    noise = torch.randn((shape[0] // repeats, *shape[1:]), generator=generator, device=device)
+    several token prefixes gets the same noise in each). A list of generators, one per row, gives each
+    row noise that does not depend on the other rows of its batch."""
+    if isinstance(generator, list):
+        noise = torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    else:
+        noise = torch.randn((shape[0] // repeats, *shape[1:]), generator=generator, device=device)
     noise = noise.repeat(repeats, *[1] * (len(shape) - 1))
     return noise, torch.linspace(1.0, 0.0, steps + 1, device=device)
 

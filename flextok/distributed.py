@@ -4,7 +4,9 @@ Both launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
 launcher also passes `--local_rank`). A plain `python train_*.py` is a one-process job: it gets the same
 variables for a world of one, so every code path below runs unchanged. Collectives go through NCCL on
 GPUs and gloo on CPUs. Waiting for work another rank does on disk (token-cache shards) polls the file
-system instead of blocking in a collective, so no rank can hit a collective timeout while another works.
+system instead of blocking in a collective. Every wait on other ranks, on disk or in a collective, ends
+after `distributed.wait_timeout` minutes: on several nodes each node's launcher ends only its own ranks, so
+a hung rank elsewhere would otherwise stall the job forever.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["all_reduce_sum", "available_ranks", "barrier", "broadcast_object", "ensure_launch_env", "free_port",
-           "init_process_group", "is_main", "local_device", "local_rank", "local_world_size", "rank",
-           "shutdown", "threads_per_rank", "wait_for", "world_size"]
+from .errors import UserError
+from .schema import DistributedConfig
+
+__all__ = ["WAIT_TIMEOUT", "WaitTimeout", "all_gather_object", "all_reduce_sum", "available_ranks", "barrier",
+           "broadcast_object", "ensure_launch_env", "free_port", "init_process_group", "is_main", "local_device",
+           "local_rank", "local_world_size", "rank", "shutdown", "threads_per_rank", "wait_for", "world_size"]
+
+WAIT_TIMEOUT = DistributedConfig.wait_timeout  # minutes; the config key's default, for callers without a config
+
+
+class WaitTimeout(UserError, TimeoutError):
+    """Other ranks did not deliver in time: one line naming what is missing (exit code 2)."""
 
 
 def free_port() -> int:
@@ -47,8 +58,9 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
-    """Join the launcher's process group (a no-op for one rank); returns (rank, world_size)."""
+def init_process_group(device: torch.device, timeout_minutes: float = WAIT_TIMEOUT) -> tuple[int, int]:
+    """Join the launcher's process group (a no-op for one rank); returns (rank, world_size).
+    `timeout_minutes` (`distributed.wait_timeout`) bounds the join and every later collective."""
     if launched_world_size() > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -111,6 +123,15 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's value, in rank order, on every rank."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sums over ranks (float64): every rank gets the same numbers, so NaN checks and
     logged averages agree everywhere."""
@@ -120,15 +141,21 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return stats.tolist()
 
 
-def wait_for(ready: Callable[[], bool], what: str | Path, poll_s: float = 1.0, notice_after_s: float = 30.0) -> None:
-    """Poll until `ready()`; prints one notice if it takes long. No timeout: the launcher ends every rank
-    when one of them dies, so a waiting rank is never orphaned."""
+def wait_for(missing: Callable[[], str | None], timeout_minutes: float = WAIT_TIMEOUT, poll_s: float = 1.0,
+             notice_after_s: float = 30.0) -> None:
+    """Poll `missing()` (what other ranks have not delivered yet, None once everything is there) until it
+    is None; prints one notice if it takes long, and raises `WaitTimeout` naming what is still missing
+    after `timeout_minutes` (`distributed.wait_timeout`): a launcher ends only the ranks of its own node."""
     started, noticed = time.monotonic(), False
-    while not ready():
-        if not noticed and time.monotonic() - started > notice_after_s:
+    while (what := missing()) is not None:
+        waited = time.monotonic() - started
+        if waited > 60 * timeout_minutes:
+            raise WaitTimeout(f"rank {rank()}: gave up after {timeout_minutes:g} min (distributed.wait_timeout) "
+                              f"waiting for {what}; did another rank die?")
+        if not noticed and waited > notice_after_s:
             print(f"rank {rank()}: waiting for {what}", flush=True)
             noticed = True
-        time.sleep(poll_s)
+        time.sleep(min(poll_s, max(0.0, 60 * timeout_minutes - waited)))
 
 
 def shutdown() -> None:

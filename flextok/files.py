@@ -1,5 +1,6 @@
 """Crash-safe files: every checkpoint, cache, config, image and log rewrite goes through `atomic_write`,
-and every run's `metrics.jsonl` through `MetricsLog`."""
+and every run's `metrics.jsonl` through `MetricsLog`; `refuse_existing_run` keeps a fresh run from
+overwriting an earlier one's folder."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["MetricsLog", "atomic_directory", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+from .errors import UserError
+
+__all__ = ["RUN_FILES", "MetricsLog", "atomic_directory", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+           "refuse_existing_run"]
+
+RUN_FILES = ("metrics.jsonl", "config.yaml")  # what every trainer writes into its run folder from step 0
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
@@ -60,8 +66,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def refuse_existing_run(run_dir: str | Path, resume: bool, has_checkpoint: bool) -> None:
+    """A run started without `--resume` must not overwrite another run's folder: one that holds a
+    checkpoint, or the log and config of a run killed before its first checkpoint. One-line UserError."""
+    if resume:
+        return
+    run_dir = Path(run_dir)
+    held = (["a checkpoint"] if has_checkpoint else []) + [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                        "or set name=<new>")
+
+
 class MetricsLog:
-    """A run's `metrics.jsonl`: one JSON record per line, each with a `step`."""
+    """A run's `metrics.jsonl`: one JSON record per line, each with a `step`.
+
+    A kill can land in the middle of `append`, leaving a torn last line: reading drops it (the step it
+    logged is redone after `--resume`); a bad line anywhere else is damage, a UserError."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -71,9 +92,25 @@ class MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete record, in order (none when the file does not exist)."""
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().split("\n")
+        lines.pop()  # "" after a complete last line, else the unterminated tail of a killed `append`: dropped
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{self.path}: line {number} is not a JSON record ({err.msg})") from None
+        return records
+
     def truncate_after(self, step: int) -> None:
-        """Drop records logged after `step`: a resumed run logs those steps again."""
+        """Drop records logged after `step` (a resumed run logs those steps again) and any torn last line."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        kept = [record for record in self.records() if record["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))

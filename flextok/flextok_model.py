@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .bottlenecks import Quantizer, code_dim
-from .config import from_dict
+from .config import check, from_dict
 from .errors import ConfigError, UserError
 from .decoders import DecoderTrunk, build_decoder
 from .grid_autoencoder import GridAutoencoder
@@ -29,16 +31,40 @@ from .patching import patchify, unpatchify
 from .register_encoder import RegisterEncoder
 from .schema import FlexTokConfig, GridConfig, SamplingConfig
 
-__all__ = ["FlexTok", "FlexTokObjective"]
+__all__ = ["FlexTok", "FlexTokArgs", "FlexTokObjective", "image_seed"]
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The noise seed of image `index` of a held-out set evaluated with `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def moments(x: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of `x` in float64: sums of these over batches give their pooled std."""
+    x = x.detach().double()
+    return torch.stack([x.new_tensor(float(x.numel())), x.sum(), x.square().sum()])
+
+
+@dataclasses.dataclass
+class FlexTokArgs:
+    """`FlexTok`'s constructor arguments besides its config (saved beside it in `config.json`): the image
+    side, and the embedded grid autoencoder's config (input: latents)."""
+
+    resolution: int = 32
+    autoencoder_config: GridConfig | None = None
+
+    def __post_init__(self):
+        check(self.resolution > 0, "resolution' must be positive", self.resolution)
 
 
 @register_model("flextok")
 class FlexTok(HubMixin, nn.Module):
     config_class = FlexTokConfig
+    args_class = FlexTokArgs
 
     def __init__(self, config: FlexTokConfig, resolution: int = 32, autoencoder_config: dict | None = None):
         nn.Module.__init__(self)
-        HubMixin.__init__(self, config)
+        HubMixin.__init__(self, config, resolution=resolution, autoencoder_config=autoencoder_config)
         self.resolution = resolution
         if config.input == "latents":
             if autoencoder_config is None:
@@ -73,7 +99,8 @@ class FlexTok(HubMixin, nn.Module):
             patch_dim, self.grid, config.decoder_dim, config.decoder_depth, config.decoder_heads, config.mlp_ratio
         )
         self.decoder = build_decoder(config.decoder, trunk, config.prediction, config.time_logit_mean)
-        # 1/std of the targets, measured on the first training batch so flow noise and data share a scale
+        # 1/std of the targets, measured on the first global training batch so flow noise and data share a
+        # scale (the trainer: `target_moments` of every rank's images, then `fit_target_scale`)
         self.register_buffer("target_scale", torch.zeros(()))
 
     @classmethod
@@ -124,13 +151,29 @@ class FlexTok(HubMixin, nn.Module):
         return math.log2(self.vocab_size)
 
     def to_target(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> the patch sequence the decoder generates (scaled latents or pixels)."""
+        """Images -> the patch sequence the decoder generates (scaled latents or pixels). An unfitted
+        target scale (a model trained outside the trainer) is fitted on this first batch."""
+        x0 = self._unscaled_target(images)
+        if self.target_scale == 0:
+            self.fit_target_scale(moments(x0).tolist())
+        return x0 * self.target_scale
+
+    def _unscaled_target(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             grid = images if self.autoencoder is None else self.autoencoder.encode(images)["latents"]
-        x0 = patchify(grid, self.config.patch_size)
-        if self.target_scale == 0:
-            self.target_scale.fill_(1.0 / x0.float().std().clamp_min(1e-3).item())
-        return x0 * self.target_scale
+        return patchify(grid, self.config.patch_size)
+
+    @torch.no_grad()
+    def target_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """(count, sum, sum of squares) of the unscaled targets of `images`, float64: summed over a step's
+        micro-batches and ranks, `fit_target_scale` gets the whole global batch's spread."""
+        return moments(self._unscaled_target(images))
+
+    def fit_target_scale(self, pooled: Sequence[float]) -> None:
+        """Set the target scale to 1 / the std (n - 1 denominator, at least 1e-3) of pooled `moments`."""
+        n, total, squares = pooled
+        variance = max(squares - total * total / n, 0.0) / max(n - 1, 1)
+        self.target_scale.fill_(1.0 / max(math.sqrt(variance), 1e-3))
 
     def from_target(self, x0: torch.Tensor) -> torch.Tensor:
         grid = unpatchify(x0 / self.target_scale, self.config.patch_size, self.channels, self.grid)
@@ -192,29 +235,39 @@ class FlexTok(HubMixin, nn.Module):
 
     @torch.no_grad()
     def detokenize_prefixes(self, tokens: list[torch.Tensor], ks: list[int], seed: int = 0,
-                            **sampling) -> dict[int, torch.Tensor]:
+                            image_seeds: list[int] | None = None, **sampling) -> dict[int, torch.Tensor]:
         """The images of every prefix length k in `ks` of each sequence, decoded in one batched pass; k's
         images equal `detokenize([t[:k] for t in tokens], seed)` (each image gets the same noise for every
-        k), up to floating-point summation order. Memory grows with len(ks) x len(tokens) rows."""
+        k), up to floating-point summation order. Memory grows with len(ks) x len(tokens) rows.
+        `image_seeds` (one per sequence, replacing `seed`) seed each image's noise on its own."""
         prefixes = [t[:k] for k in ks for t in tokens]
-        targets = self.sample_targets(prefixes, self.decoding(**sampling), seed, repeats=len(ks))
+        targets = self.sample_targets(prefixes, self.decoding(**sampling), seed, repeats=len(ks),
+                                      image_seeds=image_seeds)
         return dict(zip(ks, self.from_target(targets).split(len(tokens))))
 
     @torch.no_grad()
-    def eval_reconstructions(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Reconstructions from every prefix length 1, 2, 4, ..., R (token sets: all R tokens)."""
+    def eval_reconstructions(self, images: torch.Tensor, seed: int = 0, first: int = 0) -> dict[str, torch.Tensor]:
+        """Reconstructions from every prefix length 1, 2, 4, ..., R (token sets: all R tokens). `images` are
+        a held-out set's images `first`, `first` + 1, ...: image i decodes from noise seeded by
+        `image_seed(seed, i)`, so a set evaluated in chunks gets the reconstructions of one big batch."""
         tokens = self.tokenize(images)
         ks = [self.num_registers] if self.token_set else powers_of_two_upto(self.num_registers)
-        return {f"k={k}": images for k, images in self.detokenize_prefixes(tokens, ks, seed=seed).items()}
+        seeds = [image_seed(seed, first + i) for i in range(len(tokens))]
+        decoded = self.detokenize_prefixes(tokens, ks, image_seeds=seeds)
+        return {f"k={k}": images for k, images in decoded.items()}
 
     def sample_targets(self, tokens: list[torch.Tensor], sampling: SamplingConfig | None = None,
-                       seed: int = 0, repeats: int = 1) -> torch.Tensor:
+                       seed: int = 0, repeats: int = 1, image_seeds: list[int] | None = None) -> torch.Tensor:
         """Token lists -> decoded target patches (before `from_target`), for callers that stay in latent
-        space. `repeats`: the rows are that many groups of the same images (see `detokenize_prefixes`)."""
+        space. `repeats`: the rows are that many groups of the same images (see `detokenize_prefixes`);
+        `image_seeds`: one noise seed per image instead of one `seed` for the batch."""
         indices, keep = self._pack(tokens)
         codes = self.quantizer.codes_from_indices(indices)
         cond = self.condition(codes, keep)
-        generator = torch.Generator(device=indices.device).manual_seed(seed)
+        if image_seeds is None:
+            generator = torch.Generator(device=indices.device).manual_seed(seed)
+        else:
+            generator = [torch.Generator(device=indices.device).manual_seed(s) for s in image_seeds]
         n_patches, patch_dim = self.grid**2, self.channels * self.config.patch_size**2
         return self.decoder.sample(cond, self.null_condition(len(tokens)), (len(tokens), n_patches, patch_dim),
                                    sampling or self.config.sampling, generator, repeats)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .bottlenecks import DiagonalGaussian, Quantizer
+from .config import check
+from .errors import ConfigError
 from .schema import GridConfig
 from .hub import HubMixin, register_model
 
-__all__ = ["ConvDecoder", "ConvEncoder", "GridAutoencoder", "ResBlock"]
+__all__ = ["ConvDecoder", "ConvEncoder", "GridAutoencoder", "GridAutoencoderArgs", "ResBlock"]
 
 
 class ResBlock(nn.Module):
@@ -73,6 +76,16 @@ class ConvDecoder(nn.Module):
         return self.net(z)
 
 
+@dataclass
+class GridAutoencoderArgs:
+    """`GridAutoencoder`'s constructor arguments besides its config (saved beside it in `config.json`)."""
+
+    resolution: int = 32
+
+    def __post_init__(self):
+        check(self.resolution > 0, "resolution' must be positive", self.resolution)
+
+
 @register_model("grid_autoencoder")
 class GridAutoencoder(HubMixin, nn.Module):
     """Images [B,3,H,W] in [-1,1] <-> a latent grid [B,c,H/f,W/f] through a KL or quantized bottleneck.
@@ -82,19 +95,19 @@ class GridAutoencoder(HubMixin, nn.Module):
     """
 
     config_class = GridConfig
+    args_class = GridAutoencoderArgs
 
     def __init__(self, config: GridConfig, resolution: int = 32):
         nn.Module.__init__(self)
-        HubMixin.__init__(self, config)
+        HubMixin.__init__(self, config, resolution=resolution)
+        if resolution % config.downsample:  # the decoder would not give back the input's size
+            raise ConfigError(f"'resolution' must be a multiple of downsample ({config.downsample}), got {resolution}")
         self.resolution = resolution
         kl = config.bottleneck == "kl"
         self.encoder = ConvEncoder(config, 2 * config.latent_channels if kl else config.latent_channels)
         self.decoder = ConvDecoder(config)
         self.gaussian = DiagonalGaussian() if kl else None
         self.quantizer = None if kl else Quantizer(config.quantizer, config.latent_channels)
-
-    def extra_config(self) -> dict:
-        return {"resolution": self.resolution}
 
     @property
     def is_quantized(self) -> bool:
@@ -170,8 +183,9 @@ class GridAutoencoder(HubMixin, nn.Module):
             )
 
     @torch.no_grad()
-    def eval_reconstructions(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Named reconstructions for held-out metrics and grids (one: the deterministic round trip)."""
+    def eval_reconstructions(self, images: torch.Tensor, seed: int = 0, first: int = 0) -> dict[str, torch.Tensor]:
+        """Named reconstructions for held-out metrics and grids (one: the deterministic round trip, so
+        `seed` and `first` change nothing; see `FlexTok.eval_reconstructions`)."""
         return {f"{self.tokens_per_image} tok": self.decode(self.encode(images)["latents"]).clamp(-1, 1)}
 
     def codebook_usage(self, indices: torch.Tensor) -> dict[str, float]:

@@ -74,6 +74,13 @@ class GridObjective(nn.Module):
             loss = loss + self._adversarial(images, recon, logs)
         return loss, logs
 
+    def idle_parameters(self, step: int) -> list[str]:
+        """Names of the trainable parameters `forward` gives no gradient at `step`: the PatchGAN's before
+        `loss.adversarial_start` (the trainer keeps them out of DDP while they are idle)."""
+        if self.discriminator is None or step >= self.cfg.adversarial_start:
+            return []
+        return [f"discriminator.{name}" for name, _ in self.discriminator.named_parameters()]
+
     def _adversarial(self, images: torch.Tensor, recon: torch.Tensor, logs: dict[str, float]) -> torch.Tensor:
         # The generator term sees frozen (detached) discriminator weights and the discriminator term sees
         # detached reconstructions, so one backward pass trains both players in opposite directions.

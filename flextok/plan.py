@@ -21,6 +21,9 @@ a attention heads, L layers, V output classes.
   model here) never stores the a·s² attention scores, leaving 34·s·b·h. With activation checkpointing
   (full recomputation, ibid. §4.2) a layer keeps its 2·s·b·h input and one layer at a time is rebuilt.
   Convolutional nets are measured instead: the tensors autograd saves in one meta-device forward pass.
+* Evaluation (rank 0, under no_grad, `train.eval_batch_size` images at a time) keeps nothing for
+  backward: its peak is bounded by one phase's working set, a transformer layer's 34·s·b·h at a time and
+  a conv net's whole training-forward activations (an upper bound), plus the reconstructions it holds.
 * FLOPs (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", §2.1; Chowdhery et al. 2022,
   "PaLM", App. B): a forward pass costs 2·W·s for the W weights applied to every token, plus 4·L·h·s²
   for the attention scores and their weighted sum; backward costs twice the forward, so training is
@@ -50,7 +53,7 @@ __all__ = [
     "add_plan_arguments", "compute_lines", "conv_workload", "count", "format_bytes", "format_count", "format_flops",
     "format_time", "hardware_from_args", "parameter_rows", "parameter_table", "per_token_weights", "plan_report",
     "planned_tokenizer", "print_tokenizer_plan", "run_flops", "run_seconds", "step_flops", "table",
-    "tokenizer_plan", "tokenizer_workloads", "transformer_workload", "zero_model_states",
+    "tokenizer_eval_bytes", "tokenizer_plan", "tokenizer_workloads", "transformer_workload", "zero_model_states",
 ]
 
 DEFAULT_PEAK_TFLOPS = 989.0  # NVIDIA H100 SXM5, dense bf16 tensor cores (1,979 is the 2:4-sparse figure)
@@ -489,6 +492,38 @@ def _flextok_workloads(cfg: TokenizerRunConfig, m: nn.Module) -> list[Workload]:
     return work
 
 
+def tokenizer_eval_bytes(cfg: TokenizerRunConfig, parts: TokenizerParts, images: int, encode: bool = True,
+                         prefixes: int | None = None) -> float:
+    """Peak bytes that running `images` images through the tokenizer under no_grad adds on one GPU:
+    encoding them (`encode`), then decoding each from `prefixes` token prefixes (default: every prefix
+    length evaluation decodes; a 1D decoder also runs the guidance pair where the scale is not 0 or 1).
+    The phases run one after another: the largest counts, plus the fp32 reconstructions held."""
+    from .nested_dropout import powers_of_two_upto
+
+    res, m = cfg.data.resolution, parts.model
+    pixels = FP32 * 3 * res * res  # one image
+    conv = lambda name, net, shape: conv_workload(name, net, shape).activations  # noqa: E731
+    if cfg.tokenizer == "grid":
+        side = res // cfg.grid.downsample
+        phases = [conv("encoder", m.encoder, (3, res, res))] if encode else []
+        phases.append(conv("decoder", m.decoder, (cfg.grid.latent_channels, side, side)))
+        return images * (max(phases) + pixels)
+    f = cfg.flextok
+    if prefixes is None:
+        prefixes = 1 if f.token_set else len(powers_of_two_upto(f.num_registers))
+    pair = 1 if f.sampling.guidance_scale in (0.0, 1.0) else 2
+    seq = m.grid**2 + f.num_registers
+    phases = [34 * seq * f.decoder_dim * images * prefixes * pair]  # one decoder layer over every row
+    if encode:
+        phases.append(34 * seq * f.dim * images)  # one encoder layer
+    if m.autoencoder is not None:
+        ae, side = m.autoencoder, m.autoencoder.grid_size
+        phases.append(images * prefixes * conv("ae decoder", ae.decoder, (ae.config.latent_channels, side, side)))
+        if encode:
+            phases.append(images * conv("ae encoder", ae.encoder, (3, res, res)))
+    return max(phases) + images * prefixes * pixels
+
+
 def _tokenizer_memory(cfg: TokenizerRunConfig, parts: TokenizerParts, workloads: list[Workload], micro: int,
                       hw: Hardware) -> list[str]:
     """`TokenizerTrainer` replicates everything on every GPU (DDP): fp32 weights of the model and its
@@ -510,9 +545,18 @@ def _tokenizer_memory(cfg: TokenizerRunConfig, parts: TokenizerParts, workloads:
             (f"activations of {micro} image(s), checkpointing", format_bytes(ckpt)),
             (f"total (train.activation_checkpointing: {str(enabled).lower()})",
              format_bytes(states.total + (ckpt if enabled else acts)))]
+    chunk = min(getattr(cfg.train, "eval_batch_size", cfg.data.eval_images), cfg.data.eval_images)
+    evaluation = tokenizer_eval_bytes(cfg, parts, chunk)
+    rows += [(f"evaluation on rank 0, {chunk} of {cfg.data.eval_images:,} held-out images at a time",
+              format_bytes(evaluation)),
+             ("total at evaluation (the gradients are freed by then)",
+              format_bytes(states.total - states.gradients + evaluation))]
     return ["memory per GPU: the tokenizer trainer is plain PyTorch / DDP (fp32 weights, bf16 autocast on "
             "CUDA): every GPU holds everything, no ZeRO",
             *table(["", "bytes"], rows),
             "  activations: transformers 34·s·b·h bytes per layer (flash attention; 2·s·b·h per layer + one "
             "layer's 34·s·b·h when checkpointed: Korthikanti et al. 2022); conv nets: what autograd saves, "
-            "measured on the meta device (fp32)"]
+            "measured on the meta device (fp32)",
+            "  evaluation (train.eval_batch_size images at a time, under no_grad): the largest phase, one transformer "
+            "layer's 34·s·b·h over every decoded row (prefixes x guidance pair) or a conv net's training-forward "
+            "activations (an upper bound), plus the reconstructions"]

@@ -8,6 +8,7 @@ sections (`priors.schema`, `evaluation.schema`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -15,9 +16,14 @@ from typing import ClassVar, Literal, Optional
 from .config import check
 
 __all__ = [
-    "DataConfig", "FlexTokConfig", "GridConfig", "LossConfig", "QuantizerConfig", "SamplingConfig",
-    "SamplingOverrides", "TokenizerRunConfig", "TrainConfig",
+    "DataConfig", "DistributedConfig", "FlexTokConfig", "GridConfig", "LossConfig", "MAX_DEPTH", "MAX_QUANTIZER_CODES",
+    "QuantizerConfig", "SamplingConfig", "SamplingOverrides", "TokenizerRunConfig", "TrainConfig",
 ]
+
+# Sanity bounds on model sizes, so a hostile or mistyped config cannot make a build loop or allocate without
+# end (the total size of a loaded model is bounded too: `flextok.hub.MAX_MODEL_ELEMENTS`).
+MAX_DEPTH = 1024  # blocks in one stack (transformer depth, residual blocks per level)
+MAX_QUANTIZER_CODES = 2**20  # a quantizer's codebook: FSQ and LFQ build all of their codes when constructed
 
 
 @dataclass
@@ -59,10 +65,16 @@ class QuantizerConfig:
     entropy_weight: float = 0.1  # lfq
 
     def __post_init__(self):
-        check(self.codebook_size > 1, "codebook_size' must be > 1", self.codebook_size)
+        check(1 < self.codebook_size <= MAX_QUANTIZER_CODES, f"codebook_size' must be in 2..{MAX_QUANTIZER_CODES}",
+              self.codebook_size)
         check(self.kind != "lfq" or self.codebook_size & (self.codebook_size - 1) == 0,
               "codebook_size' must be a power of two for lfq", self.codebook_size)
-        check(all(level > 1 for level in self.fsq_levels), "fsq_levels' must all be > 1", self.fsq_levels)
+        check(self.codebook_dim > 0, "codebook_dim' must be positive", self.codebook_dim)
+        # vector-quantize-pytorch's FSQ refuses level 2 unless preserve_symmetry is on (it is not here)
+        check(bool(self.fsq_levels) and all(level > 2 for level in self.fsq_levels),
+              "fsq_levels' must be one or more levels, each > 2", self.fsq_levels)
+        check(self.kind != "fsq" or math.prod(self.fsq_levels) <= MAX_QUANTIZER_CODES,
+              f"fsq_levels' must make at most {MAX_QUANTIZER_CODES} codes", self.fsq_levels)
 
 
 @dataclass
@@ -136,6 +148,8 @@ class GridConfig:
     def __post_init__(self):
         check(self.downsample in (4, 8, 16), "downsample' must be 4, 8 or 16", self.downsample)
         check(self.latent_channels > 0, "latent_channels' must be positive", self.latent_channels)
+        check(self.channels > 0, "channels' must be positive", self.channels)
+        check(0 <= self.num_res_blocks <= MAX_DEPTH, f"num_res_blocks' must be in 0..{MAX_DEPTH}", self.num_res_blocks)
 
 
 @dataclass
@@ -149,7 +163,7 @@ class FlexTokConfig:
     LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"sampling.guidance_interval": [0.0, 1.0]}  # saved before it
 
     input: Literal["latents", "pixels"] = "latents"
-    autoencoder: Optional[str] = None  # path or hub id of a grid KL autoencoder (input: latents)
+    autoencoder: Optional[str] = None  # folder or hub id hf:owner/name of a grid KL autoencoder (input: latents)
     patch_size: int = 1
     num_registers: int = 32
     dim: int = 256
@@ -179,7 +193,10 @@ class FlexTokConfig:
         check(self.patch_size > 0, "patch_size' must be positive", self.patch_size)
         for width, heads in (("dim", "heads"), ("decoder_dim", "decoder_heads")):
             w, h = getattr(self, width), getattr(self, heads)
-            check(w % 4 == 0 and h > 0 and w % h == 0, f"{width}' must be divisible by 4 and by {heads}", w)
+            check(w > 0 and w % 4 == 0 and h > 0 and w % h == 0,
+                  f"{width}' must be positive and divisible by 4 and by {heads}", w)
+        for depth in ("depth", "decoder_depth"):
+            check(1 <= getattr(self, depth) <= MAX_DEPTH, f"{depth}' must be in 1..{MAX_DEPTH}", getattr(self, depth))
         check(0.0 <= self.cond_dropout < 1.0, "cond_dropout' must be in [0, 1)", self.cond_dropout)
         allowed = {"rectified_flow": ("v", "x0"), "diffusion": ("v", "eps")}[self.decoder]
         check(self.prediction in allowed, f"prediction' must be {' or '.join(allowed)} for the {self.decoder} decoder",
@@ -207,6 +224,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     eval_every: int = 500
+    # held-out images per forward pass at evaluation (and in sample grids): bounds its memory on one GPU
+    eval_batch_size: int = 32
     checkpoint_every: int = 500
     log_every: int = 50
     grad_accumulation: int = 1  # micro-steps per optimizer step; batch_size is the global batch
@@ -221,8 +240,21 @@ class TrainConfig:
         check(self.grad_accumulation > 0, "grad_accumulation' must be positive", self.grad_accumulation)
         check(0.0 <= self.ema_decay < 1.0, "ema_decay' must be in [0, 1)", self.ema_decay)
         check(len(self.betas) == 2, "betas' must have two values", self.betas)
-        for key in ("eval_every", "checkpoint_every", "log_every", "warmup_steps"):
+        for key in ("eval_every", "eval_batch_size", "checkpoint_every", "log_every", "warmup_steps"):
             check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-rank jobs (both trainers): how long a rank waits for the others."""
+
+    # minutes any rank waits for other ranks' work (token-cache shards, the merged cache) and for a collective
+    # (the process group's timeout) before it stops with one line naming what is missing. Hours, not minutes:
+    # on several nodes each launcher ends only its own ranks, so this is what ends a job with a hung rank
+    wait_timeout: float = 240.0
+
+    def __post_init__(self):
+        check(self.wait_timeout > 0, "wait_timeout' must be positive (minutes)", self.wait_timeout)
 
 
 @dataclass
@@ -238,6 +270,7 @@ class TokenizerRunConfig:
     flextok: FlexTokConfig = field(default_factory=FlexTokConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -8,7 +8,8 @@ Multi-rank runs (`torchrun` or the `deepspeed` launcher) use PyTorch DDP, not De
 tokenizers are trained with an EMA copy, an optional PatchGAN sharing one backward pass, and frozen
 LPIPS / autoencoder modules, and they fit one GPU's memory in bf16 with activation checkpointing, so
 replicated weights with all-reduced gradients are all they need. Every rank holds the same weights,
-so rank 0 alone evaluates, logs and writes the (single) checkpoint that every rank resumes from.
+so rank 0 alone evaluates, logs and writes the (single) checkpoint that every rank resumes from. The
+checkpoint holds tensors and plain values only, so it loads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .config import save_config
-from .data import Batch, load_images, micro_batch_size, report_skipped, train_loader
+from .data import Batch, load_images, loader_state, micro_batch_size, report_skipped, train_loader
 from .errors import UserError
-from .files import MetricsLog, atomic_write
+from .files import MetricsLog, atomic_write, refuse_existing_run
 from .hub import ModelCardInfo
 from .metrics import psnr, ssim
 from .runtime import check_finite, pick_device, warmup_cosine
 from .schema import TokenizerRunConfig
 from .visualize import save_image_grid
 
-__all__ = ["TokenizerTrainer", "build_objective", "build_tokenizer", "recompute_in_backward", "step_seed"]
+__all__ = ["TokenizerTrainer", "build_objective", "build_tokenizer", "recompute_in_backward", "restore_rng_state",
+           "rng_state", "step_seed"]
 
 CHECKPOINT = "latest.pt"
 
@@ -94,6 +96,26 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     return base if stream == 0 else int(np.random.SeedSequence([base, stream]).generate_state(1)[0])
 
 
+def rng_state() -> dict:
+    """The torch, numpy and Python random states as tensors and plain values (`weights_only` loads them)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo of `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
 def grouped(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     """The micro-batches of one step at a time."""
     group: list[Batch] = []
@@ -109,11 +131,11 @@ class TokenizerTrainer:
         self.cfg, self.run_dir = cfg, cfg.run_dir
         t = cfg.train
         self.device = dist.local_device(pick_device(t.device))
-        self.rank, self.world_size = dist.init_process_group(self.device, timeout_minutes=60)
-        self.micro_batch = micro_batch_size(t.batch_size, self.world_size, t.grad_accumulation)
         self.ckpt_path = self.run_dir / "checkpoints" / CHECKPOINT
-        if self.ckpt_path.exists() and not resume:
-            raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it, or set name=<new>")
+        # before the process group forms: no rank can have written to the folder yet
+        refuse_existing_run(self.run_dir, resume, has_checkpoint=self.ckpt_path.exists())
+        self.rank, self.world_size = dist.init_process_group(self.device, cfg.distributed.wait_timeout)
+        self.micro_batch = micro_batch_size(t.batch_size, self.world_size, t.grad_accumulation)
         if resume and not self.ckpt_path.exists():  # a requeued job killed before its first checkpoint
             if self.rank == 0:
                 print(f"--resume: no checkpoint at {self.ckpt_path} yet; starting from step 0")
@@ -128,11 +150,12 @@ class TokenizerTrainer:
             recompute_in_backward(self.objective)
         if t.compile:  # in place: parameter names, checkpoints and the EMA copy are unchanged
             self.objective.compile()
-        self.replicas = self._data_parallel()
+        self.replicas, self.idle = None, None  # the DDP wrapper, built by `_replicate` for the idle parameters
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(t.warmup_steps, t.steps))
         self.step = 0
+        self.loader, self.data_state = None, None  # a streamed source's position: see `loader_state`
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if resume:
             self._load_checkpoint()
@@ -144,19 +167,26 @@ class TokenizerTrainer:
             self.eval_batch = load_images(cfg.data, cfg.data.eval_split, cfg.data.eval_images, cfg.seed)
         self.skipped: list[int] = []
 
-    def _data_parallel(self) -> torch.nn.Module:
-        """The objective itself for one rank, else DDP over it. A PatchGAN's parameters get no gradient
-        before `loss.adversarial_start`, which DDP must be told about."""
+    def _replicate(self) -> torch.nn.Module:
+        """The objective itself for one rank, else DDP over it, without the parameters the objective
+        leaves idle at this step (a PatchGAN's before `loss.adversarial_start`): DDP would wait for their
+        gradients, and `find_unused_parameters` would instead search the autograd graph at every step of
+        the run. The wrapper is rebuilt, on every rank at the same step, when that set changes."""
         if self.world_size == 1:
             return self.objective
-        from torch.nn.parallel import DistributedDataParallel
+        idle = self.objective.idle_parameters(self.step) if hasattr(self.objective, "idle_parameters") else []
+        if self.replicas is None or idle != self.idle:
+            from torch.nn.parallel import DistributedDataParallel
 
-        unused = getattr(self.objective, "discriminator", None) is not None
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.objective, device_ids=ids, find_unused_parameters=unused)
+            self.replicas = None  # the old wrapper's gradient hooks go with it
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, idle)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.replicas, self.idle = DistributedDataParallel(self.objective, device_ids=ids), idle
+        return self.replicas
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes the one checkpoint (every rank holds the same weights), atomically."""
+        data = loader_state(self.loader, self.step)  # on every rank: each streams its own part of the source
         if self.rank != 0:
             return
         state = {
@@ -166,13 +196,14 @@ class TokenizerTrainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "world_size": self.world_size,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
+            "data": data,
         }
         atomic_write(self.ckpt_path, lambda tmp: torch.save(state, tmp))
 
     def _load_checkpoint(self) -> None:
         try:
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         except Exception as err:  # a checkpoint is only ever replaced atomically, so this is real damage
             raise UserError(f"{self.ckpt_path}: cannot load checkpoint ({err})") from None
         self.objective.load_state_dict(state["objective"])
@@ -180,17 +211,16 @@ class TokenizerTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.data_state = state.get("data")
         if self.rank == 0:
             self.metrics.truncate_after(self.step)
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        restore_rng_state(state["rng"])
 
     def train(self) -> Path | None:
         """Train to `train.steps`; rank 0 returns the exported EMA model's folder (other ranks: None)."""
         t = self.cfg.train
-        loader = train_loader(self.cfg.data, t.batch_size, self.cfg.seed, self.step, t.steps, self.rank,
-                              self.world_size, t.grad_accumulation)
+        self.loader = loader = train_loader(self.cfg.data, t.batch_size, self.cfg.seed, self.step, t.steps,
+                                            self.rank, self.world_size, t.grad_accumulation, self.data_state)
         bar = tqdm(total=t.steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
                    disable=self.rank != 0)
         seen, started = 0, time.perf_counter()
@@ -235,17 +265,18 @@ class TokenizerTrainer:
         sizes = [len(images) for images in micro_batches]
         if dist.all_reduce_sum([float(min(sizes) == 0)], self.device)[0] > 0:
             return None
+        self._fit_target_scale(micro_batches)
+        replicas = self._replicate()
         self.objective.train()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         loss_sum, logs_sum = 0.0, {}
         for micro, images in enumerate(micro_batches):
             torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank * len(micro_batches) + micro))
             last = micro == len(micro_batches) - 1
             # gradients are all-reduced once per step, at the last micro-batch
-            sync = contextlib.nullcontext() if last or self.replicas is self.objective else self.replicas.no_sync()
+            sync = contextlib.nullcontext() if last or replicas is self.objective else replicas.no_sync()
             with sync:
-                with autocast:
-                    loss, logs = self.replicas(images, self.step)
+                with self._autocast():
+                    loss, logs = replicas(images, self.step)
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.item()
             for key, value in logs.items():
@@ -262,6 +293,19 @@ class TokenizerTrainer:
         self._update_ema()
         return {"loss": loss_mean, "grad_norm": float(grad_norm), **logs_sum, "images": images_total}
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def _fit_target_scale(self, micro_batches: list[torch.Tensor]) -> None:
+        """A model that scales its targets by their spread (FlexTok) measures it once, before its first
+        update, on the whole global batch (every micro-batch of every rank): the same for any rank count."""
+        model = self.model
+        if not hasattr(model, "fit_target_scale") or model.target_scale != 0:
+            return
+        moments = sum(model.target_moments(images) for images in micro_batches)
+        model.fit_target_scale(dist.all_reduce_sum(moments.tolist(), self.device))
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = min(self.cfg.train.ema_decay, (1 + self.step) / (10 + self.step))  # warm start
@@ -272,18 +316,25 @@ class TokenizerTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out PSNR/SSIM with the EMA weights, and a PNG grid: originals, then each reconstruction."""
-        images = self.eval_batch.images.to(self.device)
-        recons = self.ema.eval_reconstructions(images, seed=self.cfg.seed)
-        metrics = {}
-        for name, recon in recons.items():
-            metrics[f"psnr/{name}"] = psnr(recon, images).mean().item()
-            metrics[f"ssim/{name}"] = ssim(recon, images).mean().item()
-        columns = [images[:8].cpu()] + [r[:8].cpu() for r in recons.values()]
-        save_image_grid(
-            columns, self.run_dir / "samples" / f"step_{self.step:07d}.png", ["original", *recons.keys()]
-        )
-        return metrics
+        """Held-out PSNR/SSIM with the EMA weights, and a PNG grid: the first 8 originals, then each
+        reconstruction. `train.eval_batch_size` images go through the model at a time (bf16 autocast on
+        CUDA), so its memory is bounded whatever `data.eval_images`; image i is decoded with noise of its own
+        (`first`), so the metrics do not depend on the chunking either."""
+        images, size = self.eval_batch.images, self.cfg.train.eval_batch_size
+        scores: dict[str, list[torch.Tensor]] = {}
+        columns: list[torch.Tensor] = []
+        for first in range(0, len(images), size):
+            chunk = images[first : first + size].to(self.device)
+            with self._autocast():
+                recons = self.ema.eval_reconstructions(chunk, seed=self.cfg.seed, first=first)
+            for name, recon in recons.items():
+                recon = recon.float()
+                scores.setdefault(f"psnr/{name}", []).append(psnr(recon, chunk).cpu())
+                scores.setdefault(f"ssim/{name}", []).append(ssim(recon, chunk).cpu())
+            if not columns:
+                columns, titles = [chunk[:8].cpu()] + [r[:8].float().cpu() for r in recons.values()], list(recons)
+        save_image_grid(columns, self.run_dir / "samples" / f"step_{self.step:07d}.png", ["original", *titles])
+        return {name: torch.cat(values).mean().item() for name, values in scores.items()}
 
     def log(self, record: dict) -> None:
         if self.rank == 0:

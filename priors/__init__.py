@@ -32,5 +32,5 @@ __all__ = [
 
 
 def load_prior(path, map_location: str = "cpu") -> DiscretePrior | FlowPrior:
-    """Load a saved prior (discrete or flow) from a folder or hub id."""
+    """Load a saved prior (discrete or flow) from a folder or hub id hf:owner/name."""
     return load_model(path, map_location, expect=(DiscretePrior, FlowPrior), what="a prior")

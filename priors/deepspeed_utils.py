@@ -12,13 +12,14 @@ import copy
 import datetime
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from flextok.distributed import barrier
+from flextok.distributed import WAIT_TIMEOUT, barrier
 from flextok.errors import UserError
 from flextok.files import atomic_write_text
 from flextok.runtime import warmup_cosine
@@ -36,8 +37,9 @@ BATCH_KEYS = {  # DeepSpeed key -> prior_train key; the data order is scheduled 
 }
 
 
-def init_distributed(timeout_minutes: int = 60) -> tuple[int, int]:
-    """Initialize DeepSpeed's process group once per process; returns (rank, world_size).
+def init_distributed(timeout_minutes: float = WAIT_TIMEOUT) -> tuple[int, int]:
+    """Initialize DeepSpeed's process group once per process; returns (rank, world_size). `timeout_minutes`
+    (`distributed.wait_timeout`) bounds the join and every later collective.
 
     On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op (about 95 s on 2 cores)
     when the group starts. Only DeepSpeed-inference's tensor-parallel all-reduce uses it; training
@@ -279,8 +281,13 @@ def consolidated_weights(checkpoint_dir: Path, zero_stage: int, bf16: bool,
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=pointer["tag"])
-    state = torch.load(checkpoint_dir / pointer["tag"] / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)
+    path = checkpoint_dir / pointer["tag"] / "mp_rank_00_model_states.pt"
+    try:  # tensors and plain containers only: unpickling a file must not run code from it
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message is a paragraph: keep the line naming the object
+        found = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        raise UserError(f"{path}: refused, it holds more than tensors and plain values "
+                        f"({found[0].split(' was not')[0] if found else 'weights_only load failed'})") from None
     weights = {k: v.float() for k, v in state["module"].items()}
     if bf16:  # the module holds bf16 copies; the optimizer holds fp32 masters, grouped as `param_groups`
         names = {id(p): name for name, p in model.named_parameters()}

@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder, TransformerWrapper
 
+from flextok.config import check
 from flextok.hub import HubMixin, register_model
 
 from .fast_layers import use_fast_layers
 from .schema import PriorConfig
 
-__all__ = ["DiscretePrior", "IGNORE", "LOGIT_CHUNK_BYTES"]
+__all__ = ["DiscretePrior", "DiscretePriorArgs", "IGNORE", "LOGIT_CHUNK_BYTES", "MAX_VOCAB_SIZE"]
 
 IGNORE = -100
 LOGIT_CHUNK_BYTES = 2**24  # logits are made in chunks of at most 16 MiB (see `_token_nll`)
+MAX_VOCAB_SIZE = 2**24  # far above any codebook (LFQ: 2^18) or BPE vocabulary; bounds the embedding and head
+
+
+@dataclass
+class DiscretePriorArgs:
+    """`DiscretePrior`'s constructor arguments besides its config (saved beside it in `config.json`)."""
+
+    vocab_size: int
+    max_length: int
+    variable_length: bool = False
+    token_set: bool = False
+    tokenizer_hash: str = ""
+
+    def __post_init__(self):
+        check(1 <= self.vocab_size <= MAX_VOCAB_SIZE, f"vocab_size' must be in 1..{MAX_VOCAB_SIZE}", self.vocab_size)
+        check(self.max_length >= 1, "max_length' must be positive", self.max_length)
+        check(not (self.token_set and self.variable_length),
+              "variable_length' must be false for a token-set prior (its length is the set size)", self.variable_length)
 
 
 @register_model("discrete_prior")
@@ -31,15 +51,13 @@ class DiscretePrior(HubMixin, nn.Module):
     """
 
     config_class = PriorConfig
+    args_class = DiscretePriorArgs
 
     def __init__(self, config: PriorConfig, vocab_size: int, max_length: int, variable_length: bool = False,
                  token_set: bool = False, tokenizer_hash: str = ""):
         nn.Module.__init__(self)
-        HubMixin.__init__(self, config)
-        if vocab_size < 1 or max_length < 1:
-            raise ValueError(f"need vocab_size >= 1 and max_length >= 1, got {vocab_size} and {max_length}")
-        if token_set and variable_length:
-            raise ValueError("a token-set prior has a fixed length (the set size)")
+        HubMixin.__init__(self, config, vocab_size=vocab_size, max_length=max_length,
+                          variable_length=variable_length, token_set=token_set, tokenizer_hash=tokenizer_hash)
         self.vocab_size, self.max_length = vocab_size, max_length
         dim_head = config.dim // config.heads
         self.variable_length, self.token_set, self.tokenizer_hash = variable_length, token_set, tokenizer_hash
@@ -56,12 +74,6 @@ class DiscretePrior(HubMixin, nn.Module):
             ),
         )
         use_fast_layers(self.net)
-
-    def extra_config(self) -> dict:
-        return {
-            "vocab_size": self.vocab_size, "max_length": self.max_length, "variable_length": self.variable_length,
-            "token_set": self.token_set, "tokenizer_hash": self.tokenizer_hash,
-        }
 
     @property
     def eos_id(self) -> int:

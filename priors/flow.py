@@ -9,12 +9,15 @@ learned null class during training, which gives classifier-free guidance at samp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Encoder
 
+from flextok.config import check
 from flextok.guidance import Guidance
 from flextok.hub import HubMixin, register_model
 from flextok.patching import timestep_embedding
@@ -23,7 +26,35 @@ from flextok.schema import SamplingConfig
 from .fast_layers import use_fast_layers
 from .schema import PriorConfig
 
-__all__ = ["FlowPrior"]
+__all__ = ["NORMALIZATION_ROWS", "FlowPrior", "FlowPriorArgs", "normalization_sample"]
+
+NORMALIZATION_ROWS = 2**20  # latent vectors the flow prior's per-channel statistics are estimated from
+
+
+def normalization_sample(tokens: np.ndarray, offsets: np.ndarray, rows: int = NORMALIZATION_ROWS,
+                         seed: int = 0) -> torch.Tensor:
+    """About `rows` latent vectors [n, c] of whole sequences drawn at random (seeded) from a token cache
+    (`tokens`, `offsets` of `TokenDataset`), for `FlowPrior.set_normalization`. Not the first rows: caches
+    follow their source's order, which may be sorted by class. Whole sequences, read in order, keep the
+    reads from a memory-mapped cache contiguous."""
+    sequences = len(offsets) - 1
+    wanted = min(sequences, -(-rows // max(1, int(offsets[-1]) // sequences)))
+    picked = np.sort(np.random.default_rng(seed).choice(sequences, size=wanted, replace=False))
+    return torch.from_numpy(np.concatenate([np.asarray(tokens[offsets[i] : offsets[i + 1]]) for i in picked]))
+
+
+@dataclass
+class FlowPriorArgs:
+    """`FlowPrior`'s constructor arguments besides its config (saved beside it in `config.json`): the latent
+    grid's positions and channels, and the fingerprint of the tokenizer it models."""
+
+    num_tokens: int
+    token_dim: int
+    tokenizer_hash: str = ""
+
+    def __post_init__(self):
+        check(self.num_tokens >= 1, "num_tokens' must be positive", self.num_tokens)
+        check(self.token_dim >= 1, "token_dim' must be positive", self.token_dim)
 
 
 @register_model("flow_prior")
@@ -31,10 +62,11 @@ class FlowPrior(HubMixin, nn.Module):
     """Velocity model over latent grids [B, N, c], conditioned on time and (optionally) class."""
 
     config_class = PriorConfig
+    args_class = FlowPriorArgs
 
     def __init__(self, config: PriorConfig, num_tokens: int, token_dim: int, tokenizer_hash: str = ""):
         nn.Module.__init__(self)
-        HubMixin.__init__(self, config)
+        HubMixin.__init__(self, config, num_tokens=num_tokens, token_dim=token_dim, tokenizer_hash=tokenizer_hash)
         self.num_tokens, self.token_dim, self.tokenizer_hash = num_tokens, token_dim, tokenizer_hash
         dim = config.dim
         self.in_proj = nn.Linear(token_dim, dim)
@@ -57,9 +89,6 @@ class FlowPrior(HubMixin, nn.Module):
     def zero_init_modules(self) -> list[nn.Module]:
         """Modules this class zero-initializes after building them (replayed under ZeRO-3's zero.Init)."""
         return [self.out_proj]
-
-    def extra_config(self) -> dict:
-        return {"num_tokens": self.num_tokens, "token_dim": self.token_dim, "tokenizer_hash": self.tokenizer_hash}
 
     @property
     def null_class(self) -> int:

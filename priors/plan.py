@@ -3,11 +3,14 @@ run's time, from the experiment config alone (the arithmetic and its sources: `f
 
 `prior.tokenizer` need not exist yet: the token stream is derived from this config's own tokenizer
 section (the 1D tokenizer's registers and codebook, or the grid autoencoder's latent grid), and the model
-is the one `build_prior` builds, on the meta device.
+is the one `build_prior` builds, on the meta device. The ZeRO stage, precision and offload are those of
+the DeepSpeed config the trainer would run: `prior_train` with the user's JSON merged over it
+(`priors.deepspeed_utils.deepspeed_config`, on GPUs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +26,15 @@ from flextok.plan import (
 )
 from flextok.schema import QuantizerConfig
 
+from .deepspeed_utils import deepspeed_config
 from .discrete import DiscretePrior
 from .flow import FlowPrior
 from .schema import PriorRunConfig
 from .token_dataset import TokenSpec
 from .trainer import build_prior
 
-__all__ = ["PlannedPrior", "codebook_size", "planned_prior", "planned_tokens", "print_prior_plan", "prior_plan",
-           "prior_workload", "sequence_length"]
+__all__ = ["EngineSettings", "PlannedPrior", "codebook_size", "engine_settings", "planned_prior", "planned_tokens",
+           "print_prior_plan", "prior_plan", "prior_workload", "sequence_length"]
 
 
 @dataclass
@@ -40,6 +44,33 @@ class PlannedPrior:
     model: DiscretePrior | FlowPrior
     spec: TokenSpec
     notes: list[str]  # where the token figures come from, and which are bounds
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What of the DeepSpeed config the memory plan depends on."""
+
+    zero_stage: int
+    precision: str  # bf16 | fp16 | fp32
+    offload_optimizer: bool
+    offload_params: bool  # ZeRO-3 keeps the weights in host memory
+    stage_source: str  # where the stage came from, for the table
+    json: str | None  # the user's DeepSpeed JSON, when one is merged
+
+
+def engine_settings(cfg: PriorRunConfig, hw: Hardware, json_path: str | None = None) -> EngineSettings:
+    """The trainer's DeepSpeed config on `hw` (GPUs): `prior_train`, with the JSON (`json_path`, which wins
+    over `prior_train.deepspeed_config`) merged and checked by the trainer's own `deepspeed_config`."""
+    t = cfg.prior_train
+    json_path = json_path or t.deepspeed_config
+    ds = deepspeed_config(t, cuda=True, world_size=hw.gpus, user=json_path)
+    zero = ds["zero_optimization"]
+    precision = "bf16" if ds["bf16"].get("enabled") else "fp16" if ds["fp16"].get("enabled") else "fp32"
+    offloaded = lambda key: zero.get(key, {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
+    stage = int(zero.get("stage", 0))
+    source = "prior_train.zero_stage" if stage == t.zero_stage else f"{json_path}: zero_optimization.stage"
+    return EngineSettings(stage, precision, offloaded("offload_optimizer") and stage > 0,
+                          offloaded("offload_param") and stage == 3, source, json_path)
 
 
 def codebook_size(q: QuantizerConfig) -> int:
@@ -82,8 +113,10 @@ def sequence_length(spec: TokenSpec) -> int:
     return spec.max_length + int(spec.variable_length and not spec.continuous)
 
 
-def prior_plan(cfg: PriorRunConfig, hw: Hardware) -> str:
-    """The plan of `train_prior.py` for `cfg` on `hw`, as printable text."""
+def prior_plan(cfg: PriorRunConfig, hw: Hardware, deepspeed_json: str | None = None) -> str:
+    """The plan of `train_prior.py` for `cfg` on `hw`, as printable text; `deepspeed_json` is the script's
+    `--deepspeed_config`, which wins over `prior_train.deepspeed_config`."""
+    engine = engine_settings(cfg, hw, deepspeed_json)
     planned = planned_prior(cfg)
     t, seq = cfg.prior_train, sequence_length(planned.spec)
     sequences = t.micro_batch_size * t.grad_accumulation * hw.gpus
@@ -96,11 +129,11 @@ def prior_plan(cfg: PriorRunConfig, hw: Hardware) -> str:
     compute = compute_lines([workload], sequences, "sequence", t.steps, hw)
     return plan_report("\n".join([title, *(f"  {n}" for n in [*planned.notes, _sequence_note(planned)])]),
                        [parameter_table(parameter_rows(_groups(planned.model))), batch,
-                        _memory(cfg, planned.model, workload, hw), compute])
+                        _memory(cfg, planned.model, workload, hw, engine), compute])
 
 
-def print_prior_plan(cfg: PriorRunConfig, hw: Hardware) -> int:
-    print(prior_plan(cfg, hw))
+def print_prior_plan(cfg: PriorRunConfig, hw: Hardware, deepspeed_json: str | None = None) -> int:
+    print(prior_plan(cfg, hw, deepspeed_json))
     return 0
 
 
@@ -200,17 +233,12 @@ def prior_workload(cfg: PriorRunConfig, planned: PlannedPrior) -> Workload:
                                 extra_activations=_head_bytes(m, seq))
 
 
-def _precision(cfg: PriorRunConfig) -> tuple[str, bool]:
-    """The training precision (`auto` is bf16 on GPUs) and whether the optimizer is offloaded to the CPU."""
-    t = cfg.prior_train
-    return ("bf16" if t.precision == "auto" else t.precision), t.offload_optimizer
-
-
-def _memory(cfg: PriorRunConfig, model: nn.Module, workload: Workload, hw: Hardware) -> list[str]:
+def _memory(cfg: PriorRunConfig, model: nn.Module, workload: Workload, hw: Hardware,
+            engine: EngineSettings) -> list[str]:
     """Model states per ZeRO stage (`flextok.plan.zero_model_states`) plus one micro-batch's activations,
     then what the table leaves out."""
     t, params = cfg.prior_train, count(model, trainable=True)
-    precision, offload = _precision(cfg)
+    precision, offload = engine.precision, engine.offload_optimizer
     scale = FP32 / BF16 if precision == "fp32" else 1.0  # the activation formulas count 16-bit values
     micro = t.micro_batch_size
     acts, ckpt = scale * micro * workload.activations, scale * micro * workload.checkpointed
@@ -218,7 +246,9 @@ def _memory(cfg: PriorRunConfig, model: nn.Module, workload: Workload, hw: Hardw
     used, rows = ckpt if enabled else acts, []
     for stage in ZERO_STAGES:
         s = zero_model_states(params, stage, hw.gpus, precision, offload and stage > 0)
-        mark = " (prior_train.zero_stage)" if stage == t.zero_stage else ""
+        if engine.offload_params and stage == 3:
+            s = dataclasses.replace(s, weights=0.0)
+        mark = f" ({engine.stage_source})" if stage == engine.zero_stage else ""
         rows.append((f"{stage}{mark}", format_bytes(s.weights), format_bytes(s.gradients),
                      format_bytes(s.optimizer), format_bytes(s.total), format_bytes(s.total + used)))
     head = scale * micro * _head_bytes(model, workload.tokens)
@@ -235,13 +265,13 @@ def _memory(cfg: PriorRunConfig, model: nn.Module, workload: Workload, hw: Hardw
         "(Rajbhandari et al. 2020)",
         f"  activations of {micro} sequences x {workload.tokens} positions: {format_bytes(acts)} "
         f"(34·s·b·h per layer, flash attention{head}); with checkpointing {format_bytes(ckpt)} ({checkpointing})",
-        *_memory_notes(cfg, params, hw),
+        *_memory_notes(cfg, params, hw, engine),
     ]
 
 
-def _memory_notes(cfg: PriorRunConfig, params: int, hw: Hardware) -> list[str]:
+def _memory_notes(cfg: PriorRunConfig, params: int, hw: Hardware, engine: EngineSettings) -> list[str]:
     """What the table leaves out: rank 0's extra copies, DeepSpeed's own buffers, offloaded state."""
-    t, (precision, offload) = cfg.prior_train, _precision(cfg)
+    precision, offload = engine.precision, engine.offload_optimizer
     partition = format_bytes(FP32 * params / hw.gpus)
     notes = [f"  rank 0, at evaluation and sample steps: an fp32 copy of the model, +{format_bytes(FP32 * params)}"
              + _tokenizer_note(cfg),
@@ -249,21 +279,27 @@ def _memory_notes(cfg: PriorRunConfig, params: int, hw: Hardware) -> list[str]:
              "at stage 2), ZeRO-3's gathered largest layer, the CUDA context (~0.5-1 GiB), fragmentation"]
     if offload:
         host = PRECISION_BYTES[precision][2] * params / hw.gpus
-        notes.append(f"  prior_train.offload_optimizer: {format_bytes(host)} of optimizer state per rank in host "
-                     "memory")
-    if getattr(t, "deepspeed_config", None):
-        notes.append(f"  prior_train.deepspeed_config={t.deepspeed_config} is not read: settings it overrides "
-                     "(precision, stage, offload, ...) are not reflected here")
+        notes.append(f"  optimizer offload: {format_bytes(host)} of optimizer state per rank in host memory")
+    if engine.offload_params:
+        notes.append(f"  parameter offload (ZeRO-3): {format_bytes(PRECISION_BYTES[precision][0] * params / hw.gpus)} "
+                     "of weights per rank in host memory, none on the GPU")
+    if engine.json:
+        notes.append(f"  DeepSpeed JSON {engine.json} merged over prior_train, as the trainer does: ZeRO stage "
+                     f"{engine.zero_stage}, {precision}, optimizer offload {'on' if offload else 'off'}, "
+                     f"parameter offload {'on' if engine.offload_params else 'off'}")
     return notes
 
 
 def _tokenizer_note(cfg: PriorRunConfig) -> str:
     """Rank 0 keeps the tokenizer to decode its sample grids: its size, from this config's section."""
-    from flextok.plan import planned_tokenizer
+    from flextok.plan import planned_tokenizer, tokenizer_eval_bytes
 
     try:
-        tokenizer = planned_tokenizer(cfg).model
+        parts = planned_tokenizer(cfg)
     except UserError:  # a tokenizer section the tokenizer plan cannot build: say nothing
         return ""
+    tokenizer, chunk = parts.model, min(cfg.prior_train.eval_batch_size, max(cfg.prior_train.num_samples, 1))
+    decode = tokenizer_eval_bytes(cfg, parts, chunk, encode=False, prefixes=1)
     return (f"; it also keeps the tokenizer for sample grids ({format_count(count(tokenizer))} parameters, "
-            f"{format_bytes(FP32 * count(tokenizer))} in fp32 wherever it sits)")
+            f"{format_bytes(FP32 * count(tokenizer))} in fp32 wherever it sits), which decodes {chunk} samples at a "
+            f"time (prior_train.eval_batch_size): up to {format_bytes(decode)} more")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from flextok.config import check
-from flextok.schema import SamplingConfig, TokenizerRunConfig
+from flextok.schema import MAX_DEPTH, SamplingConfig, TokenizerRunConfig
 
 __all__ = ["PriorConfig", "PriorRunConfig", "PriorTrainConfig"]
 
@@ -17,12 +17,12 @@ __all__ = ["PriorConfig", "PriorRunConfig", "PriorTrainConfig"]
 class PriorConfig:
     """Decoder-only prior over a tokenizer's token stream (or a flow prior over KL latents)."""
 
-    tokenizer: Optional[str] = None  # path of the tokenizer the tokens come from
+    tokenizer: Optional[str] = None  # folder or hub id hf:owner/name of the tokenizer the tokens come from
     kind: Literal["discrete", "flow"] = "discrete"
     tokens: Literal["full", "prefix", "adaptive", "bpe"] = "full"
     prefix_length: int = 0  # tokens: prefix
     target_psnr: float = 30.0  # tokens: adaptive, the per-image reconstruction PSNR that sets its length
-    bpe: Optional[str] = None  # tokens: bpe, path of a bpe_image codec
+    bpe: Optional[str] = None  # tokens: bpe, folder or hub id hf:owner/name of a bpe_image codec
     cache_dir: Optional[str] = None  # token caches; None = <out_dir>/token_cache (see `token_cache_dir`)
     tokenize_batch_size: int = 64
     cache_shard_size: int = 10_000  # images per token-cache shard: the unit of work per rank and of resume
@@ -40,8 +40,9 @@ class PriorConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=25))
 
     def __post_init__(self):
+        check(self.dim > 0, "dim' must be positive", self.dim)
         check(self.dim % max(self.heads, 1) == 0 and self.heads > 0, "heads' must divide dim", self.heads)
-        check(self.depth > 0, "depth' must be positive", self.depth)
+        check(1 <= self.depth <= MAX_DEPTH, f"depth' must be in 1..{MAX_DEPTH}", self.depth)
         check(self.num_classes >= 0, "num_classes' must be >= 0", self.num_classes)
         check(0.0 <= self.class_dropout < 1.0, "class_dropout' must be in [0, 1)", self.class_dropout)
         check(0.0 <= self.dropout < 1.0, "dropout' must be in [0, 1)", self.dropout)
@@ -81,6 +82,9 @@ class PriorTrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     num_samples: int = 16  # images in each periodic sample grid (drawn with `prior.sampling`)
+    # samples per pass through the prior and the tokenizer in those grids (train.eval_batch_size's role):
+    # bounds rank 0's memory; held-out evaluation goes micro_batch_size sequences at a time
+    eval_batch_size: int = 32
     threads: int = 0  # torch threads per rank on CPU; 0 = cores / local ranks
 
     def __post_init__(self):
@@ -91,7 +95,7 @@ class PriorTrainConfig:
         check(not self.offload_optimizer or self.zero_stage > 0, "offload_optimizer' needs zero_stage >= 1",
               self.offload_optimizer)
         check(len(self.betas) == 2, "betas' must have two values", self.betas)
-        for key in ("eval_every", "sample_every", "checkpoint_every", "log_every"):
+        for key in ("eval_every", "sample_every", "checkpoint_every", "log_every", "eval_batch_size"):
             check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
         check(self.num_samples >= 0, "num_samples' must be >= 0", self.num_samples)
 

@@ -8,6 +8,10 @@ config, the token mode (full / prefix k / adaptive PSNR / BPE codec), the data s
 Changing any input therefore builds a new cache; an unchanged one is reused. The tokenizer hash is also
 written into `meta.json` and verified on load, so tokens of one tokenizer can never silently feed a
 prior trained for another.
+
+A cache is trusted only after it is verified (`TokenDataset.problem`): `meta.json` records what built
+it (the inputs above and the shard size) and how many source images it covers; the rows, labels and
+offsets must add up to them. A cache that fails is rebuilt, with a one-line notice.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,16 +35,20 @@ from bpe_image.codec import codec_dir
 
 from flextok.data import Batch, ImageDataset, collate, data_settings, example_from_row, load_source, report_skipped
 from flextok.errors import TokenizerMismatch, UserError
-from flextok.distributed import wait_for
+from flextok.distributed import WAIT_TIMEOUT, wait_for
 from flextok.files import atomic_directory, atomic_write, atomic_write_text
 from flextok.fingerprint import fingerprint_files, fingerprint_model
 from flextok.schema import DataConfig
 
 from .schema import PriorConfig, PriorRunConfig
 
-__all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "open_codec", "token_cache_dir"]
+__all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "cache_inputs", "open_codec", "token_cache_dir",
+           "tokenize_for_prior"]
 
-CACHE_VERSION = 2  # 2: image folders / parquet without an eval split no longer train on its images
+# 2: image folders / parquet without an eval split no longer train on its images
+# 3: shards are kept apart per shard size and caches are verified (a resume with another shard size could
+#    merge a cache that lacked images, and such a cache was then reused)
+CACHE_VERSION = 3
 
 
 def token_cache_dir(cfg: PriorRunConfig) -> Path:
@@ -56,12 +66,13 @@ def open_codec(path: str | Path) -> tuple[BPECodec, str]:
         raise UserError(f"bpe codec {path}: {err}") from None
 
 
-def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: str, limit: int | None,
-              seed: int, flips: bool, bpe_hash: str | None, decoding: dict | None = None,
-              precision: str = "fp32") -> str:
-    """Hash of every input the cached tokens depend on (`decoding`: the decoder settings that choose
-    adaptive lengths; `precision`: bf16 autocast on GPUs gives slightly different latents and lengths)."""
-    inputs = {
+def cache_inputs(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: str, limit: int | None,
+                 seed: int, flips: bool, bpe_hash: str | None, decoding: dict | None = None,
+                 precision: str = "fp32") -> dict[str, Any]:
+    """Every input the cached tokens depend on; the cache key is their hash (`decoding`: the decoder
+    settings that choose adaptive lengths; `precision`: bf16 autocast on GPUs gives slightly different
+    latents and lengths)."""
+    return {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_hash,
         "tokens": prior.tokens,
@@ -76,7 +87,10 @@ def cache_key(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: 
         "flips": flips,
         "precision": precision,
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _digest(value: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -144,12 +158,12 @@ class TokenDataset:
         directory = Path(directory)
         try:
             meta = json.loads((directory / "meta.json").read_text())
+            found = meta["spec"]["tokenizer_hash"]
             # memory-mapped: ranks on one machine share the page cache instead of each holding a copy
             tokens = np.load(directory / "tokens.npy", mmap_mode="r")
             offsets, labels = np.load(directory / "offsets.npy"), np.load(directory / "labels.npy")
-        except (OSError, ValueError) as err:
-            raise UserError(f"{directory}: unreadable token cache ({err}); delete it to rebuild") from None
-        found = meta["spec"]["tokenizer_hash"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{directory}: unreadable token cache ({err!r}); delete it to rebuild") from None
         if expected_tokenizer_hash is not None and found != expected_tokenizer_hash:
             raise TokenizerMismatch(
                 f"{directory}: tokens come from tokenizer {found[:12]} ({meta.get('tokenizer')}), "
@@ -157,6 +171,24 @@ class TokenDataset:
             )
         meta["directory"] = str(directory)
         return cls(tokens, offsets, labels, meta)
+
+    def problem(self, key: str | None = None) -> str | None:
+        """Why this cache cannot be trusted, or None: it must come from the inputs of `key` and hold one
+        labelled row per usable source image (two with flips), and its offsets must cover its tokens."""
+        meta, rows = self.meta, len(self.labels)
+        if key is not None and meta.get("key") != key:
+            return f"built from other inputs (key {str(meta.get('key'))[:12]}, expected {key[:12]})"
+        if not {"images", "skipped", "build"} <= meta.keys():
+            return "no record of what built it (an older cache)"
+        expected = (meta["images"] - meta["skipped"]) * (2 if meta["build"]["flips"] else 1)
+        if rows != expected or meta.get("count") != expected:
+            return (f"{rows} labels (meta.json: {meta.get('count')} rows) for {meta['images']} source images "
+                    f"({meta['skipped']} unreadable{', and their mirror images' if meta['build']['flips'] else ''}"
+                    f"): expected {expected}")
+        offsets = self.offsets
+        if len(offsets) != rows + 1 or offsets[0] != 0 or np.any(self.lengths < 0) or offsets[-1] != len(self.tokens):
+            return f"{len(offsets)} offsets do not cut {len(self.tokens)} tokens into {rows} rows"
+        return None
 
 
 def build_token_dataset(
@@ -173,62 +205,132 @@ def build_token_dataset(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    wait_timeout: float = WAIT_TIMEOUT,
 ) -> TokenDataset:
     """Tokenize `split` of `data` with `tokenizer` as `prior` asks (full / prefix / adaptive / bpe), or
-    reuse the cache built from exactly the same inputs. `flips` adds each image's mirror image.
+    reuse the verified cache built from exactly the same inputs. `flips` adds each image's mirror image.
 
     Called on every rank of a job (`rank` of `world_size`), the split is cut into shards of
     `prior.cache_shard_size` images; rank r tokenizes shards r, r + world_size, ... into
-    `<cache>.parts/`, each written atomically, so a killed job redoes at most one shard per rank.
-    Rank 0 merges the shards into the cache once they all exist; the other ranks wait for it on disk.
+    `<cache>.parts/<manifest>/`, each written atomically, so a killed job redoes at most one shard per rank.
+    The manifest folder is named by what builds the shards (the cache inputs and the shard size): a resume
+    with another shard size starts a new folder instead of mixing shards of two sizes. Rank 0 verifies the
+    shards once they all exist (redoing any that fail), merges them and removes them; the other ranks wait
+    for the verified cache on disk. Every wait ends after `wait_timeout` minutes (`distributed.wait_timeout`).
     """
     tokenizer_hash = fingerprint_model(tokenizer)
     codec, bpe_hash = open_codec(prior.bpe) if prior.tokens == "bpe" else (None, None)
     sampling = getattr(getattr(tokenizer, "config", None), "sampling", None)
     decoding = dataclasses.asdict(sampling) if sampling is not None else None
     device = torch.device(device)
-    key = cache_key(tokenizer_hash, prior, data, split, limit, seed, flips, bpe_hash, decoding,
-                    precision="bf16" if device.type == "cuda" else "fp32")
+    inputs = cache_inputs(tokenizer_hash, prior, data, split, limit, seed, flips, bpe_hash, decoding,
+                          precision="bf16" if device.type == "cuda" else "fp32")
+    key = _digest(inputs)
     directory = Path(cache_root) / f"{split}-{key[:20]}"
-    if (directory / "meta.json").is_file():
-        return TokenDataset.load(directory, tokenizer_hash)
+    cached, problem = _open_verified(directory, key, tokenizer_hash)
+    if cached is not None:
+        return cached
+    if problem is not None and rank == 0:
+        print(f"token cache {directory}: {problem}; rebuilding it", flush=True)
+        _discard(directory)
 
-    parts = directory.with_name(directory.name + ".parts")
-    shards = _ShardWriter(parts, prior.cache_shard_size)
-    was_training = tokenizer.training
-    tokenizer.eval().to(device)
-    bar = tqdm(desc=f"tokenize {split}", unit="img", disable=not (progress and rank == 0), dynamic_ncols=True)
-    try:
-        for shard, batches in _my_shards(data, split, limit, seed, prior.tokenize_batch_size, shards, rank,
-                                         world_size):
-            sequences, labels, skipped = [], [], []
-            for batch in batches:
-                skipped += batch.skipped
-                if batch.images.numel() == 0:
-                    continue
-                for images in [batch.images, batch.images.flip(-1)] if flips else [batch.images]:
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        sequences += _tokenize(tokenizer, images.to(device), prior, codec)
-                    labels.append(batch.labels.numpy())
-                bar.update(len(batch.images))
-            shards.write(shard, sequences, labels, skipped)
-    finally:
-        tokenizer.train(was_training)
-        bar.close()
+    manifest = {**inputs, "shard_size": prior.cache_shard_size}
+    shards = _ShardWriter(directory.with_name(directory.name + ".parts"), manifest)
+    job = _Tokenizing(tokenizer, prior, data, split, limit, seed, flips, device, codec, progress and rank == 0)
+    job.run(shards, lambda index: index % world_size == rank)
     if rank == 0:
-        wait_for(shards.complete, parts)
+        wait_for(shards.missing, wait_timeout)
+        _redo_invalid(shards, job)
         _merge(shards, directory, tokenizer, prior, data, split, codec, tokenizer_hash, key)
     else:
-        wait_for(lambda: (directory / "meta.json").is_file(), directory)
-    return TokenDataset.load(directory, tokenizer_hash)
+        meta = directory / "meta.json"
+        merged = f"{meta} (the merged token cache, which rank 0 writes once every shard exists)"
+        ready = lambda: meta.is_file() and _open_verified(directory, key, tokenizer_hash)[0] is not None  # noqa: E731
+        wait_for(lambda: None if ready() else merged, wait_timeout)
+    dataset, problem = _open_verified(directory, key, tokenizer_hash)
+    if dataset is None:
+        raise UserError(f"token cache {directory}: {problem}, right after it was built")
+    return dataset
+
+
+def _open_verified(directory: Path, key: str, tokenizer_hash: str) -> tuple[TokenDataset | None, str | None]:
+    """(the cache, None) when it is there and verified; (None, why not) when it is there but fails;
+    (None, None) when there is none. Tokens of another tokenizer stay an error (`TokenizerMismatch`)."""
+    if not (directory / "meta.json").is_file():
+        return None, None
+    try:
+        dataset = TokenDataset.load(directory, tokenizer_hash)
+    except TokenizerMismatch:
+        raise
+    except UserError as err:
+        return None, str(err).removeprefix(f"{directory}: ").removesuffix("; delete it to rebuild")
+    problem = dataset.problem(key)
+    return (None, problem) if problem else (dataset, None)
+
+
+def _discard(directory: Path) -> None:
+    """Remove a cache that failed verification: renamed away first, so no rank opens a half-deleted one."""
+    doomed = directory.with_name(f".{directory.name}.discarded-{os.getpid()}")
+    try:
+        os.replace(directory, doomed)
+    except FileNotFoundError:  # another job sharing the cache folder discarded it first
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@dataclass
+class _Tokenizing:
+    """One split pushed through the tokenizer, shard by shard (the settings every shard shares)."""
+
+    tokenizer: torch.nn.Module
+    prior: PriorConfig
+    data: DataConfig
+    split: str
+    limit: int | None
+    seed: int
+    flips: bool
+    device: torch.device
+    codec: BPECodec | None
+    progress: bool
+
+    def run(self, shards: _ShardWriter, wanted: Callable[[int], bool]) -> None:
+        """Tokenize and write the `wanted` shards that are not on disk yet."""
+        tokenizer, device = self.tokenizer, self.device
+        was_training = tokenizer.training
+        tokenizer.eval().to(device)
+        bar = tqdm(desc=f"tokenize {self.split}", unit="img", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for shard, batches in _shards_to_do(self.data, self.split, self.limit, self.seed,
+                                                self.prior.tokenize_batch_size, shards, wanted):
+                sequences, labels, skipped, images = [], [], [], 0
+                for batch in batches:
+                    skipped += batch.skipped
+                    images += len(batch.skipped)
+                    if batch.images.numel() == 0:
+                        continue
+                    for views in [batch.images, batch.images.flip(-1)] if self.flips else [batch.images]:
+                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                            sequences += tokenize_for_prior(tokenizer, views.to(device), self.prior, self.codec)
+                        labels.append(batch.labels.numpy())
+                    images += len(batch.images)
+                    bar.update(len(batch.images))
+                shards.write(shard, sequences, labels, skipped, images)
+        finally:
+            tokenizer.train(was_training)
+            bar.close()
 
 
 class _ShardWriter:
-    """The shard files of one cache being built: `<index>.npz`, plus `count.json` (shards in all) once
-    some rank has seen the end of the split."""
+    """The shards of one cache being built, in `<cache>.parts/<manifest hash>/`: `manifest.json` (what
+    builds them: the cache inputs and the shard size), `<index>.npz`, and `count.json` (shards and source
+    images in all) once some rank has seen the end of the split. Shards of another manifest live in
+    another folder, so they are never mixed in; the merge removes every folder."""
 
-    def __init__(self, folder: Path, size: int):
-        self.folder, self.size = folder, size
+    def __init__(self, parts: Path, manifest: dict[str, Any]):
+        self.parts, self.manifest, self.size = parts, manifest, int(manifest["shard_size"])
+        self.folder = parts / _digest(manifest)[:16]
+        if not (self.folder / "manifest.json").is_file():
+            atomic_write_text(self.folder / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
 
     def path(self, index: int) -> Path:
         return self.folder / f"{index:06d}.npz"
@@ -236,7 +338,9 @@ class _ShardWriter:
     def done(self, index: int) -> bool:
         return self.path(index).is_file()
 
-    def write(self, index: int, sequences: list[np.ndarray], labels: list[np.ndarray], skipped: list[int]) -> None:
+    def write(self, index: int, sequences: list[np.ndarray], labels: list[np.ndarray], skipped: list[int],
+              images: int) -> None:
+        """Shard `index`: the tokens of its `images` source images (`skipped` of them unreadable)."""
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         dtype = np.float32 if sequences and sequences[0].dtype.kind == "f" else np.int32
         arrays = {
@@ -244,6 +348,7 @@ class _ShardWriter:
             "lengths": lengths,
             "labels": np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
             "skipped": np.asarray(skipped, dtype=np.int64),
+            "images": np.int64(images),
         }
 
         def save(tmp: str) -> None:
@@ -252,33 +357,80 @@ class _ShardWriter:
 
         atomic_write(self.path(index), save)
 
-    def set_count(self, count: int) -> None:
-        atomic_write_text(self.folder / "count.json", json.dumps({"shards": count}))
+    def set_count(self, images: int) -> None:
+        shards = max(1, -(-images // self.size))
+        atomic_write_text(self.folder / "count.json", json.dumps({"shards": shards, "images": images}))
+
+    def counts(self) -> dict[str, int] | None:
+        """{"shards": ..., "images": ...} once known."""
+        path = self.folder / "count.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def count(self) -> int | None:
-        path = self.folder / "count.json"
-        return json.loads(path.read_text())["shards"] if path.is_file() else None
+        counts = self.counts()
+        return None if counts is None else counts["shards"]
 
-    def complete(self) -> bool:
+    def missing(self) -> str | None:
+        """What the merge still waits for (None: nothing), as one line."""
         count = self.count()
-        return count is not None and all(self.done(i) for i in range(count))
+        if count is None:
+            return f"{self.folder / 'count.json'} (written by the first rank to reach the end of the split)"
+        absent = [self.path(i).name for i in range(count) if not self.done(i)]
+        if not absent:
+            return None
+        more = f" and {len(absent) - 4} more" if len(absent) > 4 else ""
+        return f"token-cache shard(s) {', '.join(absent[:4])}{more} in {self.folder}"
 
     def read(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self.path(index)) as shard:
             return {k: shard[k] for k in shard.files}
 
+    def problem(self, index: int) -> str | None:
+        """Why shard `index` cannot be merged, or None: it must hold one labelled row per usable image
+        (two with flips) of exactly the source images [index * size, (index + 1) * size)."""
+        try:
+            shard = self.read(index)
+            images, lengths, labels = int(shard["images"]), shard["lengths"], shard["labels"]
+            skipped, tokens = len(shard["skipped"]), shard["tokens"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            return f"unreadable ({err!r})"
+        expected_images = min(self.size, self.counts()["images"] - index * self.size)
+        rows = (images - skipped) * (2 if self.manifest["flips"] else 1)
+        if images != expected_images or len(lengths) != rows or len(labels) != rows:
+            return (f"{len(lengths)} sequences and {len(labels)} labels from {images} images; expected {rows} "
+                    f"from {expected_images}")
+        if len(tokens) != int(lengths.sum()):
+            return f"{len(tokens)} tokens for lengths summing to {int(lengths.sum())}"
+        return None
 
-def _my_shards(data: DataConfig, split: str, limit: int | None, seed: int, batch_size: int, shards: _ShardWriter,
-               rank: int, world_size: int) -> Iterator[tuple[int, Iterator[Batch]]]:
-    """(shard index, its batches of center-cropped images) for this rank's shards that are not on disk
+
+def _redo_invalid(shards: _ShardWriter, job: _Tokenizing) -> None:
+    """Rank 0, before merging: tokenize again any shard that fails verification (damaged on disk)."""
+    problems = {i: p for i in range(shards.count()) if (p := shards.problem(i)) is not None}
+    if not problems:
+        return
+    first = min(problems)
+    print(f"token cache: redoing {len(problems)} shard(s) of {shards.folder} that failed verification "
+          f"({shards.path(first).name}: {problems[first]})", flush=True)
+    for index in problems:
+        shards.path(index).unlink(missing_ok=True)
+    job.run(shards, lambda index: index in problems)
+    for index in problems:
+        if (problem := shards.problem(index)) is not None:
+            raise UserError(f"{shards.path(index)}: {problem}, also after tokenizing it again")
+
+
+def _shards_to_do(data: DataConfig, split: str, limit: int | None, seed: int, batch_size: int,
+                  shards: _ShardWriter, wanted: Callable[[int], bool]) -> Iterator[tuple[int, Iterator[Batch]]]:
+    """(shard index, its batches of center-cropped images) for the `wanted` shards that are not on disk
     yet, from map-style or streamed sources alike. Shard i holds images [i * size, (i + 1) * size)."""
     source = load_source(data, split, seed)
-    mine = lambda index: index % world_size == rank and not shards.done(index)  # noqa: E731
+    todo = lambda index: wanted(index) and not shards.done(index)  # noqa: E731
     if hasattr(source, "__len__"):
         dataset = ImageDataset(source, data, train=False)
         n = len(dataset) if limit is None else min(limit, len(dataset))
-        shards.set_count(max(1, -(-n // shards.size)))
-        for index in filter(mine, range(shards.count())):
+        shards.set_count(n)
+        for index in filter(todo, range(shards.count())):
             rows = range(index * shards.size, min(n, (index + 1) * shards.size))
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
                                                  collate_fn=collate, num_workers=data.num_workers)
@@ -292,16 +444,16 @@ def _my_shards(data: DataConfig, split: str, limit: int | None, seed: int, batch
             index -= 1
             break
         shard = index // shards.size
-        if mine(shard):
+        if todo(shard):
             rows.append(example_from_row(row, index, data, False, 0))
         if rows and (index + 1) % shards.size == 0:
             yield shard, _collated(rows, batch_size)
             rows = []
     if rows:
         yield (index // shards.size), _collated(rows, batch_size)
-    shards.set_count(max(1, -(-(index + 1) // shards.size)))
-    if index < 0 and rank == 0:  # an empty stream still gets its (empty) shard, for the merge's error
-        shards.write(0, [], [], [])
+    shards.set_count(index + 1)
+    if index < 0 and todo(0):  # an empty stream still gets its (empty) shard, for the merge's error
+        shards.write(0, [], [], [], 0)
 
 
 def _collated(rows: list[dict], batch_size: int) -> Iterator[Batch]:
@@ -311,9 +463,10 @@ def _collated(rows: list[dict], batch_size: int) -> Iterator[Batch]:
 
 def _merge(shards: _ShardWriter, directory: Path, tokenizer, prior: PriorConfig, data: DataConfig, split: str,
            codec, tokenizer_hash: str, key: str) -> None:
-    """Rank 0: concatenate the shards in order into the cache folder, then delete them."""
+    """Rank 0: concatenate the verified shards in order into the cache folder, then delete every shard."""
     parts = [shards.read(i) for i in range(shards.count())]
-    report_skipped([int(i) for part in parts for i in part["skipped"]], f"{data.source} [{split}]")
+    skipped = [int(i) for part in parts for i in part["skipped"]]
+    report_skipped(skipped, f"{data.source} [{split}]")
     lengths = np.concatenate([part["lengths"] for part in parts])
     if len(lengths) == 0:
         raise UserError(f"data: {data.source} [{split}] yielded no usable image to tokenize")
@@ -333,15 +486,18 @@ def _merge(shards: _ShardWriter, directory: Path, tokenizer, prior: PriorConfig,
         "bpe": prior.bpe,
         "split": split,
         "count": len(lengths),
+        "images": shards.counts()["images"],  # source images covered, unreadable ones included
+        "skipped": len(skipped),
+        "build": shards.manifest,  # what built it: every cache input, and the shard size
         "mean_length": float(lengths.mean()),
     }
     labels = np.concatenate([part["labels"] for part in parts])
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     TokenDataset(tokens, offsets, labels, meta).save(directory)
-    shutil.rmtree(shards.folder, ignore_errors=True)
+    shutil.rmtree(shards.parts, ignore_errors=True)
 
 
-def _tokenize(tokenizer, images: torch.Tensor, prior: PriorConfig, codec) -> list[np.ndarray]:
+def tokenize_for_prior(tokenizer, images: torch.Tensor, prior: PriorConfig, codec) -> list[np.ndarray]:
     """One batch of images -> one numpy array per image, in the token mode the prior asks for."""
     try:
         if prior.tokens == "prefix":

@@ -22,10 +22,11 @@ from flextok import load_tokenizer
 from flextok.config import save_config
 from flextok.data import EpochOrder
 from flextok.errors import TokenizerMismatch, UserError
-from flextok.files import MetricsLog
+from flextok.files import MetricsLog, refuse_existing_run
 from flextok.fingerprint import fingerprint_model
 from flextok.hub import ModelCardInfo
 from flextok.runtime import check_finite
+from flextok.visualize import class_columns, save_image_grid
 
 from .deepspeed_utils import (
     build_model,
@@ -42,15 +43,12 @@ from .deepspeed_utils import (
     save_checkpoint,
 )
 from .discrete import DiscretePrior
-from .flow import FlowPrior
+from .flow import FlowPrior, normalization_sample
 from .generate import generate_images
 from .schema import PriorRunConfig
 from .token_dataset import TokenDataset, TokenSpec, build_token_dataset, token_cache_dir
 
 __all__ = ["PriorTrainer", "build_prior"]
-
-
-NORMALIZATION_ROWS = 2**20  # latent vectors the flow prior's per-channel statistics are estimated from
 
 
 def build_prior(cfg: PriorRunConfig, spec: TokenSpec, max_length: int) -> DiscretePrior | FlowPrior:
@@ -77,14 +75,13 @@ class PriorTrainer:
             self.run_dir.resolve()
         ):
             raise UserError(f"{self.run_dir} holds a tokenizer run: set prior_train.run_name to another folder")
-        self.rank, self.world_size = init_distributed()
+        pointer = read_pointer(self.checkpoint_dir)
+        refuse_existing_run(self.run_dir, resume, has_checkpoint=pointer is not None)  # before any rank starts
+        self.rank, self.world_size = init_distributed(cfg.distributed.wait_timeout)
         t = cfg.prior_train
         self.ds_config = deepspeed_config(t, on_cuda(), self.world_size, deepspeed_config_path or t.deepspeed_config)
         if not on_cuda():
             torch.set_num_threads(dist.threads_per_rank(t.threads))
-        pointer = read_pointer(self.checkpoint_dir)
-        if pointer is not None and not resume:
-            raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it, or set name=<new>")
         if resume and pointer is None:  # a requeued job killed before its first checkpoint
             if self.rank == 0:
                 print(f"--resume: no checkpoint in {self.checkpoint_dir} yet; starting from step 0")
@@ -107,7 +104,8 @@ class PriorTrainer:
         torch.manual_seed(cfg.seed)
         model = build_model(lambda: build_prior(cfg, spec, self.max_length), self.ds_config)
         if isinstance(model, FlowPrior):
-            model.set_normalization(torch.from_numpy(np.array(self.train_tokens.tokens[:NORMALIZATION_ROWS])))
+            train = self.train_tokens
+            model.set_normalization(normalization_sample(train.tokens, train.offsets, seed=cfg.seed))
         self.engine = create_engine(model, t, self.ds_config)
         if self.engine.fp16_enabled() and self.engine.zero_optimization_stage() == 0:
             raise UserError("prior_train.precision: fp16 needs zero_stage >= 1 (or use bf16)")
@@ -122,7 +120,8 @@ class PriorTrainer:
         """Every rank tokenizes its shards of both splits (see `build_token_dataset`) and opens the merged
         caches; rank 0 keeps the tokenizer, to decode sample grids."""
         cfg = self.cfg
-        common = dict(seed=cfg.seed, device=local_device_name(), rank=self.rank, world_size=self.world_size)
+        common = dict(seed=cfg.seed, device=local_device_name(), rank=self.rank, world_size=self.world_size,
+                      wait_timeout=cfg.distributed.wait_timeout)
         cache_root = token_cache_dir(cfg)
         train = build_token_dataset(tokenizer, cfg.prior, cfg.data, cfg.data.train_split, cache_root,
                                     flips=cfg.data.hflip, **common)
@@ -240,10 +239,19 @@ class PriorTrainer:
         return {f"{name}{suffix}": torch.cat(values).mean().item() for suffix, values in totals.items() if values}
 
     def sample(self, model: DiscretePrior | FlowPrior) -> Path:
+        """A grid of `prior_train.num_samples` images, one column per class, sampled and decoded
+        `prior_train.eval_batch_size` at a time (bounded memory). Samples first, first + 1, ... are drawn
+        with seed + first: a grid of more than one chunk depends on the chunk size (a picture, not a metric)."""
         t, classes = self.cfg.prior_train, self.cfg.prior.num_classes
         labels = torch.arange(t.num_samples) % classes if classes else None
+        chunks = []
+        for first in range(0, t.num_samples, t.eval_batch_size):
+            count = min(t.eval_batch_size, t.num_samples - first)
+            chunk = None if labels is None else labels[first : first + count]
+            chunks.append(generate_images(model, self.tokenizer, chunk, num_samples=count, seed=self.cfg.seed + first))
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        generate_images(model, self.tokenizer, labels, num_samples=t.num_samples, path=path, seed=self.cfg.seed)
+        columns, titles = class_columns(torch.cat(chunks), labels)
+        save_image_grid(columns, path, titles)
         return path
 
     def client_state(self) -> dict[str, Any]:

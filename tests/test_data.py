@@ -1,4 +1,5 @@
 import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 
 from flextok.errors import UserError
 from flextok.schema import DataConfig
-from flextok.data import StepBatchSampler, load_images, to_rgb, train_loader
+from flextok.data import StepBatchSampler, load_images, loader_state, to_rgb, train_loader
 
 
 def make_folder(root):
@@ -259,15 +260,93 @@ def test_streaming_a_local_folder_resumes_exactly(tmp_path):
         for i in range(n):
             save_random_png(tmp_path / split / f"c{i}" / "x.png", rng)
     cfg = DataConfig(source=f"imagefolder:{tmp_path}", resolution=16, streaming=True)
-    full = list(train_loader(cfg, batch_size=4, seed=0, start_step=0, end_step=5))
+    loader, full = train_loader(cfg, batch_size=4, seed=0, start_step=0, end_step=5), []
+    for batch in loader:
+        full.append(batch)
+        if len(full) == 4:  # like a run interrupted while training step 3: its batch is read, not trained on
+            saved = checkpointed(loader_state(loader, step=3))
     assert [b.images.shape for b in full] == [(4, 3, 16, 16)] * 5
     epoch_0 = torch.cat([full[0].labels, full[1].labels, full[2].labels[:2]])  # 10 images: 2.5 batches
     assert sorted(epoch_0.tolist()) == list(range(10))
-    resumed = list(train_loader(cfg, batch_size=4, seed=0, start_step=3, end_step=5))  # step 3 is in epoch 1
-    assert len(resumed) == 2
+    resumed = list(train_loader(cfg, batch_size=4, seed=0, start_step=3, end_step=5, data_state=saved))
+    assert len(resumed) == 2  # step 3 is in epoch 1
     for a, b in zip(full[3:], resumed):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
     streamed = load_images(cfg, "test", limit=2)
     mapped = load_images(DataConfig(source=f"imagefolder:{tmp_path}", resolution=16), "test", limit=2)
     assert torch.equal(streamed.images, mapped.images) and streamed.labels.tolist() == [0, 1]
+
+
+def checkpointed(value):
+    """`value` after a round trip through a checkpoint file as the trainers write and load them."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def counting_stream(shards: int, per_shard: int, reads: list[int]):
+    """A streamed source of `shards` shards of `per_shard` PNG images labelled 0, 1, ...; every row the
+    source yields (what a hub stream downloads) is counted in `reads`."""
+    import datasets
+
+    rng = np.random.default_rng(5)
+    pngs = []
+    for _ in range(shards * per_shard):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(out, format="PNG")
+        pngs.append(out.getvalue())
+
+    def rows(shard_ids):
+        for shard in shard_ids:
+            for i in range(shard * per_shard, (shard + 1) * per_shard):
+                reads[0] += 1
+                yield {"image": pngs[i], "label": i}
+
+    features = datasets.Features({"image": datasets.Value("binary"), "label": datasets.Value("int64")})
+    return datasets.IterableDataset.from_generator(rows, features=features,
+                                                   gen_kwargs={"shard_ids": list(range(shards))})
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_resumed_stream_reads_again_at_most_one_block(monkeypatch, world_size):
+    import flextok.data
+
+    reads = [0]
+    monkeypatch.setattr(flextok.data, "load_source", lambda *args: counting_stream(10, 10, reads))
+    monkeypatch.setattr(flextok.data, "STREAM_SHUFFLE_BLOCK", 16)
+    cfg = DataConfig(resolution=16, streaming=True)
+    args = dict(batch_size=4 * world_size, seed=1, world_size=world_size)
+
+    def run(start, end, saved=None, keep=()):
+        """Every rank's batches of steps [start, end), and every rank's stream position at the steps `keep`."""
+        loaders = [train_loader(cfg, start_step=start, end_step=end, rank=r, data_state=saved, **args)
+                   for r in range(world_size)]
+        batch_iters, batches, kept = [iter(loader) for loader in loaders], [[] for _ in loaders], {}
+        for step in range(start, end):
+            for rank, batch_iter in enumerate(batch_iters):
+                batches[rank].append(next(batch_iter))
+            if step + 1 in keep:
+                kept[step + 1] = checkpointed([loader.position(step + 1) for loader in loaders])
+        return batches, kept
+
+    full, kept = run(0, 40, keep=(22, 30))  # 100 images (50 per rank when two): the run passes epochs
+    for step in (22, 30):
+        reads[0] = 0
+        run(step, step + 1, kept[step])
+        # what earlier blocks consumed (88 or 120 images per rank) is not read again: only the current block
+        # of 16, and the part of the shard before it, up to a whole shard of 10 (`datasets` reopens a shard by
+        # reading it up to the saved row, and a state saved at a shard's end points past its last row)
+        assert reads[0] <= world_size * (16 + 10)
+        resumed = run(step, 40, kept[step])[0]
+        for rank in range(world_size):
+            for a, b in zip(full[rank][step:], resumed[rank], strict=True):
+                assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    labels = torch.cat([b.labels for rank in full for b in rank[:12]])  # 48 images per rank
+    assert len(set(labels.tolist())) == 48 * world_size  # no image twice within an epoch, none shared by ranks
+
+    with pytest.raises(UserError, match="no stream position"):
+        train_loader(cfg, start_step=22, end_step=40, **args)
+    with pytest.raises(UserError, match=f"saved by {world_size} rank"):
+        train_loader(cfg, batch_size=12, seed=1, start_step=22, end_step=40, world_size=3, data_state=kept[22])

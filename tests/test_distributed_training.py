@@ -3,7 +3,6 @@ sharding, gradient accumulation, activation checkpointing, the PatchGAN, and SIG
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launcher_env
+from helpers import launcher_env, require_launcher
 from safetensors.torch import load_file
 
 from flextok.data import StepBatchSampler, micro_batch_size
@@ -84,8 +83,7 @@ def test_two_rank_run_killed_with_sigkill_resumes_exactly(tmp_path):
 def test_two_rank_flextok_run_through_the_deepspeed_launcher(tmp_path):
     """The 1D tokenizer (nested dropout, rectified-flow decoder) under DDP, started by `deepspeed`; a
     requeued `--resume` before any checkpoint starts at step 0."""
-    if shutil.which("deepspeed") is None:
-        pytest.skip("the deepspeed launcher is not on PATH")
+    require_launcher()
     run = subprocess.run(
         ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "train_tokenizer.py",
          "--config", "configs/1d_tiny.yaml", f"out_dir={tmp_path}", "name=flex", "flextok.input=pixels",
@@ -99,3 +97,45 @@ def test_two_rank_flextok_run_through_the_deepspeed_launcher(tmp_path):
     assert run.stdout.count("starting from step 0") == 1  # rank 0's notice only
     assert sorted(losses(tmp_path / "flex")) == [1, 2, 3]
     assert (tmp_path / "flex" / "final" / "model.safetensors").is_file()
+
+
+def test_a_wait_on_other_ranks_times_out_with_one_line_naming_what_is_missing(tmp_path):
+    from flextok.distributed import WaitTimeout, wait_for
+
+    expected = tmp_path / "000001.npz"
+
+    def missing() -> str | None:
+        return None if expected.is_file() else f"token-cache shard(s) {expected.name} in {tmp_path}"
+
+    with pytest.raises(WaitTimeout) as err:
+        wait_for(missing, timeout_minutes=0.3 / 60, poll_s=0.05)
+    message = str(err.value)
+    assert "\n" not in message and f"000001.npz in {tmp_path}" in message
+    assert "gave up after" in message and "distributed.wait_timeout" in message
+    expected.write_bytes(b"")
+    wait_for(missing, timeout_minutes=0.3 / 60, poll_s=0.05)  # present: returns at once
+
+
+def test_wait_timeout_is_a_config_key_both_trainers_read():
+    from evaluation.schema import ExperimentConfig
+    from flextok.config import load_config
+    from flextok.distributed import WAIT_TIMEOUT
+    from flextok.errors import ConfigError
+
+    cfg = load_config(REPO / "configs/prior_tiny.yaml", ["distributed.wait_timeout=0.5"], cls=ExperimentConfig)
+    assert cfg.distributed.wait_timeout == 0.5 and WAIT_TIMEOUT >= 60  # hours by default, not minutes
+    with pytest.raises(ConfigError, match="wait_timeout"):
+        load_config(REPO / "configs/prior_tiny.yaml", ["distributed.wait_timeout=0"], cls=ExperimentConfig)
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "fail"), ("", "skip"), ("false", "skip")])
+def test_a_missing_launcher_skips_locally_but_fails_under_ci(monkeypatch, ci, outcome):
+    import helpers
+
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(helpers.shutil, "which", lambda name: None)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="deepspeed launcher is not on PATH"):
+        helpers.require_launcher()
+    monkeypatch.setattr(helpers.shutil, "which", lambda name: f"/usr/bin/{name}")
+    helpers.require_launcher()  # found: runs

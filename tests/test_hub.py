@@ -1,4 +1,5 @@
-"""Hub format: hub ids served offline from a pre-populated Hugging Face cache, and the model card."""
+"""Hub format: hub ids (`hf:owner/name`) served offline from a pre-populated Hugging Face cache, plain paths
+never downloaded, and the model card."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import huggingface_hub.constants
 import numpy as np
@@ -17,7 +21,7 @@ from bpe_image import BPECodec
 from bpe_image.codec import codec_dir
 from flextok import FlexTok, GridAutoencoder, UserError, load_model, load_tokenizer
 from flextok.fingerprint import fingerprint_files
-from flextok.hub import ModelCardInfo, resolve_model_dir
+from flextok.hub import ModelCardInfo, push_folder_to_hub, resolve_model_dir
 from flextok.schema import FlexTokConfig, GridConfig, SamplingConfig
 
 TINY_AE = GridConfig(downsample=4, latent_channels=4, channels=16, num_res_blocks=1)
@@ -74,10 +78,13 @@ def test_hub_ids_load_offline_from_the_cache(tmp_path, hub_cache, tokenizers):
     put_in_hub_cache(tmp_path / "ae", hub_cache, "someone/tiny-kl")
     put_in_hub_cache(tmp_path / "tok", hub_cache, "someone/tiny-1d")
     (tmp_path / "ae").rename(tmp_path / "moved")  # the 1D tokenizer must not need its autoencoder's folder
-    assert resolve_model_dir("someone/tiny-kl") == hub_cache / "models--someone--tiny-kl" / "snapshots" / COMMIT
-    assert same_weights(load_model("someone/tiny-kl"), ae)
-    assert same_weights(GridAutoencoder.from_pretrained("someone/tiny-kl"), ae)
-    loaded = load_tokenizer("someone/tiny-1d")
+    assert resolve_model_dir("hf:someone/tiny-kl") == hub_cache / "models--someone--tiny-kl" / "snapshots" / COMMIT
+    assert same_weights(load_model("hf:someone/tiny-kl"), ae)
+    assert same_weights(GridAutoencoder.from_pretrained("hf:someone/tiny-kl"), ae)
+    # a 1D tokenizer built on a hub autoencoder (flextok.autoencoder) embeds it
+    built = FlexTok.from_config(FlexTokConfig(**TINY_1D, autoencoder="hf:someone/tiny-kl"), 16)
+    assert same_weights(built.autoencoder, ae)
+    loaded = load_tokenizer("hf:someone/tiny-1d")
     assert isinstance(loaded, FlexTok) and same_weights(loaded, one_d)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     assert [t.tolist() for t in loaded.tokenize(images)] == [t.tolist() for t in one_d.tokenize(images)]
@@ -86,8 +93,40 @@ def test_hub_ids_load_offline_from_the_cache(tmp_path, hub_cache, tokenizers):
 def test_a_missing_hub_id_is_one_line(hub_cache):
     for load in (load_model, load_tokenizer, BPECodec.from_pretrained):
         with pytest.raises(UserError) as err:
-            load("someone/not-there")
-        assert len(str(err.value).splitlines()) == 1 and "model not found: someone/not-there" in str(err.value)
+            load("hf:someone/not-there")
+        assert len(str(err.value).splitlines()) == 1 and "model not found: hf:someone/not-there" in str(err.value)
+    with pytest.raises(UserError, match="a hub id is written hf:owner/name"):
+        load_model("hf:not-an-id")
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Fail the test if anything asks the Hub for a snapshot (as if online)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"downloaded {args} {kwargs}")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def test_a_mistyped_local_path_is_an_error_never_a_download(tmp_path, no_downloads, monkeypatch):
+    """`prior.tokenizer=runs/my_tok` with no such folder names the path; it never requests a repo
+    `runs/my_tok`, through any loader."""
+    monkeypatch.chdir(tmp_path)
+    loaders = (load_model, load_tokenizer, GridAutoencoder.from_pretrained, FlexTok.from_pretrained,
+               BPECodec.from_pretrained, codec_dir,
+               lambda ref: FlexTok.from_config(FlexTokConfig(**TINY_1D, autoencoder=ref), 16))
+    for load in loaders:
+        with pytest.raises(UserError) as err:
+            load("runs/my_tok")
+        assert str(err.value) == ("model not found: runs/my_tok (no such folder; a hub id would be written "
+                                  "hf:runs/my_tok)")
+    (tmp_path / "runs" / "my_tok").mkdir(parents=True)  # now a folder: read as one (and found empty)
+    with pytest.raises(UserError, match="runs/my_tok: missing config.json"):
+        load_model("runs/my_tok")
 
 
 def test_codecs_load_from_a_hub_id(tmp_path, hub_cache):
@@ -95,9 +134,9 @@ def test_codecs_load_from_a_hub_id(tmp_path, hub_cache):
     codec = BPECodec.train(codes, codebook_size=8, vocab_size=20, mode="2d")
     codec.save_pretrained(tmp_path / "codec")
     put_in_hub_cache(tmp_path / "codec", hub_cache, "someone/tiny-bpe")
-    loaded = BPECodec.from_pretrained("someone/tiny-bpe")
+    loaded = BPECodec.from_pretrained("hf:someone/tiny-bpe")
     # a codec's identity (its cache key) is the same read from the hub cache as from the folder it came from
-    assert fingerprint_files(codec_dir("someone/tiny-bpe")) == fingerprint_files(tmp_path / "codec")
+    assert fingerprint_files(codec_dir("hf:someone/tiny-bpe")) == fingerprint_files(tmp_path / "codec")
     assert repr(loaded) == repr(codec) and all(
         np.array_equal(a, b) for a, b in zip(loaded.encode_batch(codes), codec.encode_batch(codes)))
     with pytest.raises(UserError, match="holds a 'bpe_codec' model, not a tokenizer"):
@@ -150,7 +189,62 @@ def test_model_card_is_atomic_and_rejects_unknown_keys(tmp_path):
     ae = GridAutoencoder(TINY_AE, resolution=16)
     with pytest.raises(UserError, match="model card: unknown key 'dataset'"):
         ae.save_pretrained(tmp_path / "ae", card={"dataset": "x"})
-    ae.save_pretrained(tmp_path / "ae", card={"steps": 3}, load_path="someone/tiny-kl")
+    ae.save_pretrained(tmp_path / "ae", card={"steps": 3}, load_path="hf:someone/tiny-kl")
     assert sorted(p.name for p in (tmp_path / "ae").iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert 'GridAutoencoder.from_pretrained("someone/tiny-kl")' in card_parts(tmp_path / "ae")[2]
+    assert 'GridAutoencoder.from_pretrained("hf:someone/tiny-kl")' in card_parts(tmp_path / "ae")[2]
     assert json.loads((tmp_path / "ae" / "config.json").read_text())["model_type"] == "grid_autoencoder"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_snippet(code: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a card's snippet in a fresh offline interpreter from `cwd`, with the project importable (as if
+    installed); it prints what it loaded."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    code += "\nprint(type(model).__name__, sum(float(t.double().sum()) for t in model.state_dict().values()))\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_card_snippet_loads_its_folder_from_any_working_directory(tmp_path, monkeypatch):
+    """A model saved under a relative path: its card's snippet, run from elsewhere, loads that folder."""
+    ae = GridAutoencoder(TINY_AE, resolution=16).eval()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    ae.save_pretrained("runs/ae")  # relative, as the trainers' out_dir usually is
+    usage = card_parts(tmp_path / "work" / "runs" / "ae")[2]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    total = sum(float(t.double().sum()) for t in ae.state_dict().values())
+    assert run_snippet(usage, elsewhere) == f"GridAutoencoder {total}"
+
+
+def test_pushed_card_snippet_loads_the_hub_id(tmp_path, hub_cache, monkeypatch):
+    """push_to_hub writes a card whose snippet loads `hf:owner/name`; served from the hub cache, it loads."""
+    uploads = tmp_path / "uploaded"
+
+    class FakeApi:  # stands in for the network: keeps what would be uploaded
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            assert repo_id == "someone/tiny-kl"
+
+        def upload_folder(self, repo_id, folder_path):
+            os.replace(folder_path, uploads)
+            Path(folder_path).mkdir()  # the temporary folder's cleanup expects it
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    ae = GridAutoencoder(TINY_AE, resolution=16).eval()
+    assert ae.push_to_hub("someone/tiny-kl") == "hf:someone/tiny-kl"
+    usage = card_parts(uploads)[2]
+    assert 'GridAutoencoder.from_pretrained("hf:someone/tiny-kl")' in usage
+    put_in_hub_cache(uploads, hub_cache, "someone/tiny-kl")
+    total = sum(float(t.double().sum()) for t in ae.state_dict().values())
+    assert run_snippet(usage, tmp_path, {"HF_HUB_CACHE": str(hub_cache)}) == f"GridAutoencoder {total}"
+    with pytest.raises(UserError, match="'not an id' is not a hub id owner/name"):
+        push_folder_to_hub("not an id", lambda folder, ref: None)

@@ -4,12 +4,11 @@ few steps each: parquet export, then every stage on 2 CPU ranks (torchrun, torch
 import json
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import launcher_env
+from helpers import launcher_env, require_launcher
 
 import priors  # noqa: F401  (registers the prior classes with load_model)
 from flextok import load_model
@@ -27,8 +26,7 @@ def readme_commands() -> list[list[str]]:
 
 @pytest.mark.launcher
 def test_miniature_recipe_runs_from_the_readme_on_two_ranks(tmp_path):
-    if shutil.which("deepspeed") is None:
-        pytest.skip("the deepspeed launcher is not on PATH")
+    require_launcher()
     export, autoencoder, tokenizer, prior = readme_commands()
     data, out = tmp_path / "mini_data", tmp_path / "mini"
     paths = [f"out_dir={out}", f"data.source=hf:{data}", f"flextok.autoencoder={out}/mini_kl_f8c16/final",

@@ -216,3 +216,32 @@ def test_plans_print_for_every_family():
     for c in (cfg("grid_kl.yaml"), cfg("grid_vq.yaml", "loss.adversarial=0.1"), cfg("1d_tiny.yaml")):
         assert "FLOPs per optimizer step" in tokenizer_plan(c, hw)
     assert "flow prior" in prior_plan(cfg("prior_tiny.yaml", "tokenizer=grid", "prior.kind=flow"), hw)
+
+
+def test_the_plan_merges_the_deepspeed_json_as_the_trainer_does(tmp_path, capsys):
+    """`prior_train.deepspeed_config` and `--deepspeed_config` (which wins) change the stage, precision and
+    offload the plan sizes, through the trainer's own merge and checks."""
+    yaml_json, cli_json, bad_json = tmp_path / "yaml.json", tmp_path / "cli.json", tmp_path / "bad.json"
+    yaml_json.write_text('{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}')
+    cli_json.write_text('{"zero_optimization": {"stage": 1}, "bf16": {"enabled": false}, "fp16": {"enabled": true}}')
+    bad_json.write_text('{"train_micro_batch_size_per_gpu": 3}')
+    hw = Hardware(gpus=4)
+    plain = prior_plan(cfg("prior_tiny.yaml"), hw)
+    assert "0 (prior_train.zero_stage)" in plain and "bf16" in plain and "offload" not in plain
+
+    merged = prior_plan(cfg("prior_tiny.yaml", f"prior_train.deepspeed_config={yaml_json}"), hw)
+    assert f"3 ({yaml_json}: zero_optimization.stage)" in merged
+    assert "optimizer state 12 B in host memory" in merged and "optimizer offload:" in merged
+    assert f"DeepSpeed JSON {yaml_json} merged over prior_train, as the trainer does: ZeRO stage 3, bf16" in merged
+
+    assert train_prior.main(["--config", str(ROOT / "configs/prior_tiny.yaml"), "--plan", "--gpus", "4",
+                             f"prior_train.deepspeed_config={yaml_json}", "--deepspeed_config", str(cli_json)]) == 0
+    out = capsys.readouterr().out
+    assert f"1 ({cli_json}: zero_optimization.stage)" in out and "memory per GPU: DeepSpeed AdamW, fp16" in out
+    assert "host memory" not in out  # the command line's JSON wins over the YAML key's
+
+    assert train_prior.main(["--config", str(ROOT / "configs/prior_tiny.yaml"), "--plan",
+                             "--deepspeed_config", str(bad_json)]) == 2
+    err = capsys.readouterr().err
+    assert "train_micro_batch_size_per_gpu=3 disagrees with prior_train.micro_batch_size" in err
+    assert err.count("\n") == 1

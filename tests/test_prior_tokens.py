@@ -169,7 +169,7 @@ def test_killed_build_resumes_at_shard_granularity(tmp_path, monkeypatch):
 
     prior = PriorConfig(tokenizer="tok", cache_shard_size=4, tokenize_batch_size=4)  # 24 images -> 6 shards
     clean = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "clean", progress=False)
-    real, calls, killed = token_dataset._tokenize, [], []
+    real, calls, killed = token_dataset.tokenize_for_prior, [], []
 
     def dies_at_third_batch(*args):
         calls.append(1)
@@ -178,11 +178,112 @@ def test_killed_build_resumes_at_shard_granularity(tmp_path, monkeypatch):
             raise SystemExit("killed")  # stands in for a SIGKILL: nothing after this point runs
         return real(*args)
 
-    monkeypatch.setattr(token_dataset, "_tokenize", dies_at_third_batch)
+    monkeypatch.setattr(token_dataset, "tokenize_for_prior", dies_at_third_batch)
     with pytest.raises(SystemExit):
         build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "killed", progress=False)
-    assert len(list((tmp_path / "killed").glob("*.parts/*.npz"))) == 2
+    assert len(list((tmp_path / "killed").glob("*.parts/*/*.npz"))) == 2
     calls.clear()
     resumed = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "killed", progress=False)
     assert len(calls) == 4  # only the four shards that were not on disk
     assert np.array_equal(resumed.tokens, clean.tokens) and np.array_equal(resumed.labels, clean.labels)
+
+
+def _killed_after_two_shards(monkeypatch, prior: PriorConfig, root) -> list:
+    """A build of 24 images that dies (as a SIGKILL would) in its third batch: two shards stay on disk.
+    Returns the list every later `tokenize_for_prior` call appends to."""
+    import priors.token_dataset as token_dataset
+
+    real, calls = token_dataset.tokenize_for_prior, []
+
+    def dies_at_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise SystemExit("killed")
+        return real(*args)
+
+    monkeypatch.setattr(token_dataset, "tokenize_for_prior", dies_at_third_batch)
+    with pytest.raises(SystemExit):
+        build_token_dataset(grid_tokenizer(), prior, DATA, "train", root, progress=False)
+    assert len(list(root.glob("*.parts/*/*.npz"))) == 2
+    monkeypatch.setattr(token_dataset, "tokenize_for_prior", lambda *args: calls.append(1) or real(*args))
+    calls.clear()
+    return calls
+
+
+def test_a_resume_with_another_shard_size_keeps_every_image(tmp_path, monkeypatch):
+    """The reproduction of issue #24: killed after 2 shards of 4 images, resumed with shards of 8. The
+    old shards cover other image ranges, so none is mixed in: all 24 images and all 6 classes arrive."""
+    clean = build_token_dataset(grid_tokenizer(), PriorConfig(tokenizer="tok"), DATA, "train", tmp_path / "clean",
+                                progress=False)
+    small = PriorConfig(tokenizer="tok", cache_shard_size=4, tokenize_batch_size=4)
+    calls = _killed_after_two_shards(monkeypatch, small, tmp_path / "killed")
+    large = PriorConfig(tokenizer="tok", cache_shard_size=8, tokenize_batch_size=4)
+    resumed = build_token_dataset(grid_tokenizer(), large, DATA, "train", tmp_path / "killed", progress=False)
+    assert len(calls) == 6  # every image again: shards of 4 are no part of a build with shards of 8
+    assert len(resumed) == 24 and set(resumed.labels.tolist()) == set(range(6))
+    assert np.array_equal(resumed.tokens, clean.tokens) and np.array_equal(resumed.labels, clean.labels)
+    assert resumed.meta["build"]["shard_size"] == 8 and resumed.meta["images"] == 24
+    assert not list((tmp_path / "killed").glob("*.parts"))  # both shard folders are removed after the merge
+
+
+def test_a_damaged_shard_is_tokenized_again_before_the_merge(tmp_path, monkeypatch, capsys):
+    prior = PriorConfig(tokenizer="tok", cache_shard_size=4, tokenize_batch_size=4)
+    clean = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "clean", progress=False)
+    calls = _killed_after_two_shards(monkeypatch, prior, tmp_path / "killed")
+    shard = sorted((tmp_path / "killed").glob("*.parts/*/000001.npz"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # outside damage: a truncated file
+    resumed = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "killed", progress=False)
+    assert len(calls) == 5  # the four missing shards, then the damaged one
+    assert "redoing 1 shard(s)" in capsys.readouterr().out
+    assert np.array_equal(resumed.tokens, clean.tokens) and np.array_equal(resumed.labels, clean.labels)
+
+
+@pytest.mark.parametrize("damage", ["short labels", "truncated tokens", "short meta count"])
+def test_a_cache_that_fails_verification_is_rebuilt_with_a_notice(tmp_path, capsys, damage):
+    import json
+
+    prior = PriorConfig(tokenizer="tok")
+    clean = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path, flips=True, progress=False)
+    assert clean.problem() is None and len(clean) == 48
+    directory = clean.directory
+    if damage == "short labels":
+        np.save(directory / "labels.npy", clean.labels[:40])
+    elif damage == "truncated tokens":
+        path = directory / "tokens.npy"
+        path.write_bytes(path.read_bytes()[:-64])
+    else:  # a cache whose own record agrees with its short arrays, but not with the images it claims
+        meta = json.loads((directory / "meta.json").read_text())
+        meta["count"] = 40
+        (directory / "meta.json").write_text(json.dumps(meta))
+    del clean
+    capsys.readouterr()
+    rebuilt = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path, flips=True, progress=False)
+    notice = capsys.readouterr().out.strip().splitlines()
+    assert len(notice) == 1 and notice[0].startswith(f"token cache {directory}:") and "rebuilding" in notice[0]
+    again = build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path / "fresh", flips=True,
+                                progress=False)
+    assert rebuilt.directory == directory and rebuilt.problem() is None and len(rebuilt) == 48
+    assert np.array_equal(rebuilt.tokens, again.tokens) and np.array_equal(rebuilt.labels, again.labels)
+    assert capsys.readouterr().out == ""  # a verified cache is reused silently
+
+
+def test_a_rank_waiting_for_the_merged_cache_times_out_with_one_line(tmp_path):
+    """Rank 1 of 2 tokenizes its shard, then waits for rank 0's merge, which never comes."""
+    from flextok.distributed import WaitTimeout
+
+    prior = PriorConfig(tokenizer="tok", cache_shard_size=16)
+    with pytest.raises(WaitTimeout) as err:
+        build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path, progress=False, rank=1,
+                            world_size=2, wait_timeout=0.5 / 60)
+    message = str(err.value)
+    assert "\n" not in message and "distributed.wait_timeout" in message and "meta.json" in message
+    assert len(list(tmp_path.glob("*.parts/*/000001.npz"))) == 1  # its own shard is on disk
+
+
+def test_rank_0_times_out_naming_the_missing_shard(tmp_path):
+    from flextok.distributed import WaitTimeout
+
+    prior = PriorConfig(tokenizer="tok", cache_shard_size=8)  # 24 images -> shards 0, 1, 2; rank 0 does 0, 2
+    with pytest.raises(WaitTimeout, match=r"waiting for token-cache shard\(s\) 000001\.npz in "):
+        build_token_dataset(grid_tokenizer(), prior, DATA, "train", tmp_path, progress=False, rank=0,
+                            world_size=2, wait_timeout=0.5 / 60)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import DIST_ENV, launcher_env
+from helpers import DIST_ENV, launcher_env, require_launcher
 
 from evaluation.schema import ExperimentConfig
 from flextok import load_model
@@ -26,7 +26,7 @@ from flextok.config import load_config
 from flextok.errors import UserError
 from flextok.grid_autoencoder import GridAutoencoder
 from flextok.schema import GridConfig, SamplingConfig
-from priors import DiscretePrior, FlowPrior, generate_images
+from priors import DiscretePrior, FlowPrior, PriorConfig, generate_images
 from flextok.distributed import ensure_launch_env, free_port
 from priors.deepspeed_utils import POINTER, consolidated_weights, read_pointer
 from priors.trainer import PriorTrainer
@@ -294,8 +294,7 @@ def test_two_rank_zero3_offload_prior_survives_repeated_kills(workdir, vq_tokeni
     """A requeued 2-rank job: the same `deepspeed ... --resume` command (ZeRO-3, optimizer offload to
     CPU from the user's DeepSpeed JSON) is SIGKILLed again and again at seeded random moments (during
     start-up and token caching, before the first checkpoint, and while training), then finishes."""
-    if shutil.which("deepspeed") is None:
-        pytest.skip("the deepspeed launcher is not on PATH")
+    require_launcher()
     ds_json = tmp_path / "offload.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
     env = launcher_env()
@@ -339,3 +338,44 @@ def test_two_rank_zero3_offload_prior_survives_repeated_kills(workdir, vq_tokeni
     assert steps == list(range(1, 17))  # every step logged exactly once across all the restarts
     assert len(records(run_dir, "val_bits_per_image")) == 2
     assert isinstance(load_model(run_dir / "final"), DiscretePrior)
+
+
+def test_flow_normalization_samples_rows_at_random_from_a_class_sorted_cache():
+    """A cache sorted by class (class k's latents sit around k): the first rows would see class 0 only;
+    a seeded random sample of whole sequences sees them all."""
+    from priors.flow import normalization_sample
+
+    classes, per_class, positions, channels = 8, 200, 4, 3
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), per_class)
+    tokens = (labels.repeat(positions)[:, None] + rng.normal(0, 0.1, (len(labels) * positions, channels)))
+    tokens = tokens.astype(np.float32)
+    offsets = np.arange(len(labels) + 1) * positions
+    sample = normalization_sample(tokens, offsets, rows=400, seed=3)
+    assert sample.shape == (400, channels) and sample.dtype == torch.float32
+    assert abs(float(sample.mean()) - 3.5) < 0.5 and abs(float(sample.std()) - float(tokens.std())) < 0.5
+    assert abs(float(torch.from_numpy(tokens[:400]).mean()) - 3.5) > 3  # what the first rows gave
+    assert torch.equal(sample, normalization_sample(tokens, offsets, rows=400, seed=3))  # seeded
+    assert not torch.equal(sample, normalization_sample(tokens, offsets, rows=400, seed=4))
+    assert len(normalization_sample(tokens, offsets, rows=10**9)) == len(tokens)  # small caches: every row
+    prior = FlowPrior(PriorConfig(kind="flow", dim=32, heads=2, depth=1), num_tokens=positions, token_dim=channels)
+    prior.set_normalization(sample)
+    assert torch.allclose(prior.latent_mean, torch.full((channels,), 3.5), atol=0.5)
+
+
+class _NotATensor:
+    """Stands in for any pickled object: a weights-only load must refuse it."""
+
+
+def test_a_checkpoint_is_unpickled_weights_only(tmp_path):
+    tag = tmp_path / "step_00000001"
+    tag.mkdir()
+    (tmp_path / POINTER).write_text(json.dumps({"tag": tag.name, "step": 1}))
+    torch.save({"module": {"w": torch.ones(2, dtype=torch.bfloat16)}, "ds_version": "0.16"},
+               tag / "mp_rank_00_model_states.pt")
+    weights = consolidated_weights(tmp_path, 0, bf16=False, model=torch.nn.Linear(1, 1))
+    assert weights["w"].dtype == torch.float32 and torch.equal(weights["w"], torch.ones(2))
+    torch.save({"module": {}, "payload": _NotATensor()}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match=r"refused, it holds more than tensors .*_NotATensor") as err:
+        consolidated_weights(tmp_path, 0, bf16=False, model=torch.nn.Linear(1, 1))
+    assert "\n" not in str(err.value)

@@ -43,6 +43,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(TokenizerTrainer, "train_step", original)
     with pytest.raises(Exception, match="--resume"):
         TokenizerTrainer(config(tmp_path, "resumed"))
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 4, "loss": 0.1')  # a kill in the middle of a log line: dropped on resume
     TokenizerTrainer(config(tmp_path, "resumed"), resume=True).train()
     # a requeued job always carries --resume, also when it was killed before its first checkpoint
     assert TokenizerTrainer(config(tmp_path, "requeued"), resume=True).step == 0
@@ -69,6 +71,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(type(trainer.objective), "forward", poisoned)
     with pytest.raises(NonFiniteLoss, match="step 2"):
         trainer.train()
-    state = torch.load(tmp_path / "nan" / "checkpoints" / "latest.pt", weights_only=False)
+    state = torch.load(tmp_path / "nan" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
+
+
+def test_streamed_run_resumes_from_the_stream_position_in_its_checkpoint(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 4)):  # one class per image: 10 images, 2.5 batches per pass
+        for i in range(n):
+            (tmp_path / "images" / split / f"c{i}").mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / split /
+                                                                                   f"c{i}" / "x.png")
+    stream = [f"data.source=imagefolder:{tmp_path / 'images'}", "data.streaming=true"]
+    TokenizerTrainer(config(tmp_path, "straight", stream)).train()
+
+    original = TokenizerTrainer.train_step
+
+    def interrupt_at_3(self, images):  # step 3's batch is read, not trained on: the checkpoint is of step 3
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    monkeypatch.setattr(TokenizerTrainer, "train_step", interrupt_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        TokenizerTrainer(config(tmp_path, "resumed", stream)).train()
+    monkeypatch.setattr(TokenizerTrainer, "train_step", original)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "latest.pt", weights_only=True)
+    assert saved["step"] == 3 and [position["step"] for position in saved["data"]] == [3]
+    assert saved["data"][0]["consumed"] == 12  # one stream position per rank, where step 3 begins
+    TokenizerTrainer(config(tmp_path, "resumed", stream), resume=True).train()
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(1, 7)) and a == b
