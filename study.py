@@ -49,6 +49,9 @@ class StudyConfig:
     # multiplies every tokenizer and prior stage's `steps` (not the evaluation's), so that a study on costlier
     # data fits its time budget without restating the stages of the study it extends
     train_scale: float = 1.0
+    # prior stages whose codec (`codec.ImageCodec`) the evaluation measures against JPEG and WebP
+    # (eval.codec.priors); the experiment's eval.codec section says on which images and at which settings
+    codec_priors: list[str] = field(default_factory=list)
 
 
 def load_study(path: Path) -> tuple[StudyConfig, Path]:
@@ -68,6 +71,9 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
         check(s.kind == "bpe" or s.steps > 0, f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
         check(s.kind != "bpe" or s.vocab_size > 0, f"stages[{i}].vocab_size' must be positive", s.vocab_size)
     check(study.train_scale > 0, "train_scale' must be positive", study.train_scale)
+    priors = {s.name for s in study.stages if s.kind == "prior" and s.evaluate}
+    unknown = [name for name in study.codec_priors if name not in priors]
+    check(not unknown, "codec_priors' must name evaluated prior stages", unknown)
     return study, experiment
 
 
@@ -100,7 +106,7 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
         if s.evaluate:
             entries.append(entry)
     evaluation = {"base": str(experiment), "out_dir": str(out.parent), "name": out.name,
-                  "eval": {"tokenizers": tokenizers, "priors": priors}}
+                  "eval": {"tokenizers": tokenizers, "priors": priors, "codec": {"priors": study.codec_priors}}}
     stages.append(evaluate_stage(str(out / "study_eval.yaml"), cfg.eval.classifier_steps, cfg.eval.gfid_samples,
                                  *overrides))
     return stages, out, evaluation

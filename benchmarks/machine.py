@@ -6,19 +6,7 @@ import resource
 import sys
 import time
 
-import torch
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` fp32 n^3 matmul throughput in this process (the machines are noisy)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+from flextok.runtime import matmul_gflops  # noqa: F401 - re-exported: the benchmarks import it from here
 
 
 def peak_rss_mib() -> float:

@@ -124,7 +124,11 @@ class ImageCodec:
     def compress_with_tokens(self, path: str | Path,
                              settings: CodecSettings = CodecSettings()) -> tuple[bytes, list[np.ndarray]]:
         """The compressed file's bytes for the image at `path`, and the token streams they hold."""
-        image, gray = read_image(path)
+        return self.compress_image(*read_image(path), settings)
+
+    def compress_image(self, image: torch.Tensor, gray: bool = False,
+                       settings: CodecSettings = CodecSettings()) -> tuple[bytes, list[np.ndarray]]:
+        """`compress_with_tokens` for an image already read: [3, H, W] in [-1, 1] (`gray`: write an L PNG)."""
         streams, layout = self.tokenize(image, settings)
         payload = encode_streams(self.prior, streams, layout)
         sampling = getattr(self.tokenizer.config, "sampling", None)
@@ -166,6 +170,11 @@ class ImageCodec:
         """PNG bytes of a compressed file, decoded as its header says unless `decode` / `steps` / `seed` say
         otherwise."""
         header, streams = self.read(data, name)
+        return png_bytes(self.render(header, streams, name, decode=decode, steps=steps, seed=seed), header.gray)
+
+    def render(self, header: Header, streams: list[np.ndarray], name: str = "input", *, decode: str | None = None,
+               steps: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """The image [3, H, W] in [-1, 1] that `read`'s tokens decode to (see `decompress`)."""
         decode = decode or header.decode
         if decode not in DECODES:
             raise UserError(f"decode: must be one of {', '.join(DECODES)}, got {decode!r}")
@@ -179,8 +188,7 @@ class ImageCodec:
                 tiles.append(self.tokenizer.detokenize(batch, seed=header.seed if seed is None else seed, **sampling))
             else:
                 tiles.append(self.tokenizer.detokenize(batch))
-        image = untile(torch.cat(tiles).cpu().float(), header.height, header.width)
-        return png_bytes(image, header.gray)
+        return untile(torch.cat(tiles).cpu().float(), header.height, header.width)
 
     def _codes(self, streams: list[np.ndarray], name: str) -> list[np.ndarray]:
         """The tokenizer's codes of each stream (BPE ids decoded)."""

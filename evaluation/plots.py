@@ -12,10 +12,10 @@ from matplotlib.figure import Figure
 from flextok.files import atomic_write
 from flextok.visualize import save_image_grid
 
-from .rows import EvaluationResult, PriorRow, TokenizerRow
+from .rows import CodecRow, EvaluationResult, PriorRow, TokenizerRow
 
-__all__ = ["plot_adaptive_lengths", "plot_generation", "plot_modelability", "plot_tradeoff",
-           "save_reconstruction_grid"]
+__all__ = ["plot_adaptive_lengths", "plot_codec_rate_distortion", "plot_generation", "plot_modelability",
+           "plot_tradeoff", "save_codec_examples", "save_reconstruction_grid"]
 
 FAMILY_COLOURS = {  # BPE variants get a related colour and a dashed line
     "1d": "tab:blue", "1d+bpe": "tab:cyan", "token_set": "tab:purple", "token_set+bpe": "tab:pink",
@@ -164,3 +164,54 @@ def save_reconstruction_grid(result: EvaluationResult, path: Path) -> Path:
     columns = [result.previews[(r.name, r.mode)] for r in chosen] + [result.originals]
     titles = [_grid_title(r, one_1d) for r in chosen] + ["original"]
     return save_image_grid(columns, path, titles)
+
+
+CODEC_STYLES = {"jpeg": ("black", "s"), "webp": ("tab:red", "D")}  # Pillow's baselines; ours by family
+CODEC_MARKERS = {"1d": "o", "1d+bpe": "v", "token_set": "P", "grid_vq": "^", "grid_vq+bpe": "<"}
+
+
+def plot_codec_rate_distortion(rows: list[CodecRow], backbone: str, tile: int, path: Path) -> Path:
+    """PSNR and patch FID against bits per pixel (log scale) of whole-image files: one line per codec (each
+    prior's codec at its settings, JPEG and WebP over their qualities), adaptive settings as stars."""
+    figure = Figure(figsize=(13, 5.2), layout="constrained")
+    axes = figure.subplots(1, 2)
+    groups: dict[str, list[CodecRow]] = {}
+    for row in rows:
+        groups.setdefault(row.name, []).append(row)
+    for name, group in groups.items():
+        family = group[0].family
+        colour, marker = CODEC_STYLES.get(family, (FAMILY_COLOURS.get(family, "tab:gray"), CODEC_MARKERS.get(
+            family, "o")))
+        line = sorted((r for r in group if r.target_psnr is None), key=lambda r: r.bits_per_pixel)
+        for ax, metric in zip(axes, ("psnr", "rfid")):
+            ax.plot([r.bits_per_pixel for r in line], [getattr(r, metric) for r in line], "-" if group[0].ours else
+                    "--", marker=marker, color=colour, label=f"{name} ({family})")
+            for r in group:
+                if r.target_psnr is not None:
+                    ax.plot(r.bits_per_pixel, getattr(r, metric), "*", markersize=14, color=colour,
+                            markeredgecolor="black", label=f"{name} {r.setting}")
+    for ax, label in zip(axes, ("PSNR (dB), higher is better", f"patch FID ({tile} px tiles), lower is better")):
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel of the whole file (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].set_title(f"FID backbone: {backbone}", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=9)
+    figure.suptitle("Image codecs on whole held-out images: quality against file size")
+    return _save(figure, path)
+
+
+def save_codec_examples(result: EvaluationResult, path: Path) -> Path:
+    """One held-out image: JPEG at its lowest quality, each other codec at the setting whose bits per pixel are
+    nearest JPEG's there, and the original; titles give each file's bits per pixel."""
+    rows = result.codec_rows
+    floor = min((r for r in rows if r.family == "jpeg"), key=lambda r: r.bits_per_pixel)
+    chosen = [floor]
+    for name in dict.fromkeys(r.name for r in rows if r.name != "jpeg"):
+        chosen.append(min((r for r in rows if r.name == name),
+                          key=lambda r: abs(r.bits_per_pixel - floor.bits_per_pixel)))
+    columns = [result.codec_examples[(r.name, r.setting)][None] for r in chosen]
+    titles = [f"{r.name} {r.bits_per_pixel:.2g}bpp" for r in chosen]  # settings: in the summary's table
+    return save_image_grid(columns + [result.codec_examples[("original", "")][None]], path, titles + ["original"],
+                           min_cell=160)

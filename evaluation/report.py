@@ -17,9 +17,9 @@ from typing import Any
 from flextok.files import atomic_write_text
 from flextok.visualize import class_columns, save_image_grid
 
-from .plots import (plot_adaptive_lengths, plot_generation, plot_modelability, plot_tradeoff,
-                    save_reconstruction_grid)
-from .rows import EvaluationResult, PriorRow, SamplerSettings, TokenizerRow
+from .plots import (plot_adaptive_lengths, plot_codec_rate_distortion, plot_generation, plot_modelability,
+                    plot_tradeoff, save_codec_examples, save_reconstruction_grid)
+from .rows import CodecRow, EvaluationResult, PriorRow, SamplerSettings, TokenizerRow
 
 __all__ = ["summary_markdown", "write_report"]
 
@@ -54,6 +54,12 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
         paths.append(plot_generation(result.prior_rows, backbone, directory / "generation.png"))
         if rows and any(r.nll_bits_per_image is not None for r in result.prior_rows):
             paths.append(plot_modelability(result, directory / "modelability.png"))
+    if result.codec_rows:
+        paths.append(atomic_write_text(directory / "codec.csv", _codec_csv_text(result)))
+        paths.append(plot_codec_rate_distortion(result.codec_rows, backbone, result.codec_meta["tile"],
+                                                directory / "codec_rate_distortion.png"))
+        if any(r.family == "jpeg" for r in result.codec_rows):
+            paths.append(save_codec_examples(result, directory / "codec_examples.png"))
     for stale in directory.glob("samples_*.png"):  # grids of priors no longer in the config
         if stale.stem.removeprefix("samples_") not in result.samples:
             stale.unlink()
@@ -66,7 +72,7 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
 def _json_report(result: EvaluationResult) -> dict[str, Any]:
     rows = lambda items: [dataclasses.asdict(item) for item in items]  # noqa: E731
     return {"meta": result.meta, "tokenizers": rows(result.tokenizer_rows), "priors": rows(result.prior_rows),
-            "errors": rows(result.errors)}
+            "codec": {**result.codec_meta, "rows": rows(result.codec_rows)}, "errors": rows(result.errors)}
 
 
 def _csv_text(result: EvaluationResult) -> str:
@@ -76,6 +82,25 @@ def _csv_text(result: EvaluationResult) -> str:
     writer.writeheader()
     writer.writerows(row.flat() for row in result.tokenizer_rows)
     writer.writerows(dataclasses.asdict(e) for e in result.errors if e.kind == "tokenizer")
+    return buffer.getvalue()
+
+
+CODEC_CSV_COLUMNS = (
+    "name", "family", "setting", "k", "target_psnr", "quality", "images", "pixels", "patches", "file_bytes",
+    "bits_per_pixel", "psnr", "psnr_ci_low", "psnr_ci_high", "ssim", "ssim_ci_low", "ssim_ci_high", "rfid",
+    "rfid_backbone", "rkid", "rkid_std", "lpips", "model_bits", "payload_overhead_bits", "header_bytes",
+    "round_trip_exact", "encode_images_per_s", "decode_images_per_s", "encode_tiles_per_s", "decode_tiles_per_s",
+    "matmul_gflops", "error",
+)
+
+
+def _codec_csv_text(result: EvaluationResult) -> str:
+    """The codec table (its own columns, so its own file): one row per codec setting, failures with their error."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CODEC_CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(row.flat() for row in result.codec_rows)
+    writer.writerows({"name": e.name, "setting": e.mode, "error": e.error} for e in result.errors if e.kind == "codec")
     return buffer.getvalue()
 
 
@@ -149,6 +174,75 @@ def _prefix_table(result: EvaluationResult) -> str:
     return _table(header, body) if body else ""
 
 
+def _codec_table(rows: list[CodecRow]) -> str:
+    header = ["codec", "family", "setting", "bits/pixel", "bytes/image", "PSNR dB [95% CI]", "SSIM [95% CI]",
+              "LPIPS", "patch FID", "patch KID", "payload - NLL (bits/file)", "exact round trips",
+              "encode img/s (tiles/s)", "decode img/s (tiles/s)"]
+    body = []
+    for r in sorted(rows, key=lambda r: (r.name, r.bits_per_pixel)):
+        per_file = "—" if r.model_bits is None else f"{r.payload_overhead_bits / r.images:+.1f} (+{r.header_bytes} B)"
+        exact = "—" if r.round_trip_exact is None else f"{r.round_trip_exact}/{r.images}"
+        speed = lambda images, tiles: f"{images:.1f}" + ("" if tiles is None else f" ({tiles:.0f})")  # noqa: E731
+        body.append([f"`{r.name}`", r.family, r.setting, f"{r.bits_per_pixel:.4g}", f"{r.file_bytes / r.images:.1f}",
+                     f"{r.psnr:.2f} [{r.psnr_ci[0]:.2f}, {r.psnr_ci[1]:.2f}]",
+                     f"{r.ssim:.3f} [{r.ssim_ci[0]:.3f}, {r.ssim_ci[1]:.3f}]", _fmt(r.lpips, ".3f"), f"{r.rfid:.2f}",
+                     f"{r.rkid:.3g} ± {r.rkid_std:.2g}", per_file, exact,
+                     speed(r.encode_images_per_s, r.encode_tiles_per_s),
+                     speed(r.decode_images_per_s, r.decode_tiles_per_s)])
+    return _table(header, body)
+
+
+def _codec_verdict(verdict: dict[str, Any] | None) -> str:
+    """The issue's lowest-rate target, said in words: met or not."""
+    if verdict is None:
+        return "- Lowest-rate target: not assessed (no JPEG row)."
+    j, best = verdict["jpeg"], verdict["best"]
+    at = f"JPEG's lowest rate ({j['setting']}: {j['bits_per_pixel']:.4g} bpp, patch FID " \
+         f"{j['rfid']:.2f}, KID {j['rkid']:.3g})"
+    if best is None:
+        line = f"- Lowest-rate target **not met**: no codec here reaches {at} or fewer bits."
+    else:
+        outcome = "met" if verdict["met"] else "not met"
+        line = (f"- Lowest-rate target **{outcome}**: at {at}, the best codec here at no more bits is `{best['name']}` "
+                f"{best['setting']} ({best['bits_per_pixel']:.4g} bpp, patch FID {best['rfid']:.2f}, KID "
+                f"{best['rkid']:.3g}); met means both its patch FID and KID are no worse than JPEG's.")
+    below = verdict["below_jpeg_floor"]
+    line += (f" Below JPEG's lowest rate, {len(below)} setting(s) here still give a valid image from a bit-exact "
+             f"round trip ({', '.join(below)})." if below else " No setting here goes below JPEG's lowest rate.")
+    return line
+
+
+def _codec_section(result: EvaluationResult) -> list[str]:
+    meta, rows = result.codec_meta, result.codec_rows
+    ours = [r for r in rows if r.ours]
+    source = ("the held-out images as they are" if meta["images"] == "held_out" else
+              f"the held-out photographs, whole, resized to a long side of {meta['max_side']} px (Lanczos)")
+    lines = ["## Codec", "",
+             f"- Images: {meta['count']} whole images, {source}, {meta['pixels']} pixels in all ({meta['gray']} "
+             "grayscale: coded as L by JPEG and WebP's input); every codec's input and reference are the same 8-bit "
+             "pixels. Bits per pixel: 8 x whole-file bytes / pixels.",
+             f"- Patch FID/KID: the non-overlapping {meta['tile']} px tiles of the reconstructions against the same "
+             f"tiles of the originals ({rows[0].patches} tiles), with the eval's FID backbone. PSNR, SSIM and LPIPS "
+             "are per whole image.",
+             "- JPEG: Pillow with optimized Huffman tables (4:2:0 chroma); WebP: Pillow, method 6. Ours: "
+             "`codec.ImageCodec` over each prior's tokens, posterior-mean decoding."]
+    if ours:
+        model = sum(r.model_bits for r in ours)
+        overhead = sum(r.payload_overhead_bits for r in ours)
+        files = sum(r.images for r in ours)
+        exact = sum(r.round_trip_exact for r in ours)
+        gflops = next((r.matmul_gflops for r in ours if r.matmul_gflops), None)
+        lines += [f"- Size against the prior: over {files} files, payload bits - the prior's NLL bits of the same "
+                  f"tokens = {overhead:+.0f} bits ({overhead / model:+.2%} of {model:.0f}; "
+                  f"{overhead / files:+.1f} bits per file), plus a {ours[0].header_bytes}-byte header and CRC per "
+                  f"file. Round trip: {exact}/{files} files decoded to bit-exact tokens.",
+                  f"- Speed (encode: tokenize + prior + range coder; decode: range decoder + prior + decoder, no PNG): "
+                  f"on {result.meta['device']} with {result.meta['torch_threads']} torch threads, matmul "
+                  f"{_fmt(gflops, '.0f')} GFLOP/s; only meaningful when the evaluation ran alone."]
+    return lines + [_codec_verdict(meta["verdict"]), "", _codec_table(rows), "",
+                    "Plots: `codec_rate_distortion.png`, `codec_examples.png`; all columns in `codec.csv`.", ""]
+
+
 def _lpips_line(lpips: dict[str, str] | None) -> str:
     if lpips is None:
         return "- LPIPS: not measured (no local weights: set FLEXTOK_LPIPS_WEIGHTS or eval.lpips_weights)."
@@ -201,6 +295,8 @@ def summary_markdown(result: EvaluationResult) -> str:
             lines += ["An ordered 1D stream can stop after any k tokens. Its prior's bits for the first k tokens "
                       "(the prior's exact marginal likelihood of the prefix, no length code: k is the operating "
                       "point) against the reconstruction from those k tokens:", "", prefixes, ""]
+    if result.codec_rows:
+        lines += _codec_section(result)
     if result.errors:
         lines += ["## Errors", ""]
         lines += [f"- {e.kind} `{e.name}` ({e.path}{', ' + e.mode if e.mode else ''}): {e.error}"

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from flextok.errors import UserError
 from flextok.schema import SamplingConfig
 
-__all__ = ["ErrorRow", "EvaluationResult", "PriorRow", "SamplerSettings", "TokenizerRow"]
+__all__ = ["CodecRow", "ErrorRow", "EvaluationResult", "PriorRow", "SamplerSettings", "TokenizerRow"]
 
 
 @dataclass
@@ -112,10 +112,57 @@ class PriorRow:
 
 
 @dataclass
+class CodecRow:
+    """One image codec at one setting on whole held-out images: real file bytes against quality. Ours (a
+    prior's `codec.ImageCodec`) also states its bytes against the prior's NLL, the round trip and its speed."""
+
+    name: str  # the eval.priors entry, or jpeg / webp
+    family: str  # 1d, 1d+bpe, token_set, grid_vq, ... (the prior's tokens), or jpeg / webp
+    setting: str  # k=<n>, adaptive@<t>dB, own (the prior's stream), q=<quality>
+    k: Optional[int]
+    target_psnr: Optional[float]
+    quality: Optional[int]
+    images: int
+    pixels: int  # over all images
+    patches: int  # non-overlapping tiles at the tokenizer resolution: the samples of patch FID/KID
+    file_bytes: int  # over all images: whole files, headers included
+    bits_per_pixel: float
+    psnr: float
+    psnr_ci: list[float]  # 95% bootstrap interval over the images
+    ssim: float
+    ssim_ci: list[float]
+    rfid: float  # patch FID: reconstruction tiles vs original tiles
+    rfid_backbone: str
+    rkid: float
+    rkid_std: float
+    lpips: Optional[float] = None
+    model_bits: Optional[float] = None  # ours: the prior's NLL of the coded tokens (+ pow2 length codes), all images
+    payload_overhead_bits: Optional[float] = None  # ours: 8 x payload bytes - model bits, all images
+    header_bytes: Optional[int] = None  # ours: bytes per file beyond the payload (header and CRC)
+    round_trip_exact: Optional[int] = None  # ours: images whose tokens decoded back bit-exact
+    encode_images_per_s: Optional[float] = None
+    decode_images_per_s: Optional[float] = None
+    encode_tiles_per_s: Optional[float] = None
+    decode_tiles_per_s: Optional[float] = None
+    matmul_gflops: Optional[float] = None  # this machine's fp32 matmul speed when the speeds were measured
+    computed: list[str] = field(default_factory=list)
+
+    @property
+    def ours(self) -> bool:
+        return self.family not in ("jpeg", "webp")
+
+    def flat(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("psnr_ci", "ssim_ci")}
+        for metric in ("psnr", "ssim"):
+            out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = getattr(self, f"{metric}_ci")
+        return out
+
+
+@dataclass
 class ErrorRow:
     """An entry (or one mode of it) that could not be measured, and why."""
 
-    kind: str  # tokenizer or prior
+    kind: str  # tokenizer, prior or codec
     name: str
     path: str
     mode: Optional[str]
@@ -133,6 +180,9 @@ class EvaluationResult:
     errors: list[ErrorRow] = field(default_factory=list)
     previews: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (tokenizer, mode) -> images
     samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)  # prior -> images
+    codec_rows: list[CodecRow] = field(default_factory=list)
+    codec_meta: dict[str, Any] = field(default_factory=dict)  # images, speed machine, the lowest-rate verdict
+    codec_examples: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (name, setting) -> image
 
     def reconstruction_of(self, prior: PriorRow, k: int | None = None) -> TokenizerRow | None:
         """The tokenizer row whose tokens a prior models (with `k`: its first k tokens): same tokenizer and

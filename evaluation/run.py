@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from flextok.errors import UserError
 
+from .codec_rows import run_codec
 from .context import EvalContext
 from .prior_rows import evaluate_prior
 from .rows import EvaluationResult
@@ -73,4 +74,5 @@ def run_evaluation(cfg: ExperimentConfig, progress: bool = True) -> EvaluationRe
             except Exception as err:  # noqa: BLE001
                 result.fail("prior", entry.name, entry.path, err)
             bar.update()
+    run_codec(ctx, result)  # whole images through each prior's codec, against JPEG and WebP
     return result

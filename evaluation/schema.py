@@ -10,7 +10,7 @@ from flextok.config import check
 from flextok.schema import SamplingOverrides
 from priors.schema import PriorRunConfig
 
-__all__ = ["EvalConfig", "EvalEntry", "EvalPriorConfig", "EvalTokenizerConfig", "ExperimentConfig"]
+__all__ = ["EvalCodecConfig", "EvalConfig", "EvalEntry", "EvalPriorConfig", "EvalTokenizerConfig", "ExperimentConfig"]
 
 
 @dataclass
@@ -43,6 +43,31 @@ class EvalPriorConfig(EvalEntry):
 
 
 @dataclass
+class EvalCodecConfig:
+    """The image codec (`codec`) against JPEG and WebP on whole held-out images (`evaluation.codec_rows`);
+    off while `priors` is empty."""
+
+    priors: list[str] = field(default_factory=list)  # names of eval.priors entries (discrete priors)
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # ordered 1D streams' prefix lengths
+    target_psnrs: list[float] = field(default_factory=list)  # adaptive per-tile lengths (full-stream 1D priors)
+    jpeg_qualities: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 40, 70, 90])
+    webp_qualities: list[int] = field(default_factory=lambda: [0, 5, 10, 20, 40, 70, 90])
+    images: Literal["held_out", "photos"] = "held_out"  # eval split's images as they are, or whole photographs
+    num_images: int = 200  # at most this many of them (held_out: the first of eval.num_images)
+    max_side: int = 256  # photos: resized (Lanczos) so that the long side is this many pixels
+
+    def __post_init__(self):
+        check(len(set(self.priors)) == len(self.priors), "priors' names must be unique", self.priors)
+        check(all(k >= 1 for k in self.ks), "ks' must all be >= 1", self.ks)
+        check(all(0 <= q <= 100 for q in self.jpeg_qualities + self.webp_qualities),
+              "jpeg_qualities' and 'webp_qualities' must be in 0..100", self.jpeg_qualities + self.webp_qualities)
+        check(not self.priors or self.jpeg_qualities, "jpeg_qualities' must not be empty (the lowest-rate target "
+              "compares with JPEG's lowest quality)", self.jpeg_qualities)
+        check(self.num_images >= 2, "num_images' must be at least 2 (FID needs a covariance)", self.num_images)
+        check(self.max_side >= 16, "max_side' must be at least 16", self.max_side)
+
+
+@dataclass
 class EvalConfig:
     """`evaluate.py`: tokenizers and priors side by side; the report goes to runs/<name>/report/."""
 
@@ -64,6 +89,7 @@ class EvalConfig:
     # Replace fields of each model's own sampling settings (`flextok.sampling`, `prior.sampling`)
     decoder_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     prior_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
+    codec: EvalCodecConfig = field(default_factory=EvalCodecConfig)
     gfid_samples: int = 64
     batch_size: int = 32
     grid_rows: int = 8  # held-out images shown in reconstructions.png
@@ -80,6 +106,8 @@ class EvalConfig:
         for key, entries in (("tokenizers", self.tokenizers), ("priors", self.priors)):
             names = [e.name for e in entries]
             check(len(set(names)) == len(names), f"{key}' names must be unique", names)
+        unknown = [name for name in self.codec.priors if name not in {p.name for p in self.priors}]
+        check(not unknown, "codec.priors' must name eval.priors entries", unknown)
 
 
 @dataclass

@@ -35,7 +35,8 @@ from .schema import DataConfig
 __all__ = [
     "Batch", "EpochOrder", "FASHION_MNIST_DIR", "ImageDataset", "SKIMAGE_EVAL_PHOTOS", "SKIMAGE_TRAIN_PHOTOS",
     "STREAM_SHUFFLE_BLOCK", "StepBatchSampler", "StreamLoader", "StreamingImages", "collate", "data_settings",
-    "decode_image", "example_from_row", "load_images", "load_source", "loader_state", "micro_batch_size",
+    "decode_image", "example_from_row", "load_images", "load_source", "loader_state", "manifest_photos",
+    "micro_batch_size",
     "pad_to_square", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo", "tensor_to_uint8",
     "to_rgb", "train_loader",
 ]
@@ -349,23 +350,15 @@ def photo_crops_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "flextok_photo_crops"
 
 
-def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
-    """Photographs listed in a manifest (`data/debian_photos.json`: path, sha256, split, licence, author),
-    split by photograph as the manifest says, each file checked against its recorded SHA-256.
-
-    Cropping thousands of windows out of multi-megapixel photographs takes about a minute on a slow CPU and
-    every stage of a study needs the same crops, so they are kept in `photo_crops_cache_dir()`, keyed by the
-    photographs' hashes and every setting that draws them. The files are still checked on every call.
-    """
+def manifest_photos(cfg: DataConfig, manifest: str, split: str) -> tuple[list[tuple[int, dict]], list[bytes]]:
+    """The (label, manifest entry) pairs of `split`'s photographs and each file's bytes, every file checked
+    against its recorded SHA-256. Labels: training photographs 0..n-1 in manifest order (the classes a prior
+    or classifier learns), then the held-out ones."""
     path = Path(manifest)
     if not path.is_file():
         raise UserError(f"data.source: photo manifest not found: {manifest}")
     entries = json.loads(path.read_text())
-    held_out = _split_side(cfg, split, f"photos:{manifest}")
-    side = "test" if held_out else "train"
-
-    # labels: training photographs 0..n-1 in manifest order (the classes a prior or classifier learns), then
-    # the held-out ones
+    side = "test" if _split_side(cfg, split, f"photos:{manifest}") else "train"
     ordered = [e for e in entries if e["split"] == "train"] + [e for e in entries if e["split"] != "train"]
     mine = [(label, entry) for label, entry in enumerate(ordered) if entry["split"] == side]
     contents = []  # each photograph's bytes, in `mine` order
@@ -377,7 +370,19 @@ def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
         if hashlib.sha256(contents[-1]).hexdigest() != entry["sha256"]:
             raise UserError(f"data: {file} differs from the one in {manifest} (another {entry['package']} "
                             f"version than {entry['version']}?)")
+    return mine, contents
 
+
+def _photos_dataset(cfg: DataConfig, manifest: str, split: str, seed: int):
+    """Photographs listed in a manifest (`data/debian_photos.json`: path, sha256, split, licence, author),
+    split by photograph as the manifest says, each file checked against its recorded SHA-256.
+
+    Cropping thousands of windows out of multi-megapixel photographs takes about a minute on a slow CPU and
+    every stage of a study needs the same crops, so they are kept in `photo_crops_cache_dir()`, keyed by the
+    photographs' hashes and every setting that draws them. The files are still checked on every call.
+    """
+    held_out = _split_side(cfg, split, f"photos:{manifest}")
+    mine, contents = manifest_photos(cfg, manifest, split)
     key = hashlib.sha256(json.dumps({
         "version": PHOTO_CROPS_VERSION, "photos": [(label, entry["sha256"]) for label, entry in mine],
         "resolution": cfg.resolution, "per_photo": cfg.eval_crops_per_photo if held_out else cfg.crops_per_photo,

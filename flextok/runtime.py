@@ -1,15 +1,17 @@
-"""What every training loop shares: the device choice, the LR schedule, and the stop on a NaN loss."""
+"""What every training loop shares: the device choice, the LR schedule, and the stop on a NaN loss; and the
+machine's matmul speed, printed beside every measured speed."""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import torch
 
 from .errors import NonFiniteLoss, UserError
 
-__all__ = ["check_finite", "pick_device", "warmup_cosine"]
+__all__ = ["check_finite", "matmul_gflops", "pick_device", "warmup_cosine"]
 
 
 def pick_device(name: str, key: str = "train.device") -> torch.device:
@@ -37,3 +39,15 @@ def check_finite(what: str, value: float, step: int, checkpoint: object) -> None
     """Stop the run when `value` (the loss, the gradient norm) is NaN or inf; its last checkpoint stays."""
     if not math.isfinite(value):
         raise NonFiniteLoss(f"{what} became {value} at step {step}; stopped, last good checkpoint kept at {checkpoint}")
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` fp32 n^3 matmul throughput in this process (the machines are noisy)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
