@@ -36,9 +36,8 @@ __all__ = [
     "Batch", "EpochOrder", "FASHION_MNIST_DIR", "ImageDataset", "SKIMAGE_EVAL_PHOTOS", "SKIMAGE_TRAIN_PHOTOS",
     "STREAM_SHUFFLE_BLOCK", "StepBatchSampler", "StreamLoader", "StreamingImages", "collate", "data_settings",
     "decode_image", "example_from_row", "load_images", "load_source", "loader_state", "manifest_photos",
-    "micro_batch_size",
-    "pad_to_square", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo", "tensor_to_uint8",
-    "to_rgb", "train_loader",
+    "micro_batch_size", "pad_to_square", "pil_to_tensor", "report_skipped", "resize_crop", "skimage_photo",
+    "tensor_to_uint8", "to_rgb", "train_loader",
 ]
 
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
