@@ -19,13 +19,21 @@ __all__ = ["RUN_FILES", "MetricsLog", "atomic_directory", "atomic_write", "atomi
 RUN_FILES = ("metrics.jsonl", "config.yaml")  # what every trainer writes into its run folder from step 0
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call `write(tmp_path)`, fsync the file, then rename it onto `path`: a crash at any moment leaves
-    either the old file or the complete new one, never a partial one."""
+    either the old file or the complete new one, never a partial one. The file gets the permissions a plain
+    `open` would give it (mkstemp's are owner-only, which would hide models and reports from a shared team)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:  # the bytes reach the disk before the rename makes them visible
@@ -43,6 +51,7 @@ def atomic_directory(path: str | Path, fill: Callable[[Path], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is owner-only
     try:
         fill(tmp)
         for file in tmp.rglob("*"):

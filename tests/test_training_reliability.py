@@ -4,6 +4,7 @@ depend on the rank count, and DDP told about the PatchGAN's parameters only whil
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.multiprocessing as mp
 from flextok.config import load_config
 from flextok.distributed import free_port
 from flextok.errors import UserError
-from flextok.files import MetricsLog, refuse_existing_run
+from flextok.files import MetricsLog, atomic_directory, atomic_write_text, refuse_existing_run
 from flextok.schema import TokenizerRunConfig
 from flextok.training import TokenizerTrainer
 
@@ -223,3 +224,17 @@ def test_prior_sample_grids_go_through_the_tokenizer_in_chunks(tmp_path, monkeyp
     decoded = LargestBatch(trainer.tokenizer.decoder)
     trainer.train()
     assert decoded.largest == 4 and (tmp_path / "prior" / "samples" / "step_0000001.png").is_file()
+
+
+def test_atomic_files_and_folders_get_the_permissions_of_a_plain_write(tmp_path):
+    """mkstemp/mkdtemp make owner-only temporaries; what they become must be readable as `open` would make it."""
+    old = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+        folder = atomic_directory(tmp_path / "folder", lambda d: (d / "f.txt").write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
