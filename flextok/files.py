@@ -19,10 +19,13 @@ __all__ = ["RUN_FILES", "MetricsLog", "atomic_directory", "atomic_write", "atomi
 RUN_FILES = ("metrics.jsonl", "config.yaml")  # what every trainer writes into its run folder from step 0
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, not while other threads write files
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
@@ -33,7 +36,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:  # the bytes reach the disk before the rename makes them visible
@@ -51,7 +54,7 @@ def atomic_directory(path: str | Path, fill: Callable[[Path], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is owner-only
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's folder is owner-only
     try:
         fill(tmp)
         for file in tmp.rglob("*"):

@@ -226,8 +226,10 @@ def test_prior_sample_grids_go_through_the_tokenizer_in_chunks(tmp_path, monkeyp
     assert decoded.largest == 4 and (tmp_path / "prior" / "samples" / "step_0000001.png").is_file()
 
 
-def test_atomic_files_and_folders_get_the_permissions_of_a_plain_write(tmp_path):
-    """mkstemp/mkdtemp make owner-only temporaries; what they become must be readable as `open` would make it."""
+def test_atomic_files_and_folders_get_the_permissions_of_a_plain_write(tmp_path, monkeypatch):
+    """mkstemp/mkdtemp make owner-only temporaries; what they become must be readable as `open` would make it
+    (flextok.files reads the umask once, at import: the test sets both)."""
+    monkeypatch.setattr("flextok.files._UMASK", 0o022)
     old = os.umask(0o022)
     try:
         plain = tmp_path / "plain.txt"
