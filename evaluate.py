@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from base.cli import config_parser, exits_cleanly, load_from_args
 from evaluation.schema import ExperimentConfig
-from flextok.cli import config_parser, exits_cleanly, load_from_args
 
 
 @exits_cleanly
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
     cfg = load_from_args(args, ExperimentConfig)
-    from flextok.config import save_config
+    from base.config import save_config
     from evaluation import run_evaluation, write_report
 
     result = run_evaluation(cfg)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.machine import matmul_gflops  # the same figure every benchmark prints
-from flextok.config import read_with_bases
-from flextok.distributed import available_ranks
-from flextok.errors import ConfigError
+from base.config import read_with_bases
+from base.distributed import available_ranks
+from base.errors import ConfigError
+from base.runtime import matmul_gflops  # the same figure every benchmark prints
 from flextok.schema import TokenizerRunConfig
 from priors.schema import PriorRunConfig
 

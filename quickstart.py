@@ -16,14 +16,22 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import ROOT, Stage, bpe_stage, evaluate_stage, prior_stage, run_stages, tokenizer_stage
+from pipeline import (
+    ROOT,
+    Stage,
+    bpe_stage,
+    evaluate_stage,
+    prior_stage,
+    run_stages,
+    tokenizer_stage,
+)
 
 OUT = Path("runs/quickstart")
 
 
 def stages() -> list[Stage]:
+    from base.config import load_config
     from evaluation.schema import ExperimentConfig
-    from flextok.config import load_config
 
     tok = lambda name: f"prior.tokenizer={OUT / name / 'final'}"  # noqa: E731
     prior = lambda name, *overrides: prior_stage(OUT, name, "configs/prior_tiny.yaml", 200, *overrides)  # noqa: E731

@@ -22,7 +22,15 @@ from typing import Literal
 
 import yaml
 
-from pipeline import ROOT, Stage, bpe_stage, evaluate_stage, prior_stage, run_stages, tokenizer_stage
+from pipeline import (
+    ROOT,
+    Stage,
+    bpe_stage,
+    evaluate_stage,
+    prior_stage,
+    run_stages,
+    tokenizer_stage,
+)
 
 __all__ = ["StudyConfig", "StudyStage", "main", "study_stages"]
 
@@ -55,7 +63,7 @@ class StudyConfig:
 
 
 def load_study(path: Path) -> tuple[StudyConfig, Path]:
-    from flextok.config import check, load_config
+    from base.config import check, load_config
 
     study = load_config(path, cls=StudyConfig)
     experiment = (path.parent / study.experiment).resolve()
@@ -79,8 +87,8 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
 
 def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> tuple[list[Stage], Path, dict]:
     """The pipeline stages of a study, its output folder, and the evaluation config it ends with."""
+    from base.config import load_config
     from evaluation.schema import ExperimentConfig
-    from flextok.config import load_config
 
     cfg = load_config(experiment, overrides, cls=ExperimentConfig)
     out = Path(cfg.out_dir)
@@ -120,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    from flextok.errors import UserError
-    from flextok.files import atomic_write_text
+    from base.errors import UserError
+    from base.files import atomic_write_text
 
     try:
         study, experiment = load_study(args.config)

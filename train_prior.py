@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from base.cli import config_parser, exits_cleanly, load_from_args
+from base.plan import add_plan_arguments, hardware_from_args
 from evaluation.schema import ExperimentConfig
-from flextok.cli import config_parser, exits_cleanly, load_from_args
-from flextok.plan import add_plan_arguments, hardware_from_args
 
 
 @exits_cleanly
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return print_prior_plan(cfg, hardware, args.deepspeed_config)
     # DeepSpeed is imported only once the config is valid
-    from flextok import distributed
+    from base import distributed
     from priors.trainer import PriorTrainer
 
     distributed.ensure_launch_env(args.local_rank)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from base.cli import config_parser, exits_cleanly, load_from_args
+from base.plan import add_plan_arguments, hardware_from_args
 from evaluation.schema import ExperimentConfig
-from flextok.cli import config_parser, exits_cleanly, load_from_args
-from flextok.plan import add_plan_arguments, hardware_from_args, print_tokenizer_plan
+from flextok.plan import print_tokenizer_plan
 
 
 @exits_cleanly
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_from_args(args, ExperimentConfig)
     if args.plan:  # sizes the run on the meta device: no process group, nothing trained or written
         return print_tokenizer_plan(cfg, hardware)
-    from flextok import distributed
+    from base import distributed
     from flextok.training import TokenizerTrainer
 
     distributed.ensure_launch_env(args.local_rank)

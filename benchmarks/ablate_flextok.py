@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import matmul_gflops
 
+from base.config import load_config
+from base.data import load_images
+from base.metrics import psnr
 from evaluation.bootstrap import bootstrap_interval
-from flextok.config import load_config
 from flextok import FlexTok
-from flextok.data import load_images
-from flextok.metrics import psnr
 from flextok.nested_dropout import powers_of_two_upto
 from flextok.schema import TokenizerRunConfig
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, trainers
-
 from machine import matmul_gflops
+from tokenizers import Tokenizer, decoders, models, trainers
 
 from bpe_image import BPECodec
 from bpe_image._backends import MIN_PAIR_COUNT

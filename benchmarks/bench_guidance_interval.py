@@ -12,12 +12,11 @@ import argparse
 import time
 
 import torch
-
 from machine import matmul_gflops
 
+from base.config import load_config
 from evaluation import run_evaluation
 from evaluation.schema import ExperimentConfig
-from flextok.config import load_config
 
 
 def main() -> None:

@@ -28,12 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import matmul_gflops, peak_rss_mib  # noqa: E402
 
-from flextok.distributed import ensure_launch_env  # noqa: E402
-from flextok.runtime import warmup_cosine  # noqa: E402
-from flextok.schema import SamplingConfig  # noqa: E402
-from priors.schema import PriorConfig, PriorTrainConfig  # noqa: E402
+from base.distributed import ensure_launch_env
+from base.runtime import warmup_cosine
+from base.schema import SamplingConfig
 from priors import DiscretePrior, sample_tokens  # noqa: E402
-from priors.deepspeed_utils import create_engine, deepspeed_config, init_distributed, param_groups  # noqa: E402
+from priors.deepspeed_utils import (  # noqa: E402
+    create_engine,
+    deepspeed_config,
+    init_distributed,
+    param_groups,
+)
+from priors.schema import PriorConfig, PriorTrainConfig  # noqa: E402
 
 VOCAB, CLASSES, DIM, DEPTH, HEADS, SEQ, BATCH = 4096, 10, 256, 6, 4, 128, 16
 REFERENCE = {  # ANCHORS.md §B, with the matmul speed of those runs (~133-176 GFLOP/s; midpoint used)

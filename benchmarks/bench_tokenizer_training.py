@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from machine import matmul_gflops, peak_rss_mib  # noqa: E402
 
+from base.config import load_config
+from base.data import train_loader
 from evaluation.schema import ExperimentConfig  # noqa: E402
-from flextok.config import load_config  # noqa: E402
-from flextok.data import train_loader  # noqa: E402
-from flextok.grid_autoencoder import GridAutoencoder  # noqa: E402
 from flextok.plan import planned_tokenizer, tokenizer_workloads  # noqa: E402
 from flextok.schema import TokenizerRunConfig  # noqa: E402
 from flextok.training import TokenizerTrainer, grouped  # noqa: E402
+from grid.autoencoder import GridAutoencoder
 
 
 def frozen_autoencoder(cfg: TokenizerRunConfig, folder: Path) -> list[str]:

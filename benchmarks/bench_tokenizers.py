@@ -13,15 +13,16 @@ import argparse
 import os
 
 import torch
-
 from machine import matmul_gflops, peak_rss_mib, throughput
 
-from flextok.config import load_config
-from flextok.data import train_loader
-from flextok.flextok_model import FlexTok
-from flextok.grid_autoencoder import GridAutoencoder
-from flextok.objectives import GridObjective
-from flextok.schema import FlexTokConfig, GridConfig, QuantizerConfig, SamplingConfig, TokenizerRunConfig
+from base.config import load_config
+from base.data import train_loader
+from base.schema import SamplingConfig
+from flextok.model import FlexTok
+from flextok.schema import FlexTokConfig, TokenizerRunConfig
+from grid.autoencoder import GridAutoencoder
+from grid.objectives import GridObjective
+from grid.schema import GridConfig, QuantizerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,9 @@ import resource
 import sys
 import time
 
-from flextok.runtime import matmul_gflops  # noqa: F401 - re-exported: the benchmarks import it from here
+from base.runtime import matmul_gflops
+
+__all__ = ["matmul_gflops", "peak_rss_mib", "throughput"]
 
 
 def peak_rss_mib() -> float:

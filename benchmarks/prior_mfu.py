@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from machine import matmul_gflops  # noqa: E402
 
+from base.config import load_config
 from evaluation.schema import ExperimentConfig  # noqa: E402
-from flextok.config import load_config  # noqa: E402
 from priors.plan import planned_prior, prior_workload  # noqa: E402
 
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from flextok.distributed import free_port  # noqa: E402
-from flextok.files import MetricsLog  # noqa: E402
+from base.distributed import free_port
+from base.files import MetricsLog
 
 TINY_GAN = [  # the 2-rank PatchGAN config of tests/test_distributed_training.py, evaluating every 5 steps
     "--config", "configs/grid_vq.yaml", "data.resolution=16", "data.crops_per_photo=8",

@@ -12,7 +12,7 @@ if the tokens decode back to the exact codes. Every mode here is exactly inverti
 
 Base token ids equal code ids (0..K-1); merged tokens get K..V-1.
 
-Saved codecs use the models' Hub format (`flextok.hub`): `config.json` with `model_type: bpe_codec`, the
+Saved codecs use the models' Hub format (`base.hub`): `config.json` with `model_type: bpe_codec`, the
 backend file and a model card, loadable from a folder or a hub id `hf:owner/name`. Codecs saved before it
 (`bpe_config.json`) still load.
 """
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flextok.errors import ConfigError, UserError
-from flextok.files import atomic_write_bytes
-from flextok.hub import (
+from base.errors import ConfigError, UserError
+from base.files import atomic_write_bytes
+from base.hub import (
     CONFIG_NAME,
     ModelCardInfo,
     card_load_path,
@@ -45,7 +45,14 @@ from flextok.hub import (
 
 from ._backends import BACKENDS
 from ._grid import GridEngine
-from ._inputs import ArrayLike, as_output, concat_checked, is_torch, split_batch, to_int_array
+from ._inputs import (
+    ArrayLike,
+    as_output,
+    concat_checked,
+    is_torch,
+    split_batch,
+    to_int_array,
+)
 from ._sequence import SequenceEngine, block_edges
 from ._text import MAX_CODEBOOK_SIZE
 from .stats import BPEStats
@@ -245,7 +252,7 @@ class BPECodec:
     def save_pretrained(self, directory: str | os.PathLike, card: ModelCardInfo | dict | None = None, *,
                         load_path: str | None = None) -> Path:
         """Write the backend file, the model card `README.md` and `config.json` (atomically, config last),
-        in the models' Hub format. `card` and `load_path` are as in `flextok.hub.HubMixin.save_pretrained`."""
+        in the models' Hub format. `card` and `load_path` are as in `base.hub.HubMixin.save_pretrained`."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         data = self._engine.to_bytes()
@@ -280,8 +287,8 @@ class BPECodec:
         """Load a codec saved by `save_pretrained` from a folder or a hub id `hf:owner/name` (or an older
         `bpe_config.json` folder).
 
-        Raises `flextok.errors.UserError` for a folder or hub id that is not there or holds another model
-        type, FileNotFoundError naming a missing file, `flextok.errors.ConfigError` (a UserError and a
+        Raises `base.errors.UserError` for a folder or hub id that is not there or holds another model
+        type, FileNotFoundError naming a missing file, `base.errors.ConfigError` (a UserError and a
         ValueError) naming a file that is corrupt or does not match the config, each one line.
         """
         directory = codec_dir(path)

@@ -6,7 +6,13 @@ Layer: after `priors`, before `evaluation`; imports flextok, bpe_image and prior
 from .container import HEADER_BYTES, MAGIC, OVERHEAD_BYTES, VERSION, Header
 from .core import CodecSettings, ImageCodec
 from .entropy import Layout, decode_streams, encode_streams
-from .measure import CodecMeasurement, codec_size_vs_nll, measure_image, prior_nll_bits, summarize
+from .measure import (
+    CodecMeasurement,
+    codec_size_vs_nll,
+    measure_image,
+    prior_nll_bits,
+    summarize,
+)
 
 __all__ = [
     "HEADER_BYTES", "MAGIC", "OVERHEAD_BYTES", "VERSION", "CodecMeasurement", "CodecSettings", "Header", "ImageCodec",

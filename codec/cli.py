@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flextok.cli import exits_cleanly
-from flextok.errors import UserError
-from flextok.files import atomic_write_bytes
+from base.cli import exits_cleanly
+from base.errors import UserError
+from base.files import atomic_write_bytes
 
 from .core import CodecSettings, ImageCodec
 

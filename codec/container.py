@@ -20,7 +20,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from flextok.errors import UserError
+from base.errors import UserError
 
 __all__ = ["DECODES", "FINGERPRINT_BYTES", "HEADER_BYTES", "Header", "MAGIC", "OVERHEAD_BYTES", "STREAMS",
            "VERSION", "fingerprint_bytes", "pack", "tokens_crc", "unpack"]

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base.errors import TokenizerMismatch, UserError
+from base.fingerprint import fingerprint_model
 from bpe_image import BPECodec
-from flextok import FlexTok, TokenizerMismatch, load_tokenizer
-from flextok.errors import UserError
-from flextok.fingerprint import fingerprint_model
+from flextok import FlexTok, load_tokenizer
 from priors import DiscretePrior, PriorConfig, load_prior
 from priors.pairing import check_tokenizer
-from priors.token_dataset import tokenize_for_prior, open_codec
+from priors.token_dataset import open_codec, tokenize_for_prior
 
 from .container import DECODES, Header, fingerprint_bytes, pack, tokens_crc, unpack
 from .entropy import Layout, decode_streams, encode_streams

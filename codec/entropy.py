@@ -27,7 +27,7 @@ import constriction
 import numpy as np
 import torch
 
-from flextok.errors import UserError
+from base.errors import UserError
 from flextok.nested_dropout import powers_of_two_upto
 from priors import DiscretePrior, KVCacheDecoder
 

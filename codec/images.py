@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flextok.data import pil_to_tensor, tensor_to_uint8, to_rgb
-from flextok.errors import UserError
+from base.data import pil_to_tensor, tensor_to_uint8, to_rgb
+from base.errors import UserError
 
 __all__ = ["GRAY_MODES", "png_bytes", "read_image", "tile", "untile"]
 

@@ -12,8 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from flextok.data import tensor_to_uint8
-from flextok.files import atomic_write, atomic_write_text
+from base.data import tensor_to_uint8
+from base.files import atomic_write, atomic_write_text
 
 __all__ = ["CACHE_VERSION", "ResultCache", "tensor_digest"]
 

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
 
-import PIL
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from base.data import manifest_photos, pil_to_tensor, tensor_to_uint8, to_rgb
+from base.errors import UserError
+from base.metrics import psnr, ssim
+from base.runtime import matmul_gflops
 from codec import OVERHEAD_BYTES, CodecSettings, ImageCodec, measure_image, summarize
-from flextok.data import manifest_photos, pil_to_tensor, tensor_to_uint8, to_rgb
-from flextok.errors import UserError
-from flextok.metrics import psnr, ssim
-from flextok.runtime import matmul_gflops
 
 from .bootstrap import bootstrap_interval
 from .cache import tensor_digest

@@ -12,13 +12,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from flextok import load_model
-from flextok.data import Batch, ImageDataset, collate, data_settings, load_images, load_source, report_skipped
-from flextok.errors import UserError
-from flextok.fingerprint import fingerprint_model
-from flextok.lpips import LPIPS, LPIPS_WEIGHTS_ENV
-from flextok.runtime import pick_device
-from flextok.schema import DataConfig
+from base.data import (
+    Batch,
+    ImageDataset,
+    collate,
+    data_settings,
+    load_images,
+    load_source,
+    report_skipped,
+)
+from base.errors import UserError
+from base.fingerprint import fingerprint_model
+from base.hub import load_model
+from base.lpips import LPIPS, LPIPS_WEIGHTS_ENV
+from base.runtime import pick_device
+from base.schema import DataConfig
 from priors import token_cache_dir
 
 from .cache import ResultCache, tensor_digest

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from flextok.files import atomic_write
+from base.files import atomic_write
 
 from .frechet import FeatureExtractor, batched_features
 

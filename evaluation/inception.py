@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flextok.weights import resolve_local_weights
+from base.weights import resolve_local_weights
 
 from .frechet import FeatureExtractor, batched_features
 

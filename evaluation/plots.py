@@ -9,8 +9,8 @@ from pathlib import Path
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from flextok.files import atomic_write
-from flextok.visualize import save_image_grid
+from base.files import atomic_write
+from base.visualize import save_image_grid
 
 from .rows import CodecRow, EvaluationResult, PriorRow, TokenizerRow
 

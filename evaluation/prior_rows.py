@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from base.data import data_settings
+from base.errors import UserError
 from bpe_image import BPECodec
-from flextok.data import data_settings
-from flextok.errors import UserError
 from flextok.nested_dropout import powers_of_two_upto
 from priors import DiscretePrior, FlowPrior, build_token_dataset, generate_images
 from priors.pairing import check_tokenizer

@@ -14,11 +14,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flextok.files import atomic_write_text
-from flextok.visualize import class_columns, save_image_grid
+from base.files import atomic_write_text
+from base.visualize import class_columns, save_image_grid
 
-from .plots import (plot_adaptive_lengths, plot_codec_rate_distortion, plot_generation, plot_modelability,
-                    plot_tradeoff, save_codec_examples, save_reconstruction_grid)
+from .plots import (
+    plot_adaptive_lengths,
+    plot_codec_rate_distortion,
+    plot_generation,
+    plot_modelability,
+    plot_tradeoff,
+    save_codec_examples,
+    save_reconstruction_grid,
+)
 from .rows import CodecRow, EvaluationResult, PriorRow, SamplerSettings, TokenizerRow
 
 __all__ = ["summary_markdown", "write_report"]

@@ -11,8 +11,8 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from flextok.errors import UserError
-from flextok.schema import SamplingConfig
+from base.errors import UserError
+from base.schema import SamplingConfig
 
 __all__ = ["CodecRow", "ErrorRow", "EvaluationResult", "PriorRow", "SamplerSettings", "TokenizerRow"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from flextok.errors import UserError
+from base.errors import UserError
 
 from .codec_rows import run_codec
 from .context import EvalContext

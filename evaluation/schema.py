@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-from flextok.config import check
-from flextok.schema import SamplingOverrides
+from base.config import check
+from base.schema import SamplingOverrides
 from priors.schema import PriorRunConfig
 
 __all__ = ["EvalCodecConfig", "EvalConfig", "EvalEntry", "EvalPriorConfig", "EvalTokenizerConfig", "ExperimentConfig"]

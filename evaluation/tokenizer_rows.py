@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from base.errors import UserError
+from base.metrics import psnr, ssim
+from base.schema import DataConfig, SamplingConfig
 from bpe_image import BPECodec
-from flextok import FlexTok, GridAutoencoder
-from flextok.errors import UserError
-from flextok.metrics import psnr, ssim
+from flextok import FlexTok
 from flextok.nested_dropout import powers_of_two_upto
-from flextok.schema import DataConfig, SamplingConfig
+from grid.autoencoder import GridAutoencoder
 from priors.token_dataset import open_codec
 
 from .bits import length_code_bits, multiset_bits

@@ -1,17 +1,14 @@
-"""Adaptive image tokenization, the shared base and the tokenizers: grid KL/quantized autoencoders and
-FlexTok-style 1D tokenizers (importing the package registers both for `load_model`)."""
+"""FlexTok-style 1D tokenizers, and the tokenizer stage over both families (importing the package registers
+the 1D tokenizer and the grid autoencoders for `base.hub.load_model`)."""
 
 from __future__ import annotations
 
-from .errors import ConfigError, NonFiniteLoss, TokenizerMismatch, UserError
-from .flextok_model import FlexTok
-from .grid_autoencoder import GridAutoencoder
-from .hub import load_model
+from base.hub import load_model
+from grid import GridAutoencoder
 
-__all__ = [
-    "ConfigError", "FlexTok", "GridAutoencoder", "NonFiniteLoss", "TokenizerMismatch", "UserError", "load_model",
-    "load_tokenizer",
-]
+from .model import FlexTok
+
+__all__ = ["FlexTok", "load_tokenizer"]
 
 
 def load_tokenizer(path, map_location: str = "cpu") -> FlexTok | GridAutoencoder:

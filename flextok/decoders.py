@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Encoder
 
-from .guidance import Guidance
-from .patching import sincos_2d, timestep_embedding
-from .schema import SamplingConfig
+from base.guidance import Guidance
+from base.patching import sincos_2d, timestep_embedding
+from base.schema import SamplingConfig
 
 __all__ = ["DecoderTrunk", "DiffusionDecoder", "RectifiedFlowDecoder", "build_decoder", "cosine_alpha_bar",
            "start_from_noise"]
@@ -51,7 +51,7 @@ class DecoderTrunk(nn.Module):
 
 def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
            guidance: Guidance) -> torch.Tensor:
-    """The trunk's prediction under classifier-free guidance (`flextok.guidance`)."""
+    """The trunk's prediction under classifier-free guidance (`base.guidance`)."""
     return guidance.combine(trunk(guidance.repeat(x), guidance.repeat(t), guidance.conditions(cond, null)))
 
 

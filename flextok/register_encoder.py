@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from x_transformers import Encoder
 
-from .patching import sincos_2d
+from base.patching import sincos_2d
 
 __all__ = ["RegisterEncoder", "register_attention_mask"]
 

@@ -26,16 +26,24 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from . import distributed as dist
-from .config import save_config
-from .data import Batch, load_images, loader_state, micro_batch_size, report_skipped, train_loader
-from .errors import UserError
-from .files import MetricsLog, atomic_write, refuse_existing_run
-from .hub import ModelCardInfo
-from .metrics import psnr, ssim
-from .runtime import check_finite, pick_device, warmup_cosine
+from base import distributed as dist
+from base.config import save_config
+from base.data import (
+    Batch,
+    load_images,
+    loader_state,
+    micro_batch_size,
+    report_skipped,
+    train_loader,
+)
+from base.errors import UserError
+from base.files import MetricsLog, atomic_write, refuse_existing_run
+from base.hub import ModelCardInfo
+from base.metrics import psnr, ssim
+from base.runtime import check_finite, pick_device, warmup_cosine
+from base.visualize import save_image_grid
+
 from .schema import TokenizerRunConfig
-from .visualize import save_image_grid
 
 __all__ = ["TokenizerTrainer", "build_objective", "build_tokenizer", "recompute_in_backward", "restore_rng_state",
            "rng_state", "step_seed"]
@@ -45,20 +53,20 @@ CHECKPOINT = "latest.pt"
 
 def build_tokenizer(cfg: TokenizerRunConfig) -> torch.nn.Module:
     if cfg.tokenizer == "grid":
-        from .grid_autoencoder import GridAutoencoder
+        from grid.autoencoder import GridAutoencoder
 
         return GridAutoencoder(cfg.grid, resolution=cfg.data.resolution)
-    from .flextok_model import FlexTok
+    from .model import FlexTok
 
     return FlexTok.from_config(cfg.flextok, resolution=cfg.data.resolution)
 
 
 def build_objective(cfg: TokenizerRunConfig, model: torch.nn.Module) -> torch.nn.Module:
     if cfg.tokenizer == "grid":
-        from .objectives import GridObjective
+        from grid.objectives import GridObjective
 
         return GridObjective(model, cfg.loss)
-    from .flextok_model import FlexTokObjective
+    from .model import FlexTokObjective
 
     return FlexTokObjective(model)
 
@@ -72,7 +80,7 @@ def recompute_in_backward(model: torch.nn.Module) -> int:
     """
     from x_transformers.x_transformers import Attention, FeedForward
 
-    from .grid_autoencoder import ResBlock
+    from grid.autoencoder import ResBlock
 
     count = 0
     for module in model.modules():

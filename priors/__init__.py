@@ -3,7 +3,7 @@ cached token datasets, fast guided sampling, and DeepSpeed training (`train_prio
 
 Importing the package registers both prior models for `flextok.load_model`."""
 
-from flextok import load_model
+from base.hub import load_model
 
 from .discrete import DiscretePrior
 from .flow import FlowPrior

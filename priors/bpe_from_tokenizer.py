@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from base.cli import exits_cleanly
+from base.config import load_config
+from base.errors import UserError
+from base.hub import ModelCardInfo
 from bpe_image import BPECodec
-from flextok import GridAutoencoder, UserError, load_tokenizer
-from flextok.cli import exits_cleanly
-from flextok.config import load_config
-from flextok.hub import ModelCardInfo
+from flextok import load_tokenizer
+from grid.autoencoder import GridAutoencoder
 
 from .schema import PriorConfig, PriorRunConfig
 from .token_dataset import build_token_dataset, token_cache_dir

@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import torch
 
-from flextok.distributed import WAIT_TIMEOUT, barrier
-from flextok.errors import UserError
-from flextok.files import atomic_write_text
-from flextok.runtime import warmup_cosine
+from base.distributed import WAIT_TIMEOUT, barrier
+from base.errors import UserError
+from base.files import atomic_write_text
+from base.runtime import warmup_cosine
 
 from .schema import PriorTrainConfig
 
@@ -161,7 +161,11 @@ def build_model(build: Callable[[], torch.nn.Module], config: dict[str, Any]) ->
 
 def _redo_parent_inits(model: torch.nn.Module) -> None:
     import deepspeed
-    from x_transformers.x_transformers import AdaptiveLayerNorm, AdaptiveLayerScale, TokenEmbedding
+    from x_transformers.x_transformers import (
+        AdaptiveLayerNorm,
+        AdaptiveLayerScale,
+        TokenEmbedding,
+    )
 
     def redo(module: torch.nn.Module) -> None:
         if isinstance(module, TokenEmbedding) and not module.l2norm_embed:
@@ -278,7 +282,9 @@ def consolidated_weights(checkpoint_dir: Path, zero_stage: int, bf16: bool,
     if pointer is None:
         raise UserError(f"no checkpoint in {checkpoint_dir} to export")
     if zero_stage > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=pointer["tag"])
     path = checkpoint_dir / pointer["tag"] / "mp_rank_00_model_states.pt"

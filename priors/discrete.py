@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder, TransformerWrapper
 
-from flextok.config import check
-from flextok.hub import HubMixin, register_model
+from base.config import check
+from base.hub import HubMixin, register_model
 
 from .fast_layers import use_fast_layers
 from .schema import PriorConfig

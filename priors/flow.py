@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Encoder
 
-from flextok.config import check
-from flextok.guidance import Guidance
-from flextok.hub import HubMixin, register_model
-from flextok.patching import timestep_embedding
-from flextok.schema import SamplingConfig
+from base.config import check
+from base.guidance import Guidance
+from base.hub import HubMixin, register_model
+from base.patching import timestep_embedding
+from base.schema import SamplingConfig
 
 from .fast_layers import use_fast_layers
 from .schema import PriorConfig

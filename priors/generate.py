@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from base.fingerprint import fingerprint_model
+from base.schema import SamplingConfig
+from base.visualize import class_columns, save_image_grid
 from flextok import FlexTok
-from flextok.fingerprint import fingerprint_model
-from flextok.schema import SamplingConfig
-from flextok.visualize import class_columns, save_image_grid
 
 from .discrete import DiscretePrior
 from .flow import FlowPrior

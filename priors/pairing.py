@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flextok import TokenizerMismatch, load_tokenizer
-from flextok.files import atomic_write_text
-from flextok.fingerprint import fingerprint_model
-from flextok.hub import CONFIG_NAME, read_model_meta
+from base.errors import TokenizerMismatch
+from base.files import atomic_write_text
+from base.fingerprint import fingerprint_model
+from base.hub import CONFIG_NAME, read_model_meta
+from flextok import load_tokenizer
 
 __all__ = ["check_tokenizer", "rekey"]
 

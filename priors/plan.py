@@ -18,13 +18,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flextok.errors import UserError
-from flextok.plan import (
-    BF16, FP32, PRECISION_BYTES, ZERO_STAGES, Hardware, Workload, compute_lines, count, format_bytes, format_count,
-    parameter_rows, parameter_table, per_token_weights, plan_report, table, transformer_workload,
+from base.errors import UserError
+from base.plan import (
+    BF16,
+    FP32,
+    PRECISION_BYTES,
+    ZERO_STAGES,
+    Hardware,
+    Workload,
+    compute_lines,
+    count,
+    format_bytes,
+    format_count,
+    parameter_rows,
+    parameter_table,
+    per_token_weights,
+    plan_report,
+    table,
+    transformer_workload,
     zero_model_states,
 )
-from flextok.schema import QuantizerConfig
+from grid.schema import QuantizerConfig
 
 from .deepspeed_utils import deepspeed_config
 from .discrete import DiscretePrior

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flextok.cli import exits_cleanly
+from base.cli import exits_cleanly
 
 from .pairing import rekey
 

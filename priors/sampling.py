@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flextok.guidance import Guidance
-from flextok.schema import SamplingConfig
+from base.guidance import Guidance
+from base.schema import SamplingConfig
 
 from .discrete import DiscretePrior
 from .kv_decoder import KVCacheDecoder
@@ -61,7 +61,7 @@ def _sample_top_k(logits: torch.Tensor, k: int, generator: torch.Generator | Non
 
 
 class GuidedDecoder:
-    """Next-token logits under classifier-free guidance (`flextok.guidance`), every row in one KV-cached batch."""
+    """Next-token logits under classifier-free guidance (`base.guidance`), every row in one KV-cached batch."""
 
     def __init__(self, prior: DiscretePrior, labels: torch.Tensor | None, batch: int, guidance_scale: float,
                  max_positions: int):

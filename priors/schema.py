@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
-from flextok.config import check
-from flextok.schema import MAX_DEPTH, SamplingConfig, TokenizerRunConfig
+from base.config import check
+from base.schema import MAX_DEPTH, SamplingConfig
+from flextok.schema import TokenizerRunConfig
 
 __all__ = ["PriorConfig", "PriorRunConfig", "PriorTrainConfig"]
 

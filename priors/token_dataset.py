@@ -30,15 +30,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from base.data import (
+    Batch,
+    ImageDataset,
+    collate,
+    data_settings,
+    example_from_row,
+    load_source,
+    report_skipped,
+)
+from base.distributed import WAIT_TIMEOUT, wait_for
+from base.errors import TokenizerMismatch, UserError
+from base.files import atomic_directory, atomic_write, atomic_write_text
+from base.fingerprint import fingerprint_files, fingerprint_model
+from base.schema import DataConfig
 from bpe_image import BPECodec
 from bpe_image.codec import codec_dir
-
-from flextok.data import Batch, ImageDataset, collate, data_settings, example_from_row, load_source, report_skipped
-from flextok.errors import TokenizerMismatch, UserError
-from flextok.distributed import WAIT_TIMEOUT, wait_for
-from flextok.files import atomic_directory, atomic_write, atomic_write_text
-from flextok.fingerprint import fingerprint_files, fingerprint_model
-from flextok.schema import DataConfig
 
 from .schema import PriorConfig, PriorRunConfig
 

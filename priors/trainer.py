@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flextok import distributed as dist
+from base import distributed as dist
+from base.config import save_config
+from base.data import EpochOrder
+from base.errors import TokenizerMismatch, UserError
+from base.files import MetricsLog, refuse_existing_run
+from base.fingerprint import fingerprint_model
+from base.hub import ModelCardInfo
+from base.runtime import check_finite
+from base.visualize import class_columns, save_image_grid
 from flextok import load_tokenizer
-from flextok.config import save_config
-from flextok.data import EpochOrder
-from flextok.errors import TokenizerMismatch, UserError
-from flextok.files import MetricsLog, refuse_existing_run
-from flextok.fingerprint import fingerprint_model
-from flextok.hub import ModelCardInfo
-from flextok.runtime import check_finite
-from flextok.visualize import class_columns, save_image_grid
 
 from .deepspeed_utils import (
     build_model,

@@ -15,8 +15,8 @@ def _seed():
 @pytest.fixture(scope="session")
 def eight_images():
     """Eight 16x16 held-out crops of the embedded photographs (deterministic)."""
-    from flextok.schema import DataConfig
-    from flextok.data import load_images
+    from base.data import load_images
+    from base.schema import DataConfig
 
     return load_images(DataConfig(resolution=16, eval_crops_per_photo=4), "test", limit=8).images
 

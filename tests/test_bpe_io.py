@@ -10,9 +10,9 @@ import warnings
 import numpy as np
 import pytest
 
+from base.errors import UserError
 from bpe_image import BPECodec
 from bpe_image.train import main
-from flextok.errors import UserError
 
 K = 16
 
@@ -301,7 +301,7 @@ def test_backend_vocabularies_are_checked_when_mapped_to_public_ids():
 
 
 def test_a_codec_folders_fingerprint_leaves_out_its_card(codecs, tmp_path):
-    from flextok.fingerprint import fingerprint_files
+    from base.fingerprint import fingerprint_files
 
     codec, other = codecs[0][0], codecs[2][0]
     codec.save_pretrained(tmp_path / "a", card={"steps": 1, "metrics": {"ratio": 2.0}})

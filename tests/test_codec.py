@@ -21,14 +21,23 @@ import pytest
 import torch
 from PIL import Image
 
+from base.data import skimage_photo
+from base.fingerprint import fingerprint_model
+from base.schema import SamplingConfig
 from bpe_image import BPECodec
-from codec import HEADER_BYTES, OVERHEAD_BYTES, CodecSettings, ImageCodec, codec_size_vs_nll
+from codec import (
+    HEADER_BYTES,
+    OVERHEAD_BYTES,
+    CodecSettings,
+    ImageCodec,
+    codec_size_vs_nll,
+)
 from codec.cli import main
 from codec.images import read_image, tile
-from flextok import FlexTok, GridAutoencoder
-from flextok.data import skimage_photo
-from flextok.fingerprint import fingerprint_model
-from flextok.schema import FlexTokConfig, GridConfig, QuantizerConfig, SamplingConfig
+from flextok import FlexTok
+from flextok.schema import FlexTokConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig, QuantizerConfig
 from priors import DiscretePrior, PriorConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,19 +13,28 @@ import torch
 import yaml
 from PIL import Image
 
+from base.config import load_config
+from base.data import tensor_to_uint8
+from base.errors import ConfigError
+from base.fingerprint import fingerprint_model
+from base.schema import SamplingConfig
 from codec import OVERHEAD_BYTES, CodecSettings, ImageCodec
-from evaluation.codec_rows import BASELINES, CodecImages, lowest_rate_verdict, patches, run_codec
+from evaluation.codec_rows import (
+    BASELINES,
+    CodecImages,
+    lowest_rate_verdict,
+    patches,
+    run_codec,
+)
 from evaluation.context import EvalContext
 from evaluation.report import write_report
 from evaluation.rows import EvaluationResult
 from evaluation.run import describe_run
 from evaluation.schema import ExperimentConfig
-from flextok import FlexTok, GridAutoencoder
-from flextok.config import load_config
-from flextok.data import tensor_to_uint8
-from flextok.errors import ConfigError
-from flextok.fingerprint import fingerprint_model
-from flextok.schema import FlexTokConfig, GridConfig, QuantizerConfig, SamplingConfig
+from flextok import FlexTok
+from flextok.schema import FlexTokConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig, QuantizerConfig
 from priors import DiscretePrior, PriorConfig
 
 DATA = {"source": "builtin:skimage", "resolution": 16, "crops_per_photo": 4, "eval_crops_per_photo": 4}

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from base.config import from_dict, upgrade_keys
+from base.config import load_config as load_with_schema
+from base.errors import ConfigError
 from evaluation.schema import ExperimentConfig
-from flextok.config import from_dict, upgrade_keys
-from flextok.config import load_config as load_with_schema
-from flextok.errors import ConfigError
 from flextok.schema import FlexTokConfig
 
 
@@ -106,7 +106,7 @@ def test_checkpoint_configs_with_old_keys_are_upgraded():
 def test_eval_sampling_overrides_replace_only_the_fields_given(tmp_path):
     import dataclasses
 
-    from flextok.schema import SamplingConfig, SamplingOverrides
+    from base.schema import SamplingConfig, SamplingOverrides
 
     names = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
     assert names(SamplingOverrides) == names(SamplingConfig)

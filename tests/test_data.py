@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flextok.errors import UserError
-from flextok.schema import DataConfig
-from flextok.data import StepBatchSampler, load_images, loader_state, to_rgb, train_loader
+from base.data import StepBatchSampler, load_images, loader_state, to_rgb, train_loader
+from base.errors import UserError
+from base.schema import DataConfig
 
 
 def make_folder(root):
@@ -122,9 +122,9 @@ def test_photos_are_split_by_photograph_and_checked_against_the_manifest(tmp_pat
 
     from PIL import Image
 
-    import flextok.data
+    import base.data
 
-    monkeypatch.setattr(flextok.data, "photo_crops_cache_dir", lambda: tmp_path / "crops")
+    monkeypatch.setattr(base.data, "photo_crops_cache_dir", lambda: tmp_path / "crops")
 
     entries = []
     for i in range(6):
@@ -143,7 +143,7 @@ def test_photos_are_split_by_photograph_and_checked_against_the_manifest(tmp_pat
     cached = sorted(path.suffix for path in (tmp_path / "crops").iterdir())
     assert cached == [".npz", ".npz"]  # one file per split, no temporary file left
     with monkeypatch.context() as m:  # a second run reads the crops it drew back from the cache
-        m.setattr(flextok.data, "_photo_crops", lambda *a: pytest.fail("crops drawn again"))
+        m.setattr(base.data, "_photo_crops", lambda *a: pytest.fail("crops drawn again"))
         assert torch.equal(load_images(cfg, "train").images, train.images)
     more = dataclasses.replace(cfg, crops_per_photo=6)  # another setting is another cache entry
     assert len(load_images(more, "train").images) == 4 * 6
@@ -311,11 +311,11 @@ def counting_stream(shards: int, per_shard: int, reads: list[int]):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_a_resumed_stream_reads_again_at_most_one_block(monkeypatch, world_size):
-    import flextok.data
+    import base.data
 
     reads = [0]
-    monkeypatch.setattr(flextok.data, "load_source", lambda *args: counting_stream(10, 10, reads))
-    monkeypatch.setattr(flextok.data, "STREAM_SHUFFLE_BLOCK", 16)
+    monkeypatch.setattr(base.data, "load_source", lambda *args: counting_stream(10, 10, reads))
+    monkeypatch.setattr(base.data, "STREAM_SHUFFLE_BLOCK", 16)
     cfg = DataConfig(resolution=16, streaming=True)
     args = dict(batch_size=4 * world_size, seed=1, world_size=world_size)
 

@@ -14,9 +14,9 @@ import torch
 from helpers import launcher_env, require_launcher
 from safetensors.torch import load_file
 
-from flextok.data import StepBatchSampler, micro_batch_size
-from flextok.distributed import free_port
-from flextok.errors import UserError
+from base.data import StepBatchSampler, micro_batch_size
+from base.distributed import free_port
+from base.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 GAN = [  # a quantized grid autoencoder with the PatchGAN switched on after step 2
@@ -100,7 +100,7 @@ def test_two_rank_flextok_run_through_the_deepspeed_launcher(tmp_path):
 
 
 def test_a_wait_on_other_ranks_times_out_with_one_line_naming_what_is_missing(tmp_path):
-    from flextok.distributed import WaitTimeout, wait_for
+    from base.distributed import WaitTimeout, wait_for
 
     expected = tmp_path / "000001.npz"
 
@@ -117,10 +117,10 @@ def test_a_wait_on_other_ranks_times_out_with_one_line_naming_what_is_missing(tm
 
 
 def test_wait_timeout_is_a_config_key_both_trainers_read():
+    from base.config import load_config
+    from base.distributed import WAIT_TIMEOUT
+    from base.errors import ConfigError
     from evaluation.schema import ExperimentConfig
-    from flextok.config import load_config
-    from flextok.distributed import WAIT_TIMEOUT
-    from flextok.errors import ConfigError
 
     cfg = load_config(REPO / "configs/prior_tiny.yaml", ["distributed.wait_timeout=0.5"], cls=ExperimentConfig)
     assert cfg.distributed.wait_timeout == 0.5 and WAIT_TIMEOUT >= 60  # hours by default, not minutes

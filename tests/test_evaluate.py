@@ -15,15 +15,18 @@ import yaml
 from PIL import Image
 
 import evaluate
+from base.config import load_config
+from base.data import load_images
+from base.errors import ConfigError
+from base.fingerprint import fingerprint_model
+from base.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
+from base.schema import DataConfig, SamplingConfig
 from bpe_image import BPECodec
-from flextok import FlexTok, GridAutoencoder
 from evaluation.schema import ExperimentConfig
-from flextok.config import load_config
-from flextok.errors import ConfigError
-from flextok.fingerprint import fingerprint_model
-from flextok.schema import DataConfig, FlexTokConfig, GridConfig, QuantizerConfig, SamplingConfig
-from flextok.data import load_images
-from flextok.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
+from flextok import FlexTok
+from flextok.schema import FlexTokConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig, QuantizerConfig
 from priors import DiscretePrior, FlowPrior, PriorConfig
 
 DATA = {"source": "builtin:skimage", "resolution": 16, "crops_per_photo": 8, "eval_crops_per_photo": 4}

@@ -14,7 +14,8 @@ from evaluation.bits import length_code_bits, multiset_bits
 from evaluation.bootstrap import bootstrap_interval
 from evaluation.kid import kernel_inception_distance, mmd2_unbiased
 from flextok import FlexTok
-from flextok.schema import FlexTokConfig, QuantizerConfig
+from flextok.schema import FlexTokConfig
+from grid.schema import QuantizerConfig
 
 
 @pytest.mark.parametrize("vocab, count", [(4, 3), (5, 2), (3, 5), (1, 4)])

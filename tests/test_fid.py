@@ -13,8 +13,17 @@ import torch.nn.functional as F
 
 import evaluation.dataset_classifier as dataset_classifier_module
 import evaluation.inception as inception_module
-from evaluation.dataset_classifier import DatasetClassifierFeatures, train_dataset_classifier
-from evaluation.frechet import FeatureStats, compute_feature_stats, fid, fid_from_stats, frechet_distance
+from evaluation.dataset_classifier import (
+    DatasetClassifierFeatures,
+    train_dataset_classifier,
+)
+from evaluation.frechet import (
+    FeatureStats,
+    compute_feature_stats,
+    fid,
+    fid_from_stats,
+    frechet_distance,
+)
 from evaluation.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILENAME,

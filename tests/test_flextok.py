@@ -4,13 +4,19 @@ import pytest
 import torch
 from helpers import fit
 
+from base.guidance import Guidance
+from base.metrics import psnr
+from base.schema import SamplingConfig
 from flextok import FlexTok, load_tokenizer
 from flextok.decoders import guided
-from flextok.flextok_model import FlexTokObjective
-from flextok.guidance import Guidance
-from flextok.metrics import psnr
-from flextok.nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
-from flextok.schema import FlexTokConfig, QuantizerConfig, SamplingConfig
+from flextok.model import FlexTokObjective
+from flextok.nested_dropout import (
+    apply_nested_dropout,
+    powers_of_two_upto,
+    sample_keep_counts,
+)
+from flextok.schema import FlexTokConfig
+from grid.schema import QuantizerConfig
 
 SMALL = dict(input="pixels", patch_size=4, num_registers=8, dim=64, depth=2, heads=4, decoder_dim=64,
              decoder_depth=2, decoder_heads=4, sampling=SamplingConfig(steps=6))
@@ -24,8 +30,8 @@ def train(cfg: FlexTokConfig, images: torch.Tensor, steps: int, lr: float = 2e-3
 
 @pytest.fixture(scope="module")
 def sixteen_images():
-    from flextok.schema import DataConfig
-    from flextok.data import load_images
+    from base.data import load_images
+    from base.schema import DataConfig
 
     return load_images(DataConfig(resolution=16, crops_per_photo=3), "train", seed=0).images[:16]
 
@@ -145,8 +151,8 @@ def test_save_load_round_trip_and_bad_tokens(tmp_path, trained, sixteen_images):
 
 
 def test_latent_input_embeds_the_frozen_autoencoder(tmp_path):
-    from flextok.schema import GridConfig
-    from flextok.grid_autoencoder import GridAutoencoder
+    from grid.autoencoder import GridAutoencoder
+    from grid.schema import GridConfig
 
     ae = GridAutoencoder(GridConfig(channels=16, latent_channels=4), resolution=16)
     ae.save_pretrained(tmp_path / "ae")
@@ -162,8 +168,8 @@ def test_latent_input_embeds_the_frozen_autoencoder(tmp_path):
 def test_tokenizer_saved_with_old_config_keys_loads(tmp_path):
     """Checkpoints written before `quantizer` and `sampling` became sections (flat `fsq_levels`,
     `sample_steps`, `guidance`; the embedded autoencoder's `quantizer: fsq`) load unchanged."""
-    from flextok.schema import GridConfig
-    from flextok.grid_autoencoder import GridAutoencoder
+    from grid.autoencoder import GridAutoencoder
+    from grid.schema import GridConfig
 
     ae = GridAutoencoder(GridConfig(channels=16, latent_channels=4), resolution=16)
     ae.save_pretrained(tmp_path / "ae")
@@ -188,7 +194,7 @@ def test_tokenizer_saved_with_old_config_keys_loads(tmp_path):
 
 def test_fingerprint_ignores_default_sampling_settings():
     """Decoding defaults change no weight: a tokenizer keeps its identity (and its priors) when they change."""
-    from flextok.fingerprint import fingerprint_model
+    from base.fingerprint import fingerprint_model
 
     model = FlexTok.from_config(FlexTokConfig(**SMALL), 16).eval()
     decoding = SamplingConfig(steps=2, guidance_scale=3.0)
@@ -202,7 +208,8 @@ def test_fingerprint_ignores_default_sampling_settings():
 
 def test_all_prefixes_decode_in_one_pass_like_one_pass_per_k(eight_images):
     from flextok import FlexTok
-    from flextok.schema import FlexTokConfig, QuantizerConfig
+    from flextok.schema import FlexTokConfig
+    from grid.schema import QuantizerConfig
 
     torch.manual_seed(0)
     model = FlexTok.from_config(FlexTokConfig(input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2,

@@ -2,11 +2,11 @@ import pytest
 import torch
 from helpers import fit
 
+from base.metrics import psnr
 from flextok import load_tokenizer
-from flextok.schema import GridConfig, LossConfig, QuantizerConfig
-from flextok.grid_autoencoder import GridAutoencoder
-from flextok.metrics import psnr
-from flextok.objectives import GridObjective
+from grid.autoencoder import GridAutoencoder
+from grid.objectives import GridObjective
+from grid.schema import GridConfig, LossConfig, QuantizerConfig
 
 TINY = dict(downsample=4, latent_channels=4, channels=16, num_res_blocks=1)
 
@@ -55,7 +55,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, eight_images, bottlenec
 
 
 def test_load_errors(tmp_path):
-    from flextok.errors import UserError
+    from base.errors import UserError
 
     with pytest.raises(UserError, match="not found"):
         load_tokenizer(tmp_path / "missing")

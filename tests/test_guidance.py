@@ -1,4 +1,4 @@
-"""Classifier-free guidance has one rule for every sampler (`flextok.guidance`): scale 1 runs the
+"""Classifier-free guidance has one rule for every sampler (`base.guidance`): scale 1 runs the
 conditional rows alone, scale 0 the null rows alone, any other scale both in one batch."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextok.guidance import Guidance
-from flextok.schema import SamplingConfig
+from base.guidance import Guidance
+from base.schema import SamplingConfig
 from priors import FlowPrior, PriorConfig
 
 

@@ -17,12 +17,16 @@ import pytest
 import torch
 import yaml
 
+from base.errors import UserError
+from base.fingerprint import fingerprint_files
+from base.hub import ModelCardInfo, load_model, push_folder_to_hub, resolve_model_dir
+from base.schema import SamplingConfig
 from bpe_image import BPECodec
 from bpe_image.codec import codec_dir
-from flextok import FlexTok, GridAutoencoder, UserError, load_model, load_tokenizer
-from flextok.fingerprint import fingerprint_files
-from flextok.hub import ModelCardInfo, push_folder_to_hub, resolve_model_dir
-from flextok.schema import FlexTokConfig, GridConfig, SamplingConfig
+from flextok import FlexTok, load_tokenizer
+from flextok.schema import FlexTokConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig
 
 TINY_AE = GridConfig(downsample=4, latent_channels=4, channels=16, num_res_blocks=1)
 TINY_1D = dict(input="latents", patch_size=1, num_registers=4, dim=32, depth=1, heads=2, decoder_dim=32,

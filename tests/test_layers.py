@@ -1,15 +1,15 @@
 """Package layering, checked by parsing source with `ast` (nothing of the project is imported).
 
-Layers, in pipeline order; a module may import only its own layer or earlier ones:
+Layers, in pipeline order; a module may import its own package and packages of earlier layers only
+(two packages of one layer may not import each other):
 
-0. `flextok`: the shared base and the tokenizers. Within it the base modules (`BASE`) must not
-   import the tokenizer modules (every other `flextok` module); package `__init__.py` files are
-   exempt, since they re-export.
-1. `bpe_image`: may depend only on `flextok`'s base modules, or on nothing.
-2. `priors`: may depend on `flextok` and `bpe_image`.
-3. `codec`: the image codec; may depend on `flextok`, `bpe_image` and `priors`.
-4. `evaluation`: may depend on all of the above.
-5. scripts: the top-level `*.py` files and `benchmarks/*.py`; may import anything.
+0. `base`: the shared base (config, schemas, Hub format, data, distributed, files, training skeleton).
+1. `grid` (the grid autoencoders) and `bpe_image` (BPE over codes): each depends on `base` only.
+2. `flextok`: the 1D tokenizer and the tokenizer stage over both families; may use `grid`.
+3. `priors`: may depend on all of the above.
+4. `codec`: the image codec; may depend on all of the above.
+5. `evaluation`: may depend on all of the above.
+6. scripts: the top-level `*.py` files and `benchmarks/*.py`; may import anything.
 
 An import is an `import` / `from` statement anywhere in a module (relative ones resolved), or
 `importlib.import_module("x.y")` / `__import__("x.y")` with a string constant. A string constant
@@ -26,14 +26,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"flextok": 0, "bpe_image": 1, "priors": 2, "codec": 3, "evaluation": 4}
-SCRIPT_LAYER = len(PACKAGES)
+PACKAGES = {"base": 0, "grid": 1, "bpe_image": 1, "flextok": 2, "priors": 3, "codec": 4, "evaluation": 5}
+SCRIPT_LAYER = max(PACKAGES.values()) + 1
 SCRIPTS = {path.stem for path in ROOT.glob("*.py")}
-BASE = set(  # the shared base of `flextok`; every other `flextok` module is a tokenizer module
-    "errors files config schema runtime hub fingerprint data metrics visualize guidance weights lpips cli patching"
-    " distributed"
-    .split()
-)
 DOTTED = re.compile(r"^(%s)(\.[A-Za-z_][A-Za-z0-9_]*)+$" % "|".join(PACKAGES))
 
 
@@ -88,7 +83,7 @@ def project() -> tuple[list[Edge], frozenset[str]]:
 
 
 def resolve(name: str) -> str:
-    """The longest prefix of `name` that is a project module (`flextok.config.Config` -> `flextok.config`)."""
+    """The longest prefix of `name` that is a project module (`base.config.Config` -> `base.config`)."""
     parts = name.split(".")
     return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in project()[1]), name)
 
@@ -98,23 +93,17 @@ def layer_of(name: str) -> int | None:
     return PACKAGES.get(top, SCRIPT_LAYER if top in SCRIPTS else None)
 
 
-def flextok_module(name: str) -> str | None:
-    """`b` for a name inside module `flextok.b`, else None."""
-    parts = name.split(".")
-    return parts[1] if parts[0] == "flextok" and len(parts) > 1 else None
-
-
 def violations(edges) -> list[str]:
     out = []
     for e in edges:
         name = resolve(e.target)
-        layer, src, dst = layer_of(name), flextok_module(e.src), flextok_module(name)
-        if layer is not None and layer > e.layer:
-            why = f"layer {e.layer} `{e.src.split('.')[0]}` must not depend on layer {layer} `{name.split('.')[0]}`"
-        elif e.kind == "import" and not e.is_init and src in BASE and dst is not None and dst not in BASE:
-            why = f"flextok base module `{src}` must not import tokenizer module `{dst}`"
-        elif e.layer == 1 and layer == 0 and dst not in BASE:
-            why = f"`bpe_image` may use only flextok's base modules, not `{name}`"
+        layer, src_pkg, dst_pkg = layer_of(name), e.src.split(".")[0], name.split(".")[0]
+        if layer is None or e.layer == SCRIPT_LAYER or src_pkg == dst_pkg:
+            continue
+        if layer > e.layer:
+            why = f"layer {e.layer} `{src_pkg}` must not depend on layer {layer} `{dst_pkg}`"
+        elif layer == e.layer:
+            why = f"`{src_pkg}` and `{dst_pkg}` share layer {layer} and must not import each other"
         else:
             continue
         out.append(f"{e.file}:{e.line}: {name} ({e.kind}): {why}")
@@ -140,18 +129,18 @@ def test_collector_finds_importlib_calls_and_lazy_tables():
     assert collect(src, "m") == expected + [(5, "priors.discrete", "string")]
 
 
-def test_checker_flags_later_layers_and_base_to_tokenizer():
-    src = 'from priors.flow import P\nM = "priors.discrete"\nfrom .flextok_model import F\nfrom .config import C\n'
-    edges = [Edge("f.py", line, "flextok.hub", t, kind, 0, False) for line, t, kind in collect(src, "flextok.hub")]
+def test_checker_flags_later_layers_and_same_layer_neighbours():
+    src = 'from priors.flow import P\nM = "priors.discrete"\nfrom bpe_image.codec import C\nfrom base.config import D\n'
+    src += "from .objectives import O\n"
+    edges = [Edge("f.py", line, "grid.autoencoder", t, kind, 1, False)
+             for line, t, kind in collect(src, "grid.autoencoder")]
     assert [v.split(": ")[0] for v in violations(edges)] == ["f.py:1", "f.py:2", "f.py:3"]
-    in_init = [e._replace(src="flextok.data", is_init=True) for e in edges]  # exempt only from the base rule
-    assert [v.split(": ")[0] for v in violations(in_init)] == ["f.py:1", "f.py:2"]
 
 
 def test_layers_exist_and_edges_are_found():
     assert not [pkg for pkg in PACKAGES if not (ROOT / pkg).is_dir()], "a layer's package directory is missing"
     found = [e for e in project()[0] if e.src.split(".")[0] == "priors" and layer_of(resolve(e.target)) == 0]
-    assert found, "the collector found no priors -> flextok import"
+    assert found, "the collector found no priors -> base import"
 
 
 def test_package_layering():

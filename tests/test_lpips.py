@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextok.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
-from flextok.weights import resolve_local_weights
+from base.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
+from base.weights import resolve_local_weights
 
 
 def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from flextok.metrics import psnr, ssim
+from base.metrics import psnr, ssim
 
 SIZES = [(11, 11), (16, 16), (32, 32), (48, 40)]
 

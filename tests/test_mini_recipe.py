@@ -11,8 +11,8 @@ import pytest
 from helpers import launcher_env, require_launcher
 
 import priors  # noqa: F401  (registers the prior classes with load_model)
-from flextok import load_model
-from flextok.distributed import free_port
+from base.distributed import free_port
+from base.hub import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_miniature_recipe_runs_from_the_readme_on_two_ranks(tmp_path):
         done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, " ".join(argv) + "\n" + done.stdout[-2000:] + done.stderr[-3000:]
 
-    assert export[:3] == ["python", "-m", "flextok.export_parquet"]
+    assert export[:2] == ["python", "export_parquet.py"]
     run(["python", *export[1:export.index("--out")], "--out", str(data), *export[export.index("--out") + 2:],
          "data.crops_per_photo=4", "data.eval_crops_per_photo=4"])
     for command in (autoencoder, tokenizer):

@@ -19,10 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import priors  # noqa: F401  (registers the prior classes with load_model)
+from base.errors import UserError
+from base.hub import MAX_MODEL_ELEMENTS, load_model
+from base.schema import SamplingConfig
 from bpe_image import BPECodec
-from flextok import FlexTok, GridAutoencoder, UserError, load_model
-from flextok.hub import MAX_MODEL_ELEMENTS
-from flextok.schema import FlexTokConfig, GridConfig, QuantizerConfig, SamplingConfig
+from flextok import FlexTok
+from flextok.schema import FlexTokConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig, QuantizerConfig
 from priors.discrete import MAX_VOCAB_SIZE, DiscretePrior
 from priors.schema import PriorConfig
 

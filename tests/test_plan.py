@@ -11,16 +11,28 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from evaluation.schema import ExperimentConfig
-from flextok.config import load_config
-from flextok.errors import UserError
-from flextok.flextok_model import FlexTok
-from flextok.grid_autoencoder import GridAutoencoder
-from flextok.plan import (
-    Hardware, count, parameter_rows, per_token_weights, planned_tokenizer, run_flops, step_flops, tokenizer_plan,
-    tokenizer_workloads, zero_model_states,
+from base.config import load_config
+from base.errors import UserError
+from base.plan import (
+    Hardware,
+    count,
+    parameter_rows,
+    per_token_weights,
+    run_flops,
+    step_flops,
+    zero_model_states,
 )
-from priors.plan import planned_prior, planned_tokens, prior_plan, prior_workload, sequence_length
+from evaluation.schema import ExperimentConfig
+from flextok.model import FlexTok
+from flextok.plan import planned_tokenizer, tokenizer_plan, tokenizer_workloads
+from grid.autoencoder import GridAutoencoder
+from priors.plan import (
+    planned_prior,
+    planned_tokens,
+    prior_plan,
+    prior_workload,
+    sequence_length,
+)
 from priors.token_dataset import TokenSpec
 from priors.trainer import build_prior
 

@@ -7,11 +7,20 @@ import itertools
 import pytest
 import torch
 
-from flextok import TokenizerMismatch, load_model
-from flextok.fingerprint import fingerprint_model
-from flextok.grid_autoencoder import GridAutoencoder
-from flextok.schema import GridConfig, QuantizerConfig, SamplingConfig
-from priors import DiscretePrior, KVCacheDecoder, PriorConfig, filter_and_sample, generate_images, sample_tokens
+from base.errors import TokenizerMismatch
+from base.fingerprint import fingerprint_model
+from base.hub import load_model
+from base.schema import SamplingConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig, QuantizerConfig
+from priors import (
+    DiscretePrior,
+    KVCacheDecoder,
+    PriorConfig,
+    filter_and_sample,
+    generate_images,
+    sample_tokens,
+)
 from priors.sampling import GuidedDecoder
 
 VOCAB, CLASSES = 40, 3

@@ -7,11 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from flextok.errors import TokenizerMismatch, UserError
-from flextok.fingerprint import fingerprint_model
-from flextok.grid_autoencoder import GridAutoencoder
-from flextok.schema import DataConfig, GridConfig, QuantizerConfig, SamplingConfig
-from priors import DiscretePrior, PriorConfig, TokenDataset, build_token_dataset, generate_images
+from base.errors import TokenizerMismatch, UserError
+from base.fingerprint import fingerprint_model
+from base.schema import DataConfig, SamplingConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig, QuantizerConfig
+from priors import (
+    DiscretePrior,
+    PriorConfig,
+    TokenDataset,
+    build_token_dataset,
+    generate_images,
+)
 
 DATA = DataConfig(resolution=16, crops_per_photo=4, eval_crops_per_photo=2, eval_images=4)
 
@@ -67,7 +74,7 @@ def test_fingerprint_follows_the_weights(tmp_path):
     first = fingerprint_model(tokenizer)
     assert fingerprint_model(tokenizer) == first  # cached
     tokenizer.save_pretrained(tmp_path / "tok")
-    from flextok import load_model
+    from base.hub import load_model
 
     assert fingerprint_model(load_model(tmp_path / "tok")) == first  # a reloaded copy is the same tokenizer
     with torch.no_grad():
@@ -269,7 +276,7 @@ def test_a_cache_that_fails_verification_is_rebuilt_with_a_notice(tmp_path, caps
 
 def test_a_rank_waiting_for_the_merged_cache_times_out_with_one_line(tmp_path):
     """Rank 1 of 2 tokenizes its shard, then waits for rank 0's merge, which never comes."""
-    from flextok.distributed import WaitTimeout
+    from base.distributed import WaitTimeout
 
     prior = PriorConfig(tokenizer="tok", cache_shard_size=16)
     with pytest.raises(WaitTimeout) as err:
@@ -281,7 +288,7 @@ def test_a_rank_waiting_for_the_merged_cache_times_out_with_one_line(tmp_path):
 
 
 def test_rank_0_times_out_naming_the_missing_shard(tmp_path):
-    from flextok.distributed import WaitTimeout
+    from base.distributed import WaitTimeout
 
     prior = PriorConfig(tokenizer="tok", cache_shard_size=8)  # 24 images -> shards 0, 1, 2; rank 0 does 0, 2
     with pytest.raises(WaitTimeout, match=r"waiting for token-cache shard\(s\) 000001\.npz in "):

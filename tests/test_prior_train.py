@@ -20,14 +20,15 @@ import pytest
 import torch
 from helpers import DIST_ENV, launcher_env, require_launcher
 
+from base.config import load_config
+from base.distributed import ensure_launch_env, free_port
+from base.errors import UserError
+from base.hub import load_model
+from base.schema import SamplingConfig
 from evaluation.schema import ExperimentConfig
-from flextok import load_model
-from flextok.config import load_config
-from flextok.errors import UserError
-from flextok.grid_autoencoder import GridAutoencoder
-from flextok.schema import GridConfig, SamplingConfig
+from grid.autoencoder import GridAutoencoder
+from grid.schema import GridConfig
 from priors import DiscretePrior, FlowPrior, PriorConfig, generate_images
-from flextok.distributed import ensure_launch_env, free_port
 from priors.deepspeed_utils import POINTER, consolidated_weights, read_pointer
 from priors.trainer import PriorTrainer
 

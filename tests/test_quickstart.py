@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import quickstart
-from flextok.config import read_with_bases
+from base.config import read_with_bases
 from pipeline import ROOT
 
 FOLDER = re.compile(rf"{quickstart.OUT.as_posix()}/(\w+)")

@@ -10,7 +10,7 @@ import yaml
 
 import pipeline
 import study
-from flextok.errors import ConfigError
+from base.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+from base.config import load_config
+from base.errors import NonFiniteLoss
 from flextok import load_tokenizer
-from flextok.config import load_config
-from flextok.errors import NonFiniteLoss
 from flextok.schema import TokenizerRunConfig
 from flextok.training import TokenizerTrainer
 

@@ -10,10 +10,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from flextok.config import load_config
-from flextok.distributed import free_port
-from flextok.errors import UserError
-from flextok.files import MetricsLog, atomic_directory, atomic_write_text, refuse_existing_run
+from base.config import load_config
+from base.distributed import free_port
+from base.errors import UserError
+from base.files import (
+    MetricsLog,
+    atomic_directory,
+    atomic_write_text,
+    refuse_existing_run,
+)
 from flextok.schema import TokenizerRunConfig
 from flextok.training import TokenizerTrainer
 
@@ -70,8 +75,9 @@ def test_evaluation_runs_in_chunks_with_the_metrics_of_one_batch(tmp_path, kind)
 
 
 def test_plan_counts_evaluation_memory_by_the_chunk_not_the_held_out_set():
+    from base.plan import Hardware
     from evaluation.schema import ExperimentConfig
-    from flextok.plan import Hardware, tokenizer_plan
+    from flextok.plan import tokenizer_plan
 
     def evaluation(*overrides):
         cfg = load_config("configs/1d_256.yaml", list(overrides), cls=ExperimentConfig)
@@ -203,9 +209,10 @@ def test_ddp_ignores_the_patchgan_only_while_it_is_idle(tmp_path):
 
 def test_prior_sample_grids_go_through_the_tokenizer_in_chunks(tmp_path, monkeypatch):
     """6 samples, 4 at a time: the tokenizer never decodes more than 4 images at once."""
-    from evaluation.schema import ExperimentConfig
-    from flextok.distributed import ensure_launch_env
     from helpers import DIST_ENV
+
+    from base.distributed import ensure_launch_env
+    from evaluation.schema import ExperimentConfig
     from priors.trainer import PriorTrainer
 
     tokenizer = TokenizerTrainer(config(tmp_path, "grid", "vq", "train.steps=1", "data.eval_images=4",
@@ -228,8 +235,8 @@ def test_prior_sample_grids_go_through_the_tokenizer_in_chunks(tmp_path, monkeyp
 
 def test_atomic_files_and_folders_get_the_permissions_of_a_plain_write(tmp_path, monkeypatch):
     """mkstemp/mkdtemp make owner-only temporaries; what they become must be readable as `open` would make it
-    (flextok.files reads the umask once, at import: the test sets both)."""
-    monkeypatch.setattr("flextok.files._UMASK", 0o022)
+    (base.files reads the umask once, at import: the test sets both)."""
+    monkeypatch.setattr("base.files._UMASK", 0o022)
     old = os.umask(0o022)
     try:
         plain = tmp_path / "plain.txt"

@@ -15,7 +15,6 @@ import datetime
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch

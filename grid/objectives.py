@@ -45,7 +45,7 @@ class GridObjective(nn.Module):
 
     @staticmethod
     def _load_lpips(loss: LossConfig) -> nn.Module:
-        from .lpips import LPIPS
+        from base.lpips import LPIPS
 
         return LPIPS.from_pretrained(loss.lpips_weights)  # None: FLEXTOK_LPIPS_WEIGHTS, else a how-to error
 

@@ -233,7 +233,7 @@ def _expected_tensors(cls: type, config: Any, args: Mapping[str, Any],
     if total > MAX_MODEL_ELEMENTS:
         name, largest = max(tensors.items(), key=lambda item: item[1].numel())
         raise UserError(f"{config_file}: describes a model of {total:,} parameter and buffer elements, over the "
-                        f"limit of {MAX_MODEL_ELEMENTS:,} (flextok.hub.MAX_MODEL_ELEMENTS; largest: {name} "
+                        f"limit of {MAX_MODEL_ELEMENTS:,} (base.hub.MAX_MODEL_ELEMENTS; largest: {name} "
                         f"{list(largest.shape)})")
     return {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
 

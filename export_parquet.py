@@ -1,6 +1,6 @@
 """Write any image source's train and eval splits as a local Hugging Face dataset of parquet shards.
 
-    python -m flextok.export_parquet --source builtin:skimage --out runs/mini_data [data.key=value ...]
+    python export_parquet.py --source builtin:skimage --out runs/mini_data [data.key=value ...]
 
 The folder (`<out>/data/<split>-<shard>-of-<shards>.parquet`, e.g. `train-00000-of-00001.parquet`: an
 'image' column of encoded images and 'label') is what `datasets.load_dataset(<out>)` reads, so
@@ -14,11 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import exits_cleanly
-from .config import load_config
-from .data import load_source
-from .errors import UserError
-from .schema import DataConfig, TokenizerRunConfig
+from base.cli import exits_cleanly
+from base.config import load_config
+from base.data import load_source
+from base.errors import UserError
+from base.schema import DataConfig
+from flextok.schema import TokenizerRunConfig
 
 __all__ = ["export_parquet", "main"]
 

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from base.config import check
+from base.errors import ConfigError
+from base.hub import HubMixin, register_model
+
 from .bottlenecks import DiagonalGaussian, Quantizer
-from .config import check
-from .errors import ConfigError
 from .schema import GridConfig
-from .hub import HubMixin, register_model
 
 __all__ = ["ConvDecoder", "ConvEncoder", "GridAutoencoder", "GridAutoencoderArgs", "ResBlock"]
 

@@ -19,17 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bottlenecks import Quantizer, code_dim
-from .config import check, from_dict
-from .errors import ConfigError, UserError
+from base.config import check, from_dict
+from base.errors import ConfigError, UserError
+from base.hub import HubMixin, register_model
+from base.metrics import psnr
+from base.patching import patchify, unpatchify
+from base.schema import SamplingConfig
+from grid.autoencoder import GridAutoencoder
+from grid.bottlenecks import Quantizer, code_dim
+from grid.schema import GridConfig
+
 from .decoders import DecoderTrunk, build_decoder
-from .grid_autoencoder import GridAutoencoder
-from .hub import HubMixin, register_model
-from .metrics import psnr
 from .nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
-from .patching import patchify, unpatchify
 from .register_encoder import RegisterEncoder
-from .schema import FlexTokConfig, GridConfig, SamplingConfig
+from .schema import FlexTokConfig
 
 __all__ = ["FlexTok", "FlexTokArgs", "FlexTokObjective", "image_seed"]
 

@@ -1,0 +1,75 @@
+"""Config sections of the grid autoencoders: the quantizer (shared with the 1D tokenizer), the autoencoder
+and its training loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from base.config import check
+from base.schema import MAX_DEPTH
+
+__all__ = ["GridConfig", "LossConfig", "MAX_QUANTIZER_CODES", "QuantizerConfig"]
+
+MAX_QUANTIZER_CODES = 2**20  # a quantizer's codebook: FSQ and LFQ build all of their codes when constructed
+
+
+@dataclass
+class QuantizerConfig:
+    """The quantizer of every quantized tokenizer (vector-quantize-pytorch's FSQ, VectorQuantize or LFQ)."""
+
+    kind: Literal["fsq", "vq", "lfq"] = "fsq"
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    codebook_size: int = 1024  # vq and lfq (lfq: a power of two)
+    codebook_dim: int = 8  # vq: the code vectors' size (a linear map connects it to the latent width)
+    vq_decay: float = 0.99  # vq: EMA decay of the codebook
+    commitment_weight: float = 0.25
+    entropy_weight: float = 0.1  # lfq
+
+    def __post_init__(self):
+        check(1 < self.codebook_size <= MAX_QUANTIZER_CODES, f"codebook_size' must be in 2..{MAX_QUANTIZER_CODES}",
+              self.codebook_size)
+        check(self.kind != "lfq" or self.codebook_size & (self.codebook_size - 1) == 0,
+              "codebook_size' must be a power of two for lfq", self.codebook_size)
+        check(self.codebook_dim > 0, "codebook_dim' must be positive", self.codebook_dim)
+        # vector-quantize-pytorch's FSQ refuses level 2 unless preserve_symmetry is on (it is not here)
+        check(bool(self.fsq_levels) and all(level > 2 for level in self.fsq_levels),
+              "fsq_levels' must be one or more levels, each > 2", self.fsq_levels)
+        check(self.kind != "fsq" or math.prod(self.fsq_levels) <= MAX_QUANTIZER_CODES,
+              f"fsq_levels' must make at most {MAX_QUANTIZER_CODES} codes", self.fsq_levels)
+
+
+_QUANTIZER_KEYS = ("fsq_levels", "codebook_size", "codebook_dim", "vq_decay", "commitment_weight", "entropy_weight")
+
+
+@dataclass
+class GridConfig:
+    """Convolutional grid autoencoder (the KL / quantized baselines and the 1D tokenizer's latent space)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"quantizer": "quantizer.kind",
+                                         **{key: f"quantizer.{key}" for key in _QUANTIZER_KEYS}}
+
+    downsample: int = 4  # f in {4, 8, 16}
+    latent_channels: int = 4
+    channels: int = 64
+    num_res_blocks: int = 1
+    bottleneck: Literal["kl", "quantized"] = "kl"
+    kl_weight: float = 1e-6
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    def __post_init__(self):
+        check(self.downsample in (4, 8, 16), "downsample' must be 4, 8 or 16", self.downsample)
+        check(self.latent_channels > 0, "latent_channels' must be positive", self.latent_channels)
+        check(self.channels > 0, "channels' must be positive", self.channels)
+        check(0 <= self.num_res_blocks <= MAX_DEPTH, f"num_res_blocks' must be in 0..{MAX_DEPTH}", self.num_res_blocks)
+
+
+@dataclass
+class LossConfig:
+    l1: float = 1.0
+    l2: float = 0.0
+    lpips: float = 0.0
+    lpips_weights: Optional[str] = None  # local path; never downloaded
+    adversarial: float = 0.0
+    adversarial_start: int = 2000
