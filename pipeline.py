@@ -1,60 +1,99 @@
-"""The stage runner behind `quickstart.py` and `study.py`: each stage is one command (train a tokenizer,
-a BPE codec, a prior; evaluate) whose finished artifact is reused on a re-run, an interrupted training
-stage continues with `--resume`, and `--scale` multiplies every step count (a reduced chain for CI).
+"""The stage runner behind `quickstart.py` and `study.py`: each stage is one script (train a tokenizer, a
+BPE codec, a prior; evaluate) run on its typed config, whose finished artifact is reused on a re-run; an
+interrupted training stage continues with `--resume`, and `--scale` multiplies every step count (a reduced
+chain for CI).
 
-A stage's folder keeps a stamp of what made it: its arguments at this scale, the sections of its config
-file it reads, and the stamps of the earlier stages whose folders it names. A stage whose stamp changed
-(an edited config or command line, another --scale, a changed upstream stage) is made afresh, never reused
-or resumed, so a report never mixes models from different settings. Neither the launcher (interpreter, rank
-count) nor the code is part of the stamp: after changing the code, re-run with --force.
+A stage holds the config its script reads, loaded once. At run time the stage's counts are scaled
+(`scaled`), the resolved config is written to the stage's folder (`stage_config.yaml`) and the script is
+run with `--config` on that file: what the script runs with is exactly what the stamp covers. The launcher
+stays a subprocess (torchrun and deepspeed start the ranks).
+
+A stage's folder keeps a stamp of what made it: its resolved config, its other arguments, and the stamps of
+the earlier stages whose folders they name. A stage whose stamp changed (an edited config or command line,
+a --scale that gives other counts, a changed upstream stage) is made afresh, never reused or resumed, so a
+report never mixes models from different settings. Neither the launcher (interpreter, rank count) nor the
+code is part of the stamp: after changing the code, re-run with --force.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from base.config import read_with_bases
+from base.config import load_config, save_config
 from base.distributed import available_ranks
-from base.errors import ConfigError
+from base.files import atomic_write_text
 from base.runtime import matmul_gflops  # the same figure every benchmark prints
+from evaluation.schema import ExperimentConfig
 from flextok.schema import TokenizerRunConfig
 from priors.schema import PriorRunConfig
 
-__all__ = ["Stage", "bpe_stage", "evaluate_stage", "prior_stage", "run_stages", "stage_stamps", "tokenizer_stage"]
+__all__ = ["STAGE_CONFIG", "Stage", "bpe_stage", "evaluate_stage", "load_stage_config", "prior_stage", "run_stages",
+           "scaled", "stage_stamps", "tokenizer_stage"]
 
 ROOT = Path(__file__).resolve().parent
 STAMP = ".stage_stamp"  # what made the stage's folder (see the module docstring)
+STAGE_CONFIG = "stage_config.yaml"  # the resolved config the stage's script ran with
 
 
 @dataclass
 class Stage:
     name: str
-    launcher: list[str]  # how it runs on this machine (interpreter, torchrun / deepspeed and the rank count)
-    args: list[str]  # the script and everything it is told: these make the artifact
+    script: str  # run as `<launcher> <script> --config <folder>/stage_config.yaml <args>`
+    config: Any  # the typed config the script reads, at full size
     artifact: str  # relative to the output folder: the stage is finished when this exists
-    scaled: dict[str, int] = field(default_factory=dict)  # config key -> full-size value that --scale multiplies
+    launcher: list[str] = field(default_factory=lambda: [sys.executable])  # how it runs on this machine
+    args: list[str] = field(default_factory=list)  # the script's other arguments: they make the artifact too
+    scaled: tuple[str, ...] = ()  # dotted fields of `config` (counts) that --scale multiplies
+    train_scale: float = 1.0  # this stage's share of its full-size counts (a study's train_scale)
     resumable: bool = False  # a training stage: an interrupted run continues with --resume
-    sections: tuple[str, ...] | None = None  # the top-level keys of its --config file it reads (None: all)
 
-    def scaled_args(self, scale: float) -> list[str]:
-        return [*self.args, *(f"{key}={max(2, round(value * scale))}" for key, value in self.scaled.items())]
+    def resolved(self, scale: float):
+        """The config the script runs with at `scale`."""
+        return scaled(self.config, self.scaled, self.train_scale * scale)
 
-    def argv(self, scale: float) -> list[str]:
-        return [*self.launcher, *self.scaled_args(scale)]
+    def argv(self, folder: Path) -> list[str]:
+        return [*self.launcher, self.script, "--config", str(folder / STAGE_CONFIG), *self.args]
 
 
-def section_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+def scaled(cfg, keys: tuple[str, ...], factor: float):
+    """`cfg` with each count named in `keys` (dotted, e.g. `train.steps`) multiplied by `factor`, rounded and
+    at least 2: the one place where step counts are scaled."""
+    if factor == 1.0:
+        return cfg
+    for key in keys:
+        cfg = _replace_at(cfg, key.split("."), max(2, round(_value_at(cfg, key.split(".")) * factor)))
+    return cfg
+
+
+def _value_at(cfg, path: list[str]) -> Any:
+    for name in path:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _replace_at(cfg, path: list[str], value: Any):
+    """`dataclasses.replace` down a path of sections: each section's checks run on the new value."""
+    head, *rest = path
+    return replace(cfg, **{head: _replace_at(getattr(cfg, head), rest, value) if rest else value})
+
+
+def load_stage_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, cls: type):
+    """An experiment file and overrides, every section checked (as its scripts load it: a typo in any section
+    fails here, before a stage runs), narrowed to `cls`'s sections: those the stage's script reads, so its
+    stamp changes with nothing else."""
+    full = load_config(path, overrides, cls=ExperimentConfig)
+    return cls(**{f.name: getattr(full, f.name) for f in dataclasses.fields(cls)})
 
 
 def tokenizer_launcher() -> list[str]:
@@ -66,46 +105,34 @@ def tokenizer_launcher() -> list[str]:
     return [sys.executable]
 
 
-def tokenizer_stage(out: Path, name: str, config: str, steps: int, *overrides: str) -> Stage:
-    args = ["train_tokenizer.py", "--config", config, f"out_dir={out}", f"name={name}", *overrides]
-    return Stage(name, tokenizer_launcher(), args, f"{name}/final/model.safetensors", {"train.steps": steps},
-                 resumable=True, sections=section_names(TokenizerRunConfig))
+def tokenizer_stage(cfg: TokenizerRunConfig, out: Path, name: str, steps: int, *, train_scale: float = 1.0) -> Stage:
+    """Train a tokenizer for `steps` (at full size) into <out>/<name>/."""
+    cfg = replace(cfg, out_dir=str(out), name=name, train=replace(cfg.train, steps=steps))
+    return Stage(name, "train_tokenizer.py", cfg, f"{name}/final/model.safetensors", launcher=tokenizer_launcher(),
+                 scaled=("train.steps",), train_scale=train_scale, resumable=True)
 
 
-def bpe_stage(out: Path, name: str, tokenizer: str, config: str, mode: str, vocab_size: int, *overrides: str) -> Stage:
-    args = ["-m", "priors.bpe_from_tokenizer", "--tokenizer", str(out / tokenizer / "final"), "--config", config,
-            "--mode", mode, "--vocab-size", str(vocab_size), "--out", str(out / name), *overrides]
-    return Stage(name, [sys.executable], args, f"{name}/config.json", sections=section_names(PriorRunConfig))
+def bpe_stage(cfg: PriorRunConfig, out: Path, name: str, tokenizer: str, mode: str, vocab_size: int) -> Stage:
+    """Train a BPE codec into <out>/<name>/ on the codes the tokenizer stage `tokenizer` gives `cfg`'s training
+    images (tokenized into <out>/token_cache, unless `prior.cache_dir` says otherwise, as the priors are)."""
+    args = ["--tokenizer", str(out / tokenizer / "final"), "--mode", mode, "--vocab-size", str(vocab_size),
+            "--out", str(out / name)]
+    return Stage(name, "train_bpe.py", replace(cfg, out_dir=str(out), name=name), f"{name}/config.json", args=args)
 
 
-def prior_stage(out: Path, name: str, config: str, steps: int, *overrides: str) -> Stage:
-    launcher = ["deepspeed", "--num_gpus", str(available_ranks())]
-    args = ["train_prior.py", "--config", config, f"out_dir={out}", f"name={name}", *overrides]
-    return Stage(name, launcher, args, f"{name}/final/model.safetensors", {"prior_train.steps": steps},
-                 resumable=True, sections=section_names(PriorRunConfig))
+def prior_stage(cfg: PriorRunConfig, out: Path, name: str, steps: int, *, train_scale: float = 1.0) -> Stage:
+    """Train a prior for `steps` (at full size) into <out>/<name>/, with the DeepSpeed launcher."""
+    cfg = replace(cfg, out_dir=str(out), name=name, prior_train=replace(cfg.prior_train, steps=steps))
+    return Stage(name, "train_prior.py", cfg, f"{name}/final/model.safetensors",
+                 launcher=["deepspeed", "--num_gpus", str(available_ranks())], scaled=("prior_train.steps",),
+                 train_scale=train_scale, resumable=True)
 
 
-def evaluate_stage(config: str, classifier_steps: int, gfid_samples: int, *overrides: str) -> Stage:
-    return Stage("report", [sys.executable], ["evaluate.py", "--config", config, *overrides], "report/summary.md",
-                 {"eval.classifier_steps": classifier_steps, "eval.gfid_samples": gfid_samples})
-
-
-def _config_of(args: list[str], sections: tuple[str, ...] | None) -> dict:
-    """The raw mapping (bases merged) of the `--config` file in `args`, cut to `sections`."""
-    if "--config" not in args:
-        return {}
-    try:
-        raw = read_with_bases(ROOT / args[args.index("--config") + 1])
-    except ConfigError:  # the stage's own command reports it, with exit code 2
-        return {}
-    return {key: value for key, value in raw.items() if sections is None or key in sections}
-
-
-def _reads(arg: str, sections: tuple[str, ...] | None) -> bool:
-    """False for a `section.key=value` override of a section the stage does not read (e.g. `eval.*` given
-    to every stage of a study): it cannot change the stage's artifact."""
-    override = re.match(r"([A-Za-z_]\w*)(?:\.\w+)*=", arg)
-    return sections is None or override is None or override.group(1) in sections
+def evaluate_stage(cfg: ExperimentConfig, out: Path) -> Stage:
+    """Evaluate `cfg.eval`'s entries into <out>/report/."""
+    cfg = replace(cfg, out_dir=str(out.parent), name=out.name)
+    return Stage("report", "evaluate.py", cfg, "report/summary.md",
+                 scaled=("eval.classifier_steps", "eval.gfid_samples"))
 
 
 def _strings(value) -> list[str]:
@@ -117,24 +144,23 @@ def _strings(value) -> list[str]:
 
 
 def _names_folder(text: str, folder: Path) -> bool:
-    """Whether an argument or config value (`key=path` or a path) points at or into `folder`."""
-    path = Path(text.rsplit("=", 1)[-1])
+    """Whether an argument or config value points at or into `folder`."""
+    path = Path(text)
     path = (path if path.is_absolute() else ROOT / path).resolve()
     return path == folder or folder in path.parents
 
 
 def stage_stamps(stages: list[Stage], out: Path, scale: float) -> dict[str, str]:
-    """Each stage's stamp: a digest of its arguments at `scale`, the sections of its config file that it
-    reads, and the stamps of the earlier stages whose folders its arguments or config name."""
+    """Each stage's stamp: a digest of its script, its resolved config at `scale`, its other arguments, and
+    the stamps of the earlier stages whose folders its config or arguments name."""
     stamps: dict[str, str] = {}
     folders: dict[str, Path] = {}
     for stage in stages:
-        args = [arg for arg in stage.scaled_args(scale) if _reads(arg, stage.sections)]
-        config = _config_of(args, stage.sections)
-        texts = _strings([args, config])
+        config = dataclasses.asdict(stage.resolved(scale))
+        texts = _strings([stage.args, config])
         reads = {name: stamps[name] for name, folder in folders.items() if any(_names_folder(t, folder) for t in texts)}
-        payload = json.dumps({"scale": scale, "args": args, "config": config, "reads": reads}, sort_keys=True,
-                             default=str)
+        payload = json.dumps({"script": stage.script, "config": config, "args": stage.args, "reads": reads},
+                             sort_keys=True, default=str)
         stamps[stage.name] = hashlib.sha256(payload.encode()).hexdigest()[:20]
         folders[stage.name] = (ROOT / out / stage.name).resolve()
     return stamps
@@ -151,13 +177,14 @@ def run_stage(stage: Stage, out: Path, scale: float, force: bool, stamp: str) ->
         return 0.0
     if done.exists() and not same and not force:
         print(f"[{out.name}] {stage.name}: its settings or an earlier stage changed since it was made; retraining")
-    argv = stage.argv(scale)
+    argv = stage.argv(folder)
     if stage.resumable and same and not force and (folder / "checkpoints").is_dir():
         argv.append("--resume")
     else:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        stamp_file.write_text(stamp)
+        atomic_write_text(stamp_file, stamp)
+    save_config(stage.resolved(scale), folder / STAGE_CONFIG)  # the same bytes on a resume
     print(f"[{out.name}] {stage.name}: {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=ROOT)

@@ -4,8 +4,9 @@
 
 Stages (each reuses its finished artifact on a re-run; --force retrains everything):
 grid KL autoencoder -> 1D tokenizer on its latents -> grid FSQ baseline -> BPE codecs on both code streams
--> priors with the DeepSpeed launcher (2 CPU ranks): 1D tokens, BPE'd 1D tokens, grid codes, and a flow
-prior on KL latents -> evaluate.py. Everything lands in runs/quickstart/<stage>/, the report in
+-> priors with the DeepSpeed launcher (2 CPU ranks) over the 1D tokens and over the grid codes -> evaluate.py.
+Sized as a first run (about 6 minutes at matmul ~170 GFLOP/s: benchmarks/RESULTS.md), a demonstration of
+every family, not a result: the studies (study.py) are where the numbers come from. Everything lands in runs/quickstart/<stage>/, the report in
 runs/quickstart/report/. `--scale` multiplies every stage's step count (0.03 runs a reduced chain).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline import (
@@ -21,32 +23,39 @@ from pipeline import (
     Stage,
     bpe_stage,
     evaluate_stage,
+    load_stage_config,
     prior_stage,
     run_stages,
     tokenizer_stage,
 )
 
 OUT = Path("runs/quickstart")
+CONFIGS = ROOT / "configs"
 
 
 def stages() -> list[Stage]:
-    from base.config import load_config
     from evaluation.schema import ExperimentConfig
+    from flextok.schema import TokenizerRunConfig
+    from priors.schema import PriorRunConfig
 
-    tok = lambda name: f"prior.tokenizer={OUT / name / 'final'}"  # noqa: E731
-    prior = lambda name, *overrides: prior_stage(OUT, name, "configs/prior_tiny.yaml", 200, *overrides)  # noqa: E731
-    ev = load_config("configs/eval_tiny.yaml", cls=ExperimentConfig).eval
+    tokenizer = lambda config: load_stage_config(CONFIGS / config, cls=TokenizerRunConfig)  # noqa: E731
+    bpe_data = load_stage_config(CONFIGS / "grid_kl.yaml", cls=PriorRunConfig)  # the tokenizers' images
+    tiny = load_stage_config(CONFIGS / "prior_tiny.yaml", cls=PriorRunConfig)
+
+    def prior(name: str, tokenizer_name: str, **settings) -> Stage:
+        """A prior_tiny prior on the tokens of the stage `tokenizer_name`; `settings` replace `prior` fields."""
+        settings = {"tokenizer": str(OUT / tokenizer_name / "final"), **settings}
+        return prior_stage(replace(tiny, prior=replace(tiny.prior, **settings)), OUT, name, 150)
+
     return [
-        tokenizer_stage(OUT, "grid_kl", "configs/grid_kl.yaml", 400),
-        tokenizer_stage(OUT, "1d_tiny", "configs/1d_tiny.yaml", 1250),
-        tokenizer_stage(OUT, "grid_vq", "configs/grid_vq.yaml", 400),
-        bpe_stage(OUT, "bpe_1d", "1d_tiny", "configs/grid_kl.yaml", "1d", 1400),
-        bpe_stage(OUT, "bpe_grid", "grid_vq", "configs/grid_kl.yaml", "2d", 1400),
-        prior("prior_1d", tok("1d_tiny")),
-        prior("prior_1d_bpe", tok("1d_tiny"), "prior.tokens=bpe", f"prior.bpe={OUT / 'bpe_1d'}"),
-        prior("prior_grid_vq", tok("grid_vq")),
-        prior("prior_kl", tok("grid_kl"), "prior.kind=flow"),
-        evaluate_stage("configs/eval_tiny.yaml", ev.classifier_steps, ev.gfid_samples),
+        tokenizer_stage(tokenizer("grid_kl.yaml"), OUT, "grid_kl", 300),
+        tokenizer_stage(tokenizer("1d_tiny.yaml"), OUT, "1d_tiny", 400),
+        tokenizer_stage(tokenizer("grid_vq.yaml"), OUT, "grid_vq", 200),
+        bpe_stage(bpe_data, OUT, "bpe_1d", "1d_tiny", "1d", 1400),
+        bpe_stage(bpe_data, OUT, "bpe_grid", "grid_vq", "2d", 1400),
+        prior("prior_1d", "1d_tiny"),
+        prior("prior_grid_vq", "grid_vq"),
+        evaluate_stage(load_stage_config(CONFIGS / "eval_tiny.yaml", cls=ExperimentConfig), OUT),
     ]
 
 

@@ -16,17 +16,16 @@ import argparse
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
-
-import yaml
 
 from pipeline import (
     ROOT,
     Stage,
     bpe_stage,
     evaluate_stage,
+    load_stage_config,
     prior_stage,
     run_stages,
     tokenizer_stage,
@@ -85,39 +84,45 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
     return study, experiment
 
 
-def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> tuple[list[Stage], Path, dict]:
-    """The pipeline stages of a study, its output folder, and the evaluation config it ends with."""
-    from base.config import load_config
-    from evaluation.schema import ExperimentConfig
+def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> tuple[list[Stage], Path]:
+    """The pipeline stages of a study, the evaluation of its models last, and its output folder. Every stage
+    loads the experiment file with the command line's `overrides` and then its own."""
+    from evaluation.schema import EvalPriorConfig, EvalTokenizerConfig, ExperimentConfig
+    from flextok.schema import TokenizerRunConfig
+    from priors.schema import PriorRunConfig
 
-    cfg = load_config(experiment, overrides, cls=ExperimentConfig)
+    cfg = load_stage_config(experiment, overrides, cls=ExperimentConfig)
     out = Path(cfg.out_dir)
     folder = lambda name: out / name / "final"  # noqa: E731
     folders = {s.name: folder(s.name) for s in study.stages}
-    expand = lambda items: [item.format(**folders) for item in items]  # noqa: E731
+
+    def stage_cfg(stage: StudyStage, cls: type):
+        return load_stage_config(experiment, [*overrides, *(item.format(**folders) for item in stage.overrides)],
+                                 cls=cls)
+
     stages, tokenizers, priors = [], [], []
     for s in study.stages:
-        extra = [*overrides, *expand(s.overrides)]
-        steps = max(2, round(s.steps * study.train_scale))
         if s.kind == "tokenizer":
-            stages.append(tokenizer_stage(out, s.name, str(experiment), steps, *extra))
-            entries, entry = tokenizers, {"name": s.name, "path": str(folder(s.name))}
+            stages.append(tokenizer_stage(stage_cfg(s, TokenizerRunConfig), out, s.name, s.steps,
+                                          train_scale=study.train_scale))
+            entries, entry = tokenizers, EvalTokenizerConfig(name=s.name, path=str(folder(s.name)))
         elif s.kind == "bpe":
-            stages.append(bpe_stage(out, s.name, s.tokenizer, str(experiment), s.mode, s.vocab_size, *extra))
-            entries, entry = tokenizers, {"name": s.name, "path": str(folder(s.tokenizer)), "bpe": str(out / s.name)}
+            stages.append(bpe_stage(stage_cfg(s, PriorRunConfig), out, s.name, s.tokenizer, s.mode, s.vocab_size))
+            entries = tokenizers
+            entry = EvalTokenizerConfig(name=s.name, path=str(folder(s.tokenizer)), bpe=str(out / s.name))
         else:
-            tokens = [f"prior.tokenizer={folder(s.tokenizer)}"]
-            tokens += ["prior.tokens=bpe", f"prior.bpe={out / s.bpe}"] if s.bpe else []
-            stages.append(prior_stage(out, s.name, str(experiment), steps, *tokens, *extra))
-            entry = {"name": s.name, "path": str(folder(s.name)), "tokenizer": str(folder(s.tokenizer))}
+            prior_cfg = stage_cfg(s, PriorRunConfig)
+            tokens = {"tokens": "bpe", "bpe": str(out / s.bpe)} if s.bpe else {}
+            prior_cfg = replace(prior_cfg, prior=replace(prior_cfg.prior, tokenizer=str(folder(s.tokenizer)), **tokens))
+            stages.append(prior_stage(prior_cfg, out, s.name, s.steps, train_scale=study.train_scale))
             entries = priors
+            entry = EvalPriorConfig(name=s.name, path=str(folder(s.name)), tokenizer=str(folder(s.tokenizer)))
         if s.evaluate:
             entries.append(entry)
-    evaluation = {"base": str(experiment), "out_dir": str(out.parent), "name": out.name,
-                  "eval": {"tokenizers": tokenizers, "priors": priors, "codec": {"priors": study.codec_priors}}}
-    stages.append(evaluate_stage(str(out / "study_eval.yaml"), cfg.eval.classifier_steps, cfg.eval.gfid_samples,
-                                 *overrides))
-    return stages, out, evaluation
+    codec = replace(cfg.eval.codec, priors=study.codec_priors)
+    evaluation = replace(cfg, eval=replace(cfg.eval, tokenizers=tokenizers, priors=priors, codec=codec))
+    stages.append(evaluate_stage(evaluation, out))
+    return stages, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,15 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     from base.errors import UserError
-    from base.files import atomic_write_text
 
     try:
         study, experiment = load_study(args.config)
-        stages, out, evaluation = study_stages(study, experiment, args.overrides)
+        stages, out = study_stages(study, experiment, args.overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    atomic_write_text(out / "study_eval.yaml", yaml.safe_dump(evaluation, sort_keys=False))
     run_stages(stages, out, args.scale, args.force)
     print(f"[{out.name}] report: {out / 'report'}")
     return 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from base.cli import config_parser, exits_cleanly, load_from_args
+from base.cli import config_parser, exits_cleanly
+from base.config import load_config
 from base.plan import add_plan_arguments, hardware_from_args
 from evaluation.schema import ExperimentConfig
+from priors.schema import PriorRunConfig
 
 
 @exits_cleanly
@@ -24,21 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     add_plan_arguments(parser)
     args = parser.parse_args(argv)
     hardware = hardware_from_args(args)
-    cfg = load_from_args(args, ExperimentConfig)
+    # an experiment file also holds the evaluation's section (eval): that is evaluate.py's to check
+    cfg = load_config(args.config, args.overrides, cls=PriorRunConfig, within=ExperimentConfig)
     if args.plan:  # sizes the run on the meta device: no DeepSpeed, no tokenizer, nothing trained or written
         from priors.plan import print_prior_plan
 
         return print_prior_plan(cfg, hardware, args.deepspeed_config)
     # DeepSpeed is imported only once the config is valid
-    from base import distributed
+    from base.training import launch
     from priors.trainer import PriorTrainer
 
-    distributed.ensure_launch_env(args.local_rank)
-    final = PriorTrainer(cfg, resume=args.resume, deepspeed_config_path=args.deepspeed_config).train()
-    distributed.shutdown()
-    if final is not None:
-        print(f"saved {final}")
-    return 0
+    return launch(lambda: PriorTrainer(cfg, resume=args.resume, deepspeed_config_path=args.deepspeed_config),
+                  local_rank=args.local_rank)
 
 
 if __name__ == "__main__":

@@ -10,32 +10,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from base.cli import config_parser, exits_cleanly, load_from_args
+from base.cli import config_parser, exits_cleanly
+from base.config import load_config
 from base.plan import add_plan_arguments, hardware_from_args
 from evaluation.schema import ExperimentConfig
 from flextok.plan import print_tokenizer_plan
+from flextok.schema import TokenizerRunConfig
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoints/latest.json")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by `deepspeed`
     add_plan_arguments(parser)
     args = parser.parse_args(argv)
     hardware = hardware_from_args(args)
-    cfg = load_from_args(args, ExperimentConfig)
+    # an experiment file also holds later stages' sections (prior, eval): those are theirs to check
+    cfg = load_config(args.config, args.overrides, cls=TokenizerRunConfig, within=ExperimentConfig)
     if args.plan:  # sizes the run on the meta device: no process group, nothing trained or written
         return print_tokenizer_plan(cfg, hardware)
-    from base import distributed
+    from base.training import launch
     from flextok.training import TokenizerTrainer
 
-    distributed.ensure_launch_env(args.local_rank)
-    final = TokenizerTrainer(cfg, resume=args.resume).train()
-    distributed.shutdown()
-    if final is not None:
-        print(f"saved {final}")
-    return 0
+    return launch(lambda: TokenizerTrainer(cfg, resume=args.resume), local_rank=args.local_rank)
 
 
 if __name__ == "__main__":

@@ -531,11 +531,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 yield full[start : start + self.micro]
 
 
-def micro_batch_size(batch_size: int, world_size: int, accumulation: int) -> int:
-    """Images per rank and micro-step; the global batch must split evenly."""
+def micro_batch_size(batch_size: int, world_size: int, accumulation: int, key: str = "train.batch_size") -> int:
+    """Items per rank and micro-step; the global batch (the config's `key`) must split evenly."""
     parts = world_size * accumulation
     if batch_size % parts:
-        raise UserError(f"train.batch_size: {batch_size} does not split into {world_size} rank(s) x "
+        raise UserError(f"{key}: {batch_size} does not split into {world_size} rank(s) x "
                         f"{accumulation} accumulation step(s); make it a multiple of {parts}")
     return batch_size // parts
 

@@ -23,8 +23,8 @@ from .errors import UserError
 from .schema import DistributedConfig
 
 __all__ = ["WAIT_TIMEOUT", "WaitTimeout", "all_gather_object", "all_reduce_sum", "available_ranks", "barrier",
-           "broadcast_object", "ensure_launch_env", "free_port", "init_process_group", "is_main", "local_device",
-           "local_rank", "local_world_size", "rank", "shutdown", "threads_per_rank", "wait_for", "world_size"]
+           "ensure_launch_env", "free_port", "init_process_group", "local_device", "local_rank", "local_world_size",
+           "rank", "shutdown", "threads_per_rank", "wait_for", "world_size"]
 
 WAIT_TIMEOUT = DistributedConfig.wait_timeout  # minutes; the config key's default, for callers without a config
 
@@ -74,10 +74,6 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -111,15 +107,6 @@ def threads_per_rank(requested: int = 0) -> int:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's value on every rank."""
-    if not torch.distributed.is_initialized():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def all_gather_object(value: Any) -> list[Any]:

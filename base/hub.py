@@ -212,9 +212,8 @@ def parse_model_meta(cls: type, meta: Mapping[str, Any], config_file: str | Path
     missing = [name for name in ("config", *required) if name not in meta]
     if missing:
         raise ConfigError(f"{source}: missing key '{missing[0]}'")
-    # upgrade: checkpoints saved before a config key was renamed still load
-    config = from_dict(cls.config_class, meta["config"], source, prefix="config.", upgrade=True)
-    args = from_dict(cls.args_class, {k: v for k, v in meta.items() if k in arg_fields}, source, upgrade=True)
+    config = from_dict(cls.config_class, meta["config"], source, prefix="config.")
+    args = from_dict(cls.args_class, {k: v for k, v in meta.items() if k in arg_fields}, source)
     return config, dataclasses.asdict(args)
 
 

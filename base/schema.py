@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import check
+from .tracking import TRACKERS
 
-__all__ = ["DataConfig", "DistributedConfig", "MAX_DEPTH", "SamplingConfig", "SamplingOverrides", "TrainConfig"]
+__all__ = ["DataConfig", "DistributedConfig", "MAX_DEPTH", "SamplingConfig", "SamplingOverrides", "TrainConfig",
+           "TrainLoopConfig"]
 
 # Sanity bound on model sizes, so a hostile or mistyped config cannot make a build loop (the total size of a
 # loaded model is bounded too: `base.hub.MAX_MODEL_ELEMENTS`).
@@ -96,34 +98,48 @@ class SamplingOverrides:
 
 
 @dataclass
-class TrainConfig:
+class TrainLoopConfig:
+    """What both training loops share (`train`, `prior_train`); `base.training` runs them."""
+
     steps: int = 2000
-    batch_size: int = 32
+    batch_size: int = 32  # global: split over the ranks and the accumulation micro-steps of an optimizer step
+    grad_accumulation: int = 1  # micro-steps per optimizer step
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
     eval_every: int = 500
-    # held-out images per forward pass at evaluation (and in sample grids): bounds its memory on one GPU
+    # held-out items per forward pass at evaluation (and in sample grids): bounds its memory on one GPU
     eval_batch_size: int = 32
     checkpoint_every: int = 500
     log_every: int = 50
-    grad_accumulation: int = 1  # micro-steps per optimizer step; batch_size is the global batch
-    activation_checkpointing: bool = False  # recompute transformer / residual blocks in backward
-    compile: bool = False  # torch.compile the training forward (pays off only on long runs: see RESULTS.md)
-    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA, fp32 on CPU)
     threads: int = 0  # torch threads per rank on CPU; 0 = the cores shared evenly by the local ranks
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])  # any of base.tracking.TRACKERS
 
     def __post_init__(self):
         check(self.steps > 0, "steps' must be positive", self.steps)
         check(self.batch_size > 0, "batch_size' must be positive", self.batch_size)
         check(self.grad_accumulation > 0, "grad_accumulation' must be positive", self.grad_accumulation)
-        check(0.0 <= self.ema_decay < 1.0, "ema_decay' must be in [0, 1)", self.ema_decay)
         check(len(self.betas) == 2, "betas' must have two values", self.betas)
-        for key in ("eval_every", "eval_batch_size", "checkpoint_every", "log_every", "warmup_steps"):
+        check(self.warmup_steps >= 0, "warmup_steps' must be >= 0", self.warmup_steps)
+        for key in ("eval_every", "eval_batch_size", "checkpoint_every", "log_every"):
             check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
+        check(set(self.trackers) <= set(TRACKERS), f"trackers' must be some of {list(TRACKERS)}", self.trackers)
+
+
+@dataclass
+class TrainConfig(TrainLoopConfig):
+    """The tokenizer's training (`train`)."""
+
+    ema_decay: float = 0.999
+    activation_checkpointing: bool = False  # recompute transformer / residual blocks in backward
+    compile: bool = False  # torch.compile the training forward (pays off only on long runs: see RESULTS.md)
+    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA, fp32 on CPU)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay' must be in [0, 1)", self.ema_decay)
 
 
 @dataclass

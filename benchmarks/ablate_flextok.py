@@ -29,6 +29,7 @@ from base.config import load_config
 from base.data import load_images
 from base.metrics import psnr
 from evaluation.bootstrap import bootstrap_interval
+from evaluation.schema import ExperimentConfig
 from flextok import FlexTok
 from flextok.nested_dropout import powers_of_two_upto
 from flextok.schema import TokenizerRunConfig
@@ -98,7 +99,7 @@ def main() -> None:
     args.out = args.out.resolve()  # the trainer runs in the repository root, this script anywhere
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul 2048^3 fp32: "
           f"{matmul_gflops():.1f} GFLOP/s")
-    cfg = load_config(args.config, cls=TokenizerRunConfig, own_sections_only=True)
+    cfg = load_config(args.config, cls=TokenizerRunConfig, within=ExperimentConfig)
     images = load_images(cfg.data, cfg.data.eval_split, limit=args.images).images
     rows = []
     for spec in args.variant:

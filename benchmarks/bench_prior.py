@@ -61,7 +61,7 @@ def random_batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 def deepspeed_step():
     """One optimizer step exactly as `train_prior.py` takes it (engine forward/backward/step, loss read)."""
-    t = PriorTrainConfig(steps=1000, micro_batch_size=BATCH, lr=1e-4, weight_decay=0.05, betas=[0.9, 0.95],
+    t = PriorTrainConfig(steps=1000, batch_size=BATCH, lr=1e-4, weight_decay=0.05, betas=[0.9, 0.95],
                          warmup_steps=10, grad_clip=1.0, zero_stage=0)
     engine = create_engine(build_prior(), t, deepspeed_config(t, cuda=False, world_size=1))
     engine.train()

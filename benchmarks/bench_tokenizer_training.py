@@ -34,10 +34,11 @@ from machine import matmul_gflops, peak_rss_mib  # noqa: E402
 
 from base.config import load_config
 from base.data import train_loader
+from base.training import grouped  # noqa: E402
 from evaluation.schema import ExperimentConfig  # noqa: E402
 from flextok.plan import planned_tokenizer, tokenizer_workloads  # noqa: E402
 from flextok.schema import TokenizerRunConfig  # noqa: E402
-from flextok.training import TokenizerTrainer, grouped  # noqa: E402
+from flextok.training import TokenizerTrainer  # noqa: E402
 from grid.autoencoder import GridAutoencoder
 
 
@@ -59,7 +60,7 @@ def find_unused_everywhere(trainer: TokenizerTrainer) -> None:
 
     unused = getattr(trainer.objective, "discriminator", None) is not None
     wrapper = DistributedDataParallel(trainer.objective, find_unused_parameters=unused)
-    trainer._replicate = lambda: wrapper
+    trainer.backend.replicate = lambda step: wrapper
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,15 @@ impossible to find.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from base.errors import UserError
 
 ArrayLike = Any  # numpy array, torch tensor or nested sequence of ints
 
@@ -82,3 +86,31 @@ def concat_checked(
             where = f"{item_name} {n}, {where}"
         raise ValueError(f"{noun} {int(flat[bad[0]])} at {where} is outside [0, {upper})")
     return flat
+
+
+def load_codes(path: Path, mode: str) -> list[np.ndarray] | np.ndarray:
+    """Training codes from a file: an integer `.npy` [N, L] (1d/flat) or [N, h, w] (2d), or an `.npz` holding
+    `codes` and, for variable-length 1D sequences, `lengths` (sequence i is `codes[i, :lengths[i]]`).
+    UserError naming the file when it is unusable."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path}: not a readable .npy/.npz file ({err})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if "codes" not in loaded.files:
+                raise UserError(f"{path}: .npz has no 'codes' array (found {loaded.files})")
+            codes = loaded["codes"]
+            lengths = loaded["lengths"] if "lengths" in loaded.files else None
+    else:
+        codes, lengths = loaded, None
+    want = 3 if mode == "2d" else 2
+    if codes.ndim != want or codes.dtype.kind not in "iu":
+        raise UserError(f"{path}: mode {mode} needs an integer array with {want} dims, got {codes.dtype} {codes.shape}")
+    if lengths is None:
+        return codes
+    if mode == "2d" or lengths.shape != (len(codes),) or (lengths < 0).any() or (lengths > codes.shape[1]).any():
+        raise UserError(f"{path}: 'lengths' must be [N] values in [0, {codes.shape[1]}] and only for 1d/flat")
+    return [row[:n] for row, n in zip(codes, lengths.tolist())]

@@ -13,8 +13,7 @@ if the tokens decode back to the exact codes. Every mode here is exactly inverti
 Base token ids equal code ids (0..K-1); merged tokens get K..V-1.
 
 Saved codecs use the models' Hub format (`base.hub`): `config.json` with `model_type: bpe_codec`, the
-backend file and a model card, loadable from a folder or a hub id `hf:owner/name`. Codecs saved before it
-(`bpe_config.json`) still load.
+backend file and a model card, loadable from a folder or a hub id `hf:owner/name`.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import torch
 
 from base.errors import ConfigError, UserError
 from base.files import atomic_write_bytes
+from base.fingerprint import fingerprint_files
 from base.hub import (
     CONFIG_NAME,
     ModelCardInfo,
@@ -57,13 +57,11 @@ from ._sequence import SequenceEngine, block_edges
 from ._text import MAX_CODEBOOK_SIZE
 from .stats import BPEStats
 
-__all__ = ["BACKEND_FILES", "BPECodec", "CONFIG_NAME", "GRID_BACKEND", "LEGACY_CONFIG_NAME", "MODEL_TYPE", "MODES",
-           "codec_dir"]
+__all__ = ["BACKEND_FILES", "BPECodec", "CONFIG_NAME", "GRID_BACKEND", "MODEL_TYPE", "MODES", "codec_dir", "open_codec"]
 
 MODES = ("1d", "2d", "flat")
 GRID_BACKEND = "grid"
 MODEL_TYPE = "bpe_codec"
-LEGACY_CONFIG_NAME = "bpe_config.json"  # the layout before codecs used the Hub format; still loads
 BACKEND_FILES = (*sorted(b.filename for b in BACKENDS.values()), GridEngine.filename)
 _FORMAT = "bpe_image.BPECodec"
 _VERSION = 1
@@ -284,15 +282,14 @@ class BPECodec:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> BPECodec:
-        """Load a codec saved by `save_pretrained` from a folder or a hub id `hf:owner/name` (or an older
-        `bpe_config.json` folder).
+        """Load a codec saved by `save_pretrained` from a folder or a hub id `hf:owner/name`.
 
         Raises `base.errors.UserError` for a folder or hub id that is not there or holds another model
         type, FileNotFoundError naming a missing file, `base.errors.ConfigError` (a UserError and a
         ValueError) naming a file that is corrupt or does not match the config, each one line.
         """
         directory = codec_dir(path)
-        config, config_path = _read_any_config(directory)
+        config, config_path = _read_codec_config(directory)
         backend_path = directory / config["backend_file"]
         if not backend_path.is_file():
             raise FileNotFoundError(f"{backend_path}: backend file named in {config_path} is missing")
@@ -325,10 +322,19 @@ class BPECodec:
         )
 
 
+def open_codec(path: str | os.PathLike) -> tuple[BPECodec, str]:
+    """A saved codec and the hash of its files (its identity in the cache keys of the tokens it made)."""
+    try:
+        directory = codec_dir(path)  # a hub id is fingerprinted by its downloaded files
+        return BPECodec.from_pretrained(directory), fingerprint_files(directory)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"bpe codec {path}: {err}") from None
+
+
 def codec_dir(path: str | os.PathLike) -> Path:
     """The local folder of a saved codec: `path` itself, or a hub id `hf:owner/name`'s snapshot in the Hugging
     Face cache (downloaded if needed: config, backend files)."""
-    return resolve_model_dir(path, extra_files=(*BACKEND_FILES, LEGACY_CONFIG_NAME))
+    return resolve_model_dir(path, extra_files=BACKEND_FILES)
 
 
 def _item_ndim(mode: str) -> int:
@@ -375,31 +381,19 @@ def _check_train_args(
     return backend, cuts, ratio
 
 
-def _read_any_config(directory: Path) -> tuple[dict, Path]:
-    """The codec config of a saved folder and the file it came from: `config.json` (Hub format), else the
-    older `bpe_config.json`."""
-    hub_path, legacy_path = directory / CONFIG_NAME, directory / LEGACY_CONFIG_NAME
-    if hub_path.is_file():
-        _, meta = read_model_meta(directory)
-        if meta["model_type"] != MODEL_TYPE:
-            raise UserError(f"{hub_path}: holds a '{meta['model_type']}' model, not a BPE codec")
-        return _check_config(meta.get("config"), hub_path), hub_path
-    if legacy_path.is_file():
-        return _read_config(legacy_path), legacy_path
-    raise FileNotFoundError(f"{directory}: no saved BPE codec here (neither {CONFIG_NAME} nor {LEGACY_CONFIG_NAME})")
-
-
-def _read_config(config_path: Path) -> dict:
-    """Parse and sanity-check an older `bpe_config.json`."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{config_path} is not valid JSON: {err}") from None
-    return _check_config(config, config_path)
+def _read_codec_config(directory: Path) -> tuple[dict, Path]:
+    """The codec config (`config.json`'s `config`) of a saved folder and the file it came from."""
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory}: no saved BPE codec here (no {CONFIG_NAME})")
+    _, meta = read_model_meta(directory)
+    if meta["model_type"] != MODEL_TYPE:
+        raise UserError(f"{config_path}: holds a '{meta['model_type']}' model, not a BPE codec")
+    return _check_config(meta.get("config"), config_path), config_path
 
 
 def _check_config(config: object, config_path: Path) -> dict:
-    """Check a codec config (the `config` of `config.json`, or all of `bpe_config.json`): every key present
+    """Check a codec config (the `config` of `config.json`): every key present
     with the right type, the values `train` would accept, and the backend file its backend writes (never
     a path elsewhere). ConfigError naming the file and the key."""
     if not isinstance(config, dict) or config.get("format") != _FORMAT:

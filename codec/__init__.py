@@ -1,5 +1,5 @@
 """An image codec driven by the priors: images are tiled at a tokenizer's resolution, tokenized, and the
-tokens range-coded (constriction) with the prior's next-token probabilities; `python -m codec`.
+tokens range-coded (constriction) with the prior's next-token probabilities. On files: `image_codec.py`.
 
 Layer: after `priors`, before `evaluation`; imports flextok, bpe_image and priors only."""
 

@@ -18,11 +18,11 @@ import torch
 
 from base.errors import TokenizerMismatch, UserError
 from base.fingerprint import fingerprint_model
-from bpe_image import BPECodec
+from bpe_image import BPECodec, open_codec
 from flextok import FlexTok, load_tokenizer
 from priors import DiscretePrior, PriorConfig, load_prior
 from priors.pairing import check_tokenizer
-from priors.token_dataset import open_codec, tokenize_for_prior
+from priors.token_dataset import tokenize_for_prior
 
 from .container import DECODES, Header, fingerprint_bytes, pack, tokens_crc, unpack
 from .entropy import Layout, decode_streams, encode_streams
@@ -60,7 +60,7 @@ class CodecSettings:
 
 class ImageCodec:
     """A tokenizer, the discrete prior over its tokens and (for BPE priors) the BPE codec, with their
-    fingerprints. `compress` and `decompress` work on bytes; `python -m codec` (`codec.cli`) writes the files."""
+    fingerprints. `compress` and `decompress` work on bytes; `image_codec.py` writes the files."""
 
     def __init__(self, tokenizer: torch.nn.Module, prior: DiscretePrior, bpe: BPECodec | None = None,
                  bpe_fingerprint: str | None = None, device: str = "cpu", names: tuple[str, str] = ("", "")):

@@ -134,13 +134,13 @@ class Coded:
         return self.run()
 
 
-def codec_settings(put: PriorUnderTest, settings: EvalCodecConfig) -> list[tuple[str, CodecSettings]]:
+def codec_settings(tested: PriorUnderTest, settings: EvalCodecConfig) -> list[tuple[str, CodecSettings]]:
     """(label, settings) of a prior's codec rows: an ordered 1D stream at each k it models (and adaptive
     targets for a full stream); any other prior codes its own stream."""
-    config = put.prior.config
-    ordered = base_family(put.tokenizer) == "1d" and put.codec is None
+    config = tested.prior.config
+    ordered = base_family(tested.tokenizer) == "1d" and tested.codec is None
     if ordered and config.tokens in ("full", "prefix"):
-        rows = [(f"k={k}", CodecSettings(k=k)) for k in settings.ks if k <= put.prior.max_length]
+        rows = [(f"k={k}", CodecSettings(k=k)) for k in settings.ks if k <= tested.prior.max_length]
         if config.tokens == "full":
             rows += [(f"adaptive@{t:g}dB", CodecSettings(target_psnr=t)) for t in settings.target_psnrs]
         return rows
@@ -231,13 +231,13 @@ def run_codec(ctx: EvalContext, result: EvaluationResult) -> None:
     for name in settings.priors:
         entry = entries[name]
         try:
-            put = open_prior(entry, ctx)
-            codec = ImageCodec(put.tokenizer, put.prior, put.codec, put.codec_fingerprint, str(ctx.device),
-                               (put.tokenizer_path, entry.path))
-            family = base_family(put.tokenizer) + ("+bpe" if put.codec is not None else "")
-            base = {"prior": put.fingerprint, "tokenizer": put.tokenizer_fingerprint, "bpe": put.codec_fingerprint,
-                    "timed_on": timed_on}
-            for label, s in codec_settings(put, settings):
+            tested = open_prior(entry, ctx)
+            codec = ImageCodec(tested.tokenizer, tested.prior, tested.codec, tested.codec_fingerprint, str(ctx.device),
+                               (tested.tokenizer_path, entry.path))
+            family = base_family(tested.tokenizer) + ("+bpe" if tested.codec is not None else "")
+            base = {"prior": tested.fingerprint, "tokenizer": tested.tokenizer_fingerprint,
+                    "bpe": tested.codec_fingerprint, "timed_on": timed_on}
+            for label, s in codec_settings(tested, settings):
                 run = lambda c=codec, s=s: ours(c, s, images, speed)  # noqa: E731
                 jobs.append((entry, {**base, "settings": s}, run, {
                     "name": name, "family": family, "setting": label, "k": s.k, "target_psnr": s.target_psnr,

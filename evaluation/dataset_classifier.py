@@ -2,7 +2,8 @@
 
 Its features give an FID named `dataset_classifier:<hash>`, which must never be compared with
 Inception FID. Trained weights are cached per data and config, so every evaluation of a
-dataset uses the same backbone.
+dataset uses the same backbone. The network (`base.classifier.DatasetClassifier`) lives in the base layer:
+saved with `save_pretrained`, it is also a REPA teacher for the tokenizer stage.
 """
 
 from __future__ import annotations
@@ -14,60 +15,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from base.classifier import ClassifierConfig, DatasetClassifier
 from base.files import atomic_write
 
 from .frechet import FeatureExtractor, batched_features
 
 __all__ = [
-    "DatasetClassifier",
     "DatasetClassifierFeatures",
     "dataset_classifier_key",
     "train_dataset_classifier",
 ]
-
-
-class DatasetClassifier(nn.Module):
-    """A small CNN classifier whose penultimate layer serves as a dataset-specific FID backbone.
-
-    Three stride-2 stages and global average pooling make it work at any resolution of
-    16x16 or more. GroupNorm keeps features independent of batch composition.
-    """
-
-    def __init__(self, num_classes: int, width: int = 32, feature_dim: int = 128) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.feature_dim = feature_dim
-        stage_channels = [width, 2 * width, 4 * width, 4 * width]
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for index, channels in enumerate(stage_channels):
-            stride = 1 if index == 0 else 2
-            layers += [
-                nn.Conv2d(in_channels, channels, kernel_size=3, stride=stride, padding=1),
-                nn.GroupNorm(8, channels),
-                nn.SiLU(),
-            ]
-            in_channels = channels
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, feature_dim)]
-        self.trunk = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.SiLU(), nn.Linear(feature_dim, num_classes))
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate (pre-activation) features `[B, feature_dim]`.
-
-        Taken before the nonlinearity so that no dimension is stuck at a constant, which
-        would make the feature covariance singular.
-        """
-        return self.trunk(images)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits `[B, num_classes]`."""
-        return self.head(self.features(images))
 
 
 class DatasetClassifierFeatures(FeatureExtractor):
@@ -157,7 +118,8 @@ def _new_classifier(config: Mapping[str, int | float | str]) -> DatasetClassifie
     """Build the classifier with seeded init without disturbing the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config["seed"]))
-        return DatasetClassifier(int(config["num_classes"]), int(config["width"]), int(config["feature_dim"]))
+        return DatasetClassifier(ClassifierConfig(num_classes=int(config["num_classes"]), width=int(config["width"]),
+                                                  feature_dim=int(config["feature_dim"])))
 
 
 def _save_classifier(network: DatasetClassifier, path: Path, config: Mapping[str, object], key: str) -> None:

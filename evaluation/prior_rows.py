@@ -14,11 +14,10 @@ from torch import nn
 
 from base.data import data_settings
 from base.errors import UserError
-from bpe_image import BPECodec
+from bpe_image import BPECodec, open_codec
 from flextok.nested_dropout import powers_of_two_upto
 from priors import DiscretePrior, FlowPrior, build_token_dataset, generate_images
 from priors.pairing import check_tokenizer
-from priors.token_dataset import open_codec
 
 from .context import EvalContext
 from .frechet import compute_feature_stats, fid_from_stats
@@ -71,43 +70,43 @@ def open_prior(entry: EvalPriorConfig, ctx: EvalContext) -> PriorUnderTest:
     base_family(tokenizer)
     check_resolution(tokenizer, ctx.cfg.data, f"its tokenizer {tokenizer_path}")
     check_tokenizer(prior, tokenizer_fingerprint, tokenizer_path)
-    put = PriorUnderTest(entry, prior, fingerprint, tokenizer_path, tokenizer, tokenizer_fingerprint)
+    tested = PriorUnderTest(entry, prior, fingerprint, tokenizer_path, tokenizer, tokenizer_fingerprint)
     if prior.config.tokens == "bpe":
-        put.codec, put.codec_fingerprint = open_codec(prior.config.bpe)
-    return put
+        tested.codec, tested.codec_fingerprint = open_codec(prior.config.bpe)
+    return tested
 
 
-def prefix_lengths(put: PriorUnderTest) -> list[int]:
+def prefix_lengths(tested: PriorUnderTest) -> list[int]:
     """The prefix lengths k = 1, 2, 4, ..., R whose bits a prior's NLL record also gives: for a discrete prior
     over an ordered 1D tokenizer's full, fixed-length stream (the coarse-to-fine operating points); else none."""
-    ordered = base_family(put.tokenizer) == "1d" and put.codec is None
-    if isinstance(put.prior, FlowPrior) or put.prior.config.tokens != "full" or not ordered:
+    ordered = base_family(tested.tokenizer) == "1d" and tested.codec is None
+    if isinstance(tested.prior, FlowPrior) or tested.prior.config.tokens != "full" or not ordered:
         return []
-    return powers_of_two_upto(put.tokenizer.num_registers)
+    return powers_of_two_upto(tested.tokenizer.num_registers)
 
 
 @torch.no_grad()
-def nll_record(put: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
+def nll_record(tested: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
     """Held-out bits per image under the null condition (held-out images may belong to unseen classes), and
     for ordered 1D streams the bits of each prefix k (`prefix_lengths`).
 
     A flow prior has no discrete likelihood: its fixed-noise validation loss is reported instead."""
-    data = build_token_dataset(put.tokenizer, put.prior.config, ctx.cfg.data, ctx.cfg.data.eval_split,
+    data = build_token_dataset(tested.tokenizer, tested.prior.config, ctx.cfg.data, ctx.cfg.data.eval_split,
                                ctx.token_cache, limit=ctx.settings.num_images, seed=ctx.cfg.seed,
                                device=ctx.device, progress=False)
-    flow = isinstance(put.prior, FlowPrior)
-    ks = prefix_lengths(put)
+    flow = isinstance(tested.prior, FlowPrior)
+    ks = prefix_lengths(tested)
     values, prefixes = [], []
     for start in range(0, len(data), ctx.settings.batch_size):
         batch = data.batch(np.arange(start, min(start + ctx.settings.batch_size, len(data))))
         inputs = {k: v.to(ctx.device) for k, v in batch.items() if k != "labels"}
         if flow:
-            values.append(put.prior.validation_loss(**inputs, seed=ctx.cfg.seed))
+            values.append(tested.prior.validation_loss(**inputs, seed=ctx.cfg.seed))
         elif ks:  # one pass for both: the last prefix is the whole fixed-length sequence
-            prefixes.append(put.prior.prefix_nll_bits(inputs["tokens"], ks))
+            prefixes.append(tested.prior.prefix_nll_bits(inputs["tokens"], ks))
             values.append(prefixes[-1][:, -1])
         else:
-            values.append(put.prior.nll_bits(**inputs))
+            values.append(tested.prior.nll_bits(**inputs))
     mean = torch.cat(values).mean().item()
     prefix_bits = dict(zip(map(str, ks), torch.cat(prefixes).mean(0).tolist())) if ks else None
     return {"nll_bits_per_image": None if flow else mean, "flow_val_loss": mean if flow else None,
@@ -117,21 +116,22 @@ def nll_record(put: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
 class Sampling:
     """The gFID samples of one prior, generated on first use, with the time generation took."""
 
-    def __init__(self, put: PriorUnderTest, sampler: SamplerSettings, ctx: EvalContext) -> None:
-        self.put, self.sampler, self.ctx = put, sampler, ctx
-        n, classes = sampler.samples, put.num_classes
+    def __init__(self, tested: PriorUnderTest, sampler: SamplerSettings, ctx: EvalContext) -> None:
+        self.tested, self.sampler, self.ctx = tested, sampler, ctx
+        n, classes = sampler.samples, tested.num_classes
         self.labels = torch.arange(n) % classes if classes else None
 
     @cached_property
     def run(self) -> tuple[torch.Tensor, float]:
-        s, put = self.sampler, self.put
+        s, tested = self.sampler, self.tested
         chunks = []
         started = time.perf_counter()
         for b, start in enumerate(range(0, s.samples, s.batch_size)):
             count = min(s.batch_size, s.samples - start)
             labels = None if self.labels is None else self.labels[start : start + count]
-            chunks.append(generate_images(put.prior, put.tokenizer, labels, num_samples=count, sampling=s.sampling,
-                                          decoder_sampling=s.decoder, seed=s.seed + b, codec=put.codec))
+            chunks.append(generate_images(tested.prior, tested.tokenizer, labels, num_samples=count,
+                                          sampling=s.sampling, decoder_sampling=s.decoder, seed=s.seed + b,
+                                          codec=tested.codec))
         return torch.cat(chunks).float(), time.perf_counter() - started
 
     def record(self) -> dict[str, Any]:
@@ -146,26 +146,26 @@ class Sampling:
 
 def evaluate_prior(entry: EvalPriorConfig, ctx: EvalContext) -> tuple[PriorRow, torch.Tensor, torch.Tensor | None]:
     """One prior row, plus a preview of its samples and their labels."""
-    put = open_prior(entry, ctx)
-    sampler = put.sampler(ctx)
-    base = {"prior": put.fingerprint, "tokenizer": put.tokenizer_fingerprint, "bpe": put.codec_fingerprint}
-    sampling = Sampling(put, sampler, ctx)
+    tested = open_prior(entry, ctx)
+    sampler = tested.sampler(ctx)
+    base = {"prior": tested.fingerprint, "tokenizer": tested.tokenizer_fingerprint, "bpe": tested.codec_fingerprint}
+    sampling = Sampling(tested, sampler, ctx)
     gfid_inputs = {**base, "sampler": sampler, "backbone": ctx.backbone.name, "reference": ctx.reference_key,
                    "timed_on": {"device": str(ctx.device), "threads": torch.get_num_threads()}}  # images/s is measured
-    nll_inputs = {**base, "metric": "nll", "prefixes": prefix_lengths(put), "held_out": ctx.held_out_key,
+    nll_inputs = {**base, "metric": "nll", "prefixes": prefix_lengths(tested), "held_out": ctx.held_out_key,
                   "data": data_settings(ctx.cfg.data)}
-    nll, nll_fresh = ctx.cache.record(nll_inputs, lambda: nll_record(put, ctx))
+    nll, nll_fresh = ctx.cache.record(nll_inputs, lambda: nll_record(tested, ctx))
     gfid, gfid_fresh = ctx.cache.record({**gfid_inputs, "metric": "gfid"}, sampling.record)
     count = min(SAMPLE_PREVIEW, sampler.samples)
     preview, preview_fresh = ctx.cache.images({**gfid_inputs, "metric": "samples", "count": count},
                                               lambda: sampling.run[0][:count])
     fresh = {"nll": nll_fresh, "gfid": gfid_fresh, "samples": preview_fresh}
-    config = put.prior.config
+    config = tested.prior.config
     row = PriorRow(
         name=entry.name, path=entry.path, kind=config.kind, tokens=config.tokens,
-        target_psnr=config.target_psnr if config.tokens == "adaptive" else None, tokenizer=put.tokenizer_path,
-        tokenizer_family=base_family(put.tokenizer) + ("+bpe" if config.bpe else ""), bpe=config.bpe,
-        num_classes=put.num_classes, sampler=sampler,
+        target_psnr=config.target_psnr if config.tokens == "adaptive" else None, tokenizer=tested.tokenizer_path,
+        tokenizer_family=base_family(tested.tokenizer) + ("+bpe" if config.bpe else ""), bpe=config.bpe,
+        num_classes=tested.num_classes, sampler=sampler,
         **nll, **gfid, computed=[name for name, was_fresh in fresh.items() if was_fresh],
     )
     labels = None if sampling.labels is None else sampling.labels[:count]

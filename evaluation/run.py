@@ -53,17 +53,17 @@ def run_evaluation(cfg: ExperimentConfig, progress: bool = True) -> EvaluationRe
             opened.append(open_tokenizer(entry, ctx))
         except Exception as err:  # noqa: BLE001 - any failure of one entry is reported, the rest still run
             result.fail("tokenizer", entry.name, entry.path, err)
-    total = sum(len(tut.modes()) for tut in opened) + len(cfg.eval.priors)
+    total = sum(len(tested.modes()) for tested in opened) + len(cfg.eval.priors)
     with tqdm(total=total, desc="evaluate", unit="row", disable=not progress, dynamic_ncols=True) as bar:
-        for tut in opened:
-            for mode in tut.modes():
-                bar.set_postfix_str(f"{tut.entry.name} {mode.label}")
+        for tested in opened:
+            for mode in tested.modes():
+                bar.set_postfix_str(f"{tested.entry.name} {mode.label}")
                 try:
-                    row, preview = evaluate_mode(tut, mode, ctx)
+                    row, preview = evaluate_mode(tested, mode, ctx)
                     result.tokenizer_rows.append(row)
-                    result.previews[(tut.entry.name, mode.label)] = preview
+                    result.previews[(tested.entry.name, mode.label)] = preview
                 except Exception as err:  # noqa: BLE001
-                    result.fail("tokenizer", tut.entry.name, tut.entry.path, err, mode.label)
+                    result.fail("tokenizer", tested.entry.name, tested.entry.path, err, mode.label)
                 bar.update()
         for entry in cfg.eval.priors:
             bar.set_postfix_str(f"prior {entry.name}")

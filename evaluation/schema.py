@@ -4,7 +4,7 @@ every section of every layer, as the entry scripts load it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Literal, Optional
 
 from base.config import check
 from base.schema import SamplingOverrides
@@ -70,12 +70,6 @@ class EvalCodecConfig:
 @dataclass
 class EvalConfig:
     """`evaluate.py`: tokenizers and priors side by side; the report goes to runs/<name>/report/."""
-
-    RENAMED: ClassVar[dict[str, str]] = {
-        "decoder_steps": "decoder_sampling.steps", "guidance": "decoder_sampling.guidance_scale",
-        "cfg_scale": "prior_sampling.guidance_scale", "flow_steps": "prior_sampling.steps",
-        "temperature": "prior_sampling.temperature", "top_k": "prior_sampling.top_k", "top_p": "prior_sampling.top_p",
-    }
 
     tokenizers: list[EvalTokenizerConfig] = field(default_factory=list)
     priors: list[EvalPriorConfig] = field(default_factory=list)

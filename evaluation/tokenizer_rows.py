@@ -17,11 +17,10 @@ from torch import nn
 from base.errors import UserError
 from base.metrics import psnr, ssim
 from base.schema import DataConfig, SamplingConfig
-from bpe_image import BPECodec
+from bpe_image import BPECodec, open_codec
 from flextok import FlexTok
 from flextok.nested_dropout import powers_of_two_upto
 from grid.autoencoder import GridAutoencoder
-from priors.token_dataset import open_codec
 
 from .bits import length_code_bits, multiset_bits
 from .bootstrap import bootstrap_interval
@@ -94,15 +93,15 @@ class TokenizerUnderTest:
         return base_family(self.model) + ("+bpe" if self.codec is not None else "")
 
     @property
-    def decoder(self) -> SamplingConfig | None:
+    def sampling(self) -> SamplingConfig | None:
         return decoder_sampling(self.model, self.settings)
 
     def decoding(self, mode: Mode) -> SamplingConfig | None:
         """The decoder settings of a row: its sampler's, or for the posterior mean one unguided step from
         t = 1 (E[x0 | tokens] is the conditional model's estimate; guidance would extrapolate past it)."""
-        if self.decoder is None:
+        if self.sampling is None:
             return None
-        return dataclasses.replace(self.decoder, steps=1, guidance_scale=1.0) if mode.mean else self.decoder
+        return dataclasses.replace(self.sampling, steps=1, guidance_scale=1.0) if mode.mean else self.sampling
 
     @property
     def prefix_lengths(self) -> list[int]:
@@ -130,10 +129,10 @@ class TokenizerUnderTest:
         return modes + ([Mode(target_psnr=target)] if target is not None else [])
 
     def tokenize(self, images: torch.Tensor, mode: Mode, seed: int) -> list[torch.Tensor]:
-        if self.decoder is None:
+        if self.sampling is None:
             return self.model.tokenize(images)
         return self.model.tokenize(images, k=mode.k, target_psnr=mode.target_psnr, seed=seed,
-                                   **dataclasses.asdict(self.decoder))
+                                   **dataclasses.asdict(self.sampling))
 
     def detokenize(self, tokens: list[torch.Tensor], mode: Mode, seed: int) -> torch.Tensor:
         decoding = self.decoding(mode)
@@ -153,7 +152,7 @@ class TokenizerUnderTest:
             vocab, basis = None, "latent elements x 16 bits (float16 KL latents)"
         if mode.target_psnr is not None:
             basis += " + log2(allowed lengths) for the length"
-        kind = "deterministic" if self.decoder is None else "mean" if mode.mean else "sample"
+        kind = "deterministic" if self.sampling is None else "mean" if mode.mean else "sample"
         return {"name": self.entry.name, "family": self.family, "path": self.entry.path, "bpe": self.entry.bpe,
                 "mode": mode.label, "decoding": kind, "k": mode.k, "target_psnr": mode.target_psnr,
                 "vocab_size": vocab, "bits_basis": basis, "decoder": self.decoding(mode)}
@@ -170,7 +169,7 @@ class TokenizerUnderTest:
     def token_identity(self, mode: Mode, ctx: EvalContext) -> str:
         """What a row's tokens depend on: the tokenizer, the prefix or adaptive target (whose choice decodes
         with the sampler's settings), the held-out images; not whether the row decodes a sample or a mean."""
-        decoder = dataclasses.asdict(self.decoder) if self.decoder and mode.target_psnr is not None else None
+        decoder = dataclasses.asdict(self.sampling) if self.sampling and mode.target_psnr is not None else None
         return json.dumps({"tokenizer": self.fingerprint, "k": mode.k, "target_psnr": mode.target_psnr,
                            "held_out": ctx.held_out_key, "decoder": decoder, "seed": ctx.cfg.seed}, sort_keys=True)
 
@@ -180,16 +179,16 @@ def open_tokenizer(entry: EvalTokenizerConfig, ctx: EvalContext) -> TokenizerUnd
     model, fingerprint = ctx.model(entry.path)
     base_family(model)
     check_resolution(model, ctx.cfg.data)
-    tut = TokenizerUnderTest(entry, model, fingerprint, ctx.settings)
+    tested = TokenizerUnderTest(entry, model, fingerprint, ctx.settings)
     if entry.bpe is None:
-        return tut
+        return tested
     if not model.vocab_size:
         raise UserError(f"bpe {entry.bpe}: BPE needs integer codes, but this is a KL tokenizer (continuous latents)")
-    tut.codec, tut.codec_fingerprint = open_codec(entry.bpe)
-    if tut.codec.codebook_size != model.vocab_size:
-        raise UserError(f"bpe {entry.bpe}: codec is for {tut.codec.codebook_size} codes, the tokenizer has "
+    tested.codec, tested.codec_fingerprint = open_codec(entry.bpe)
+    if tested.codec.codebook_size != model.vocab_size:
+        raise UserError(f"bpe {entry.bpe}: codec is for {tested.codec.codebook_size} codes, the tokenizer has "
                         f"{model.vocab_size}")
-    return tut
+    return tested
 
 
 class Reconstruction:
@@ -199,24 +198,24 @@ class Reconstruction:
     Batch b is tokenized and decoded with seed + b and the same batch composition: FlexTok's adaptive
     length is chosen with exactly the noise its final decoding then uses."""
 
-    def __init__(self, tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> None:
-        self.tut, self.mode, self.ctx = tut, mode, ctx
-        self.memo_key = tut.token_identity(mode, ctx)
+    def __init__(self, tested: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> None:
+        self.tested, self.mode, self.ctx = tested, mode, ctx
+        self.memo_key = tested.token_identity(mode, ctx)
 
     @cached_property
     def tokens(self) -> list[list[torch.Tensor]]:
         """Per batch, the tokens of each image; shared within a run by entries with the same tokenizer."""
         if self.memo_key not in self.ctx.token_memo:
             batches, seed = self.ctx.held_out.images.split(self.ctx.settings.batch_size), self.ctx.cfg.seed
-            self.ctx.token_memo[self.memo_key] = [self.tut.tokenize(images.to(self.ctx.device), self.mode, seed + b)
+            self.ctx.token_memo[self.memo_key] = [self.tested.tokenize(images.to(self.ctx.device), self.mode, seed + b)
                                                   for b, images in enumerate(batches)]
         return self.ctx.token_memo[self.memo_key]
 
     @cached_property
     def images(self) -> torch.Tensor:
-        if self.tut.prefix_lengths and self.mode.k in self.tut.prefix_lengths:
+        if self.tested.prefix_lengths and self.mode.k in self.tested.prefix_lengths:
             return self._prefix_images().pop(self.mode.k)  # handed over once: the memo does not keep it
-        return torch.cat([self.tut.detokenize(tokens, self.mode, self.ctx.cfg.seed + b).float().cpu()
+        return torch.cat([self.tested.detokenize(tokens, self.mode, self.ctx.cfg.seed + b).float().cpu()
                           for b, tokens in enumerate(self.tokens)])
 
     def _prefix_images(self) -> dict[int, torch.Tensor]:
@@ -224,46 +223,46 @@ class Reconstruction:
         once: each batch's tokens go through the decoder in one pass for all k, with the noise the per-k
         decodings would use (`FlexTok.detokenize_prefixes`). Memoized for the rows that follow (a row that
         asks again after taking its images decodes all prefixes once more)."""
-        ks = self.tut.prefix_lengths
-        key = json.dumps({"prefixes": self.tut.token_identity(Mode(k=max(ks)), self.ctx), "mean": self.mode.mean})
+        ks = self.tested.prefix_lengths
+        key = json.dumps({"prefixes": self.tested.token_identity(Mode(k=max(ks)), self.ctx), "mean": self.mode.mean})
         if self.mode.k not in self.ctx.prefix_memo.get(key, {}):
-            full = Reconstruction(self.tut, Mode(k=max(ks), mean=self.mode.mean), self.ctx).tokens
-            decoding = dataclasses.asdict(self.tut.decoding(self.mode))
-            per_batch = [self.tut.model.detokenize_prefixes(tokens, ks, seed=self.ctx.cfg.seed + b, **decoding)
+            full = Reconstruction(self.tested, Mode(k=max(ks), mean=self.mode.mean), self.ctx).tokens
+            decoding = dataclasses.asdict(self.tested.decoding(self.mode))
+            per_batch = [self.tested.model.detokenize_prefixes(tokens, ks, seed=self.ctx.cfg.seed + b, **decoding)
                          for b, tokens in enumerate(full)]
             self.ctx.prefix_memo[key] = {k: torch.cat([images[k].float().cpu() for images in per_batch]) for k in ks}
         return self.ctx.prefix_memo[key]
 
 
-def rate_record(tut: TokenizerUnderTest, mode: Mode, batches: list[list[torch.Tensor]]) -> dict[str, Any]:
+def rate_record(tested: TokenizerUnderTest, mode: Mode, batches: list[list[torch.Tensor]]) -> dict[str, Any]:
     """Tokens and bits per image; BPE counts come from encoding the codes, checked to decode back exactly.
     A token set pays the multiset's cost; an adaptive length pays for naming its length."""
     sequences = [t for batch in batches for t in batch]
-    if tut.codec is None:
-        counts, bits_per_token = np.array([len(t) for t in sequences]), float(tut.model.bits_per_token)
+    if tested.codec is None:
+        counts, bits_per_token = np.array([len(t) for t in sequences]), float(tested.model.bits_per_token)
     else:
-        counts, bits_per_token = bpe_counts(tut, sequences), math.log2(tut.codec.vocab_size)
+        counts, bits_per_token = bpe_counts(tested, sequences), math.log2(tested.codec.vocab_size)
     bits = counts.mean() * bits_per_token
-    if tut.codec is None and base_family(tut.model) == "token_set":
-        bits = float(np.mean([multiset_bits(tut.model.vocab_size, int(n)) for n in counts]))
+    if tested.codec is None and base_family(tested.model) == "token_set":
+        bits = float(np.mean([multiset_bits(tested.model.vocab_size, int(n)) for n in counts]))
         bits_per_token = bits / counts.mean()  # what each token of a multiset costs on average
     record = {
         "tokens_per_image": float(counts.mean()), "tokens_min": int(counts.min()), "tokens_max": int(counts.max()),
         "bits_per_token": bits_per_token,
     }
     if mode.target_psnr is not None:
-        bits += length_code_bits(len(powers_of_two_upto(tut.model.num_registers)))
+        bits += length_code_bits(len(powers_of_two_upto(tested.model.num_registers)))
         lengths, images = np.unique([len(t) for t in sequences], return_counts=True)
         record["length_counts"] = {str(k): int(n) for k, n in zip(lengths, images)}
     return {**record, "bits_per_image": float(bits)}
 
 
-def bpe_counts(tut: TokenizerUnderTest, sequences: list[torch.Tensor]) -> np.ndarray:
+def bpe_counts(tested: TokenizerUnderTest, sequences: list[torch.Tensor]) -> np.ndarray:
     codes = [t.cpu().numpy() for t in sequences]
-    ids = tut.codec.encode_flat(codes)
-    for i, (original, decoded) in enumerate(zip(codes, tut.codec.decode_batch(ids))):
+    ids = tested.codec.encode_flat(codes)
+    for i, (original, decoded) in enumerate(zip(codes, tested.codec.decode_batch(ids))):
         if not np.array_equal(np.asarray(decoded).reshape(-1), original):
-            raise ValueError(f"bpe {tut.entry.bpe}: held-out image {i} does not decode back to its codes (lossy)")
+            raise ValueError(f"bpe {tested.entry.bpe}: held-out image {i} does not decode back to its codes (lossy)")
     return np.array([len(i) for i in ids])
 
 
@@ -291,13 +290,13 @@ def rfid_record(rec: Reconstruction, ctx: EvalContext) -> dict[str, Any]:
             "rfid_num_fake": result.num_fake, "rkid": kid.value, "rkid_std": kid.std}
 
 
-def evaluate_mode(tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tuple[TokenizerRow, torch.Tensor]:
+def evaluate_mode(tested: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tuple[TokenizerRow, torch.Tensor]:
     """One report row (metrics from cache where present) and the reconstructions for the image grid."""
     originals = ctx.held_out.images
-    base = tut.identity(mode, ctx)
-    rec = Reconstruction(tut, mode, ctx)
+    base = tested.identity(mode, ctx)
+    rec = Reconstruction(tested, mode, ctx)
     jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {
-        "rate": ({"bpe": tut.codec_fingerprint}, lambda: rate_record(tut, mode, rec.tokens)),
+        "rate": ({"bpe": tested.codec_fingerprint}, lambda: rate_record(tested, mode, rec.tokens)),
         "psnr": ({}, lambda: quality_record(psnr, "psnr", rec, originals)),
         "ssim": ({}, lambda: quality_record(ssim, "ssim", rec, originals)),
         "rfid": ({"backbone": ctx.backbone.name}, lambda: rfid_record(rec, ctx)),
@@ -311,5 +310,5 @@ def evaluate_mode(tut: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tupl
         computed += [metric] if fresh else []
     index = ctx.preview_index
     preview, fresh = ctx.cache.images({**base, "metric": "preview", "rows": index.tolist()}, lambda: rec.images[index])
-    row = TokenizerRow(**tut.describe(mode), **values, computed=computed + (["preview"] if fresh else []))
+    row = TokenizerRow(**tested.describe(mode), **values, computed=computed + (["preview"] if fresh else []))
     return row, preview

@@ -3,13 +3,16 @@
 Both share one trunk, a transformer over [noised patches | condition tokens] with AdaLN time conditioning
 whose modulation is zero-initialized (it starts as plain LayerNorm). x-transformers' extra adaptive
 layer-scale gate (full adaLN-zero) made register codes collapse on short CPU runs, so it is off. Both expose
-`loss(x0, cond)` and `sample(cond, null, shape, sampling, generator)`; classifier-free guidance runs the
-conditional and null rows in one batched forward pass.
+`loss(x0, cond)`, `estimate(x0, cond, layer)` (the same loss plus the clean target x̂0 it implies at the
+sampled noise level t, for pixel-space terms, and with `layer` the trunk's hidden state after that block, for
+REPA) and `sample(cond, null, shape, sampling, generator)`; classifier-free guidance runs the conditional and
+null rows in one batched forward pass.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +23,18 @@ from base.guidance import Guidance
 from base.patching import sincos_2d, timestep_embedding
 from base.schema import SamplingConfig
 
-__all__ = ["DecoderTrunk", "DiffusionDecoder", "RectifiedFlowDecoder", "build_decoder", "cosine_alpha_bar",
-           "start_from_noise"]
+__all__ = ["DecoderEstimate", "DecoderTrunk", "DiffusionDecoder", "RectifiedFlowDecoder", "build_decoder",
+           "cosine_alpha_bar", "run_trunk", "start_from_noise"]
+
+
+class DecoderEstimate(NamedTuple):
+    """One training evaluation of a decoder: its loss, the clean target x̂0 [B, N, patch_dim] that the
+    trunk's output implies, and the noise level t [B] it was made at (0 clean, 1 pure noise)."""
+
+    loss: torch.Tensor
+    x0_hat: torch.Tensor
+    t: torch.Tensor
+    hidden: torch.Tensor | None = None  # the trunk's hidden state after block `layer` (REPA), if asked for
 
 
 class DecoderTrunk(nn.Module):
@@ -42,11 +55,26 @@ class DecoderTrunk(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
         self.num_patches = grid * grid
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, hidden_layer: int | None = None):
+        """The prediction [B, N, patch_dim]; with `hidden_layer` (a block, 1-based) the pair (prediction, the
+        residual stream after that block at the patch positions [B, N, dim]), which REPA aligns."""
         h = self.proj_in(x_t) + self.pos
         c = self.time_mlp(timestep_embedding(t, self.pos.shape[1]))
-        out = self.trunk(torch.cat([h, cond], dim=1), condition=c)
-        return self.proj_out(self.norm_out(out[:, : self.num_patches]))
+        if hidden_layer is None:
+            out = self.trunk(torch.cat([h, cond], dim=1), condition=c)
+            return self.proj_out(self.norm_out(out[:, : self.num_patches]))
+        out, inter = self.trunk(torch.cat([h, cond], dim=1), condition=c, return_hiddens=True)
+        # `hiddens` holds each block's input (the first: the embeddings); the last block's output is the
+        # stream before the final norm, the last of `layer_hiddens`
+        streams = [*inter.hiddens[1:], inter.layer_hiddens[-1]]
+        hidden = streams[hidden_layer - 1][:, : self.num_patches]
+        return self.proj_out(self.norm_out(out[:, : self.num_patches])), hidden
+
+
+def run_trunk(trunk: DecoderTrunk, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+              layer: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The trunk's prediction, and its hidden state after block `layer` (None when `layer` is None)."""
+    return (trunk(x_t, t, cond), None) if layer is None else trunk(x_t, t, cond, hidden_layer=layer)
 
 
 def guided(trunk: DecoderTrunk, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
@@ -96,11 +124,21 @@ class RectifiedFlowDecoder(nn.Module):
             return out
         return (x_t - out) / t.clamp_min(self.MIN_T)[:, None, None]
 
+    def x0_from(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean target the trunk's output implies at x_t, time t [B]: x̂0 = x_t - t·v̂ (x_t = t·eps +
+        (1-t)·x0, v = eps - x0), or the output itself for prediction "x0" (exact, no clamped 1/t)."""
+        return out if self.prediction == "x0" else x_t - t[:, None, None] * out
+
     def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.estimate(x0, cond).loss
+
+    def estimate(self, x0: torch.Tensor, cond: torch.Tensor, layer: int | None = None) -> DecoderEstimate:
         t = torch.sigmoid(torch.randn(len(x0), device=x0.device) + self.time_logit_mean)
         eps = torch.randn_like(x0)
         x_t = t[:, None, None] * eps + (1 - t[:, None, None]) * x0
-        return F.mse_loss(self.velocity(self.trunk(x_t, t, cond), x_t, t), eps - x0)
+        out, hidden = run_trunk(self.trunk, x_t, t, cond, layer)
+        loss = F.mse_loss(self.velocity(out, x_t, t), eps - x0)
+        return DecoderEstimate(loss, self.x0_from(out, x_t, t), t, hidden)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...], sampling: SamplingConfig,
@@ -128,13 +166,22 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(f"prediction must be 'v' or 'eps', got {prediction!r}")
         self.trunk, self.prediction = trunk, prediction
 
+    def x0_from(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean target the trunk's output (v or eps) implies at x_t, time t [B]. With eps it divides by
+        sqrt(alpha_bar), which reaches 1/sqrt(1e-5) near t = 1: a pixel term there wants a small `t_max`."""
+        return self._x0_eps(x_t, cosine_alpha_bar(t)[:, None, None], out)[0]
+
     def loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.estimate(x0, cond).loss
+
+    def estimate(self, x0: torch.Tensor, cond: torch.Tensor, layer: int | None = None) -> DecoderEstimate:
         t = torch.rand(len(x0), device=x0.device)
         a = cosine_alpha_bar(t)[:, None, None]
         eps = torch.randn_like(x0)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction == "v" else eps
-        return F.mse_loss(self.trunk(x_t, t, cond), target)
+        out, hidden = run_trunk(self.trunk, x_t, t, cond, layer)
+        return DecoderEstimate(F.mse_loss(out, target), self.x0_from(out, x_t, t), t, hidden)
 
     def _x0_eps(self, x_t: torch.Tensor, a: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.prediction == "v":

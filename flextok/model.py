@@ -25,16 +25,18 @@ from base.hub import HubMixin, register_model
 from base.metrics import psnr
 from base.patching import patchify, unpatchify
 from base.schema import SamplingConfig
+from base.teachers import Alignment, load_teacher
 from grid.autoencoder import GridAutoencoder
 from grid.bottlenecks import Quantizer, code_dim
-from grid.schema import GridConfig
+from grid.schema import GridConfig, RepaConfig
 
-from .decoders import DecoderTrunk, build_decoder
+from .decoders import DecoderEstimate, DecoderTrunk, build_decoder
+from .joint_prior import JointPrior, scale_gradient
 from .nested_dropout import apply_nested_dropout, powers_of_two_upto, sample_keep_counts
 from .register_encoder import RegisterEncoder
-from .schema import FlexTokConfig
+from .schema import FlexTokConfig, PixelLossConfig, PriorLossConfig
 
-__all__ = ["FlexTok", "FlexTokArgs", "FlexTokObjective", "image_seed"]
+__all__ = ["FlexTok", "FlexTokArgs", "FlexTokObjective", "image_seed", "pixel_t_weights"]
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -72,8 +74,7 @@ class FlexTok(HubMixin, nn.Module):
         if config.input == "latents":
             if autoencoder_config is None:
                 raise ValueError("input 'latents' needs the grid autoencoder's config")
-            # upgrade: tokenizers saved before a grid key was renamed embed the old spelling
-            grid = from_dict(GridConfig, autoencoder_config, "autoencoder_config", upgrade=True)
+            grid = from_dict(GridConfig, autoencoder_config, "autoencoder_config")
             self.autoencoder = GridAutoencoder(grid, resolution)
             self.autoencoder.requires_grad_(False).eval()
             channels, side = self.autoencoder.config.latent_channels, self.autoencoder.grid_size
@@ -87,8 +88,8 @@ class FlexTok(HubMixin, nn.Module):
         patch_dim = channels * p * p
         q_dim = code_dim(config.quantizer)
         self.encoder = RegisterEncoder(
-            patch_dim, self.grid, r, config.dim, config.depth, config.heads, config.mlp_ratio,
-            causal_registers=not config.token_set,
+            patch_dim=patch_dim, grid=self.grid, num_registers=r, dim=config.dim, depth=config.depth,
+            heads=config.heads, mlp_ratio=config.mlp_ratio, causal_registers=not config.token_set,
         )
         self.to_code = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, q_dim))
         self.quantizer = Quantizer(config.quantizer, q_dim)
@@ -178,18 +179,23 @@ class FlexTok(HubMixin, nn.Module):
         variance = max(squares - total * total / n, 0.0) / max(n - 1, 1)
         self.target_scale.fill_(1.0 / max(math.sqrt(variance), 1e-3))
 
-    def from_target(self, x0: torch.Tensor) -> torch.Tensor:
+    def from_target(self, x0: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Target patches -> images (through the frozen autoencoder's decoder for input 'latents'), clamped
+        to [-1, 1] unless `clamp` is false (a training loss on them keeps its gradient outside that range)."""
         grid = unpatchify(x0 / self.target_scale, self.config.patch_size, self.channels, self.grid)
         out = grid if self.autoencoder is None else self.autoencoder.decode(grid)
-        return out.clamp(-1, 1)
+        return out.clamp(-1, 1) if clamp else out
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images -> (quantized codes [B, R, q], indices [B, R], quantizer aux loss)."""
         return self.encode_targets(self.to_target(images))
 
-    def encode_targets(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Target patches (scaled latents or pixels) -> (codes, indices, aux loss)."""
-        return self.quantizer(self.to_code(self.encoder(x0)))
+    def encode_targets(self, x0: torch.Tensor, return_patches: bool = False) -> tuple[torch.Tensor, ...]:
+        """Target patches (scaled latents or pixels) -> (codes, indices, aux loss); with `return_patches` also
+        the encoder's last-layer patch tokens [B, N, dim] (REPA's encoder side)."""
+        registers, patches = self.encoder(x0, return_patches=True)
+        codes = self.quantizer(self.to_code(registers))
+        return (*codes, patches) if return_patches else codes
 
     def condition(self, codes: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Quantized codes [B, R, q] + keep counts [B] -> decoder condition tokens [B, R, D]."""
@@ -327,24 +333,142 @@ class FlexTok(HubMixin, nn.Module):
         return images.to(self.mask_token.device)
 
 
-class FlexTokObjective(nn.Module):
-    """Decoder loss on nested-dropout prefixes (plus the quantizer's auxiliary loss)."""
+def pixel_t_weights(t: torch.Tensor, cfg: PixelLossConfig) -> torch.Tensor:
+    """w(t) of the pixel term per decoder row [B]: 1 - t or 1 (`t_weighting`), 0 above `t_max`."""
+    w = 1 - t if cfg.t_weighting == "one_minus_t" else torch.ones_like(t)
+    return w * (t <= cfg.t_max)
 
-    def __init__(self, model: FlexTok):
+
+class FlexTokObjective(nn.Module):
+    """Decoder loss on nested-dropout prefixes (plus the quantizer's auxiliary loss). With
+    `prefixes_per_example` n > 1 the encoder runs once and the decoder scores n prefixes of each image (each
+    with its own keep count, noise and t) in one batched call: the encoder is causal over registers, so one
+    pass gives every prefix its codes. Optional terms, each off at weight 0: `pixel_loss` (the decoded x̂0
+    against the image), `prior_loss` (a jointly trained causal prior's NLL of the codes) and `repa` (the
+    decoder's hidden state aligned with a frozen teacher's features of the clean image)."""
+
+    def __init__(self, model: FlexTok, *, pixel_loss: PixelLossConfig | None = None,
+                 prior_loss: PriorLossConfig | None = None, repa: RepaConfig | None = None):
         super().__init__()
         self.model = model
+        self.pixel_cfg = pixel_loss or PixelLossConfig()
+        self.prior_cfg = prior_loss or PriorLossConfig()
+        self.repa_cfg = repa or RepaConfig()
+        self.repa_layer = self._repa_layer() if self.repa_cfg.weight > 0 else None
+        self.alignment = self._build_alignment() if self.repa_cfg.weight > 0 else None
+        self.lpips = self._load_lpips() if self.pixel_cfg.weight > 0 and self.pixel_cfg.lpips > 0 else None
+        self.joint_prior = self._build_joint_prior() if self.prior_cfg.weight > 0 else None
+
+    def _load_lpips(self) -> nn.Module:
+        from base.lpips import LPIPS
+
+        try:
+            return LPIPS.from_pretrained(self.pixel_cfg.lpips_weights)
+        except FileNotFoundError as err:
+            raise UserError(f"pixel_loss.lpips_weights: {err}") from None
+
+    def _build_joint_prior(self) -> JointPrior:
+        m, cfg = self.model, self.prior_cfg
+        if m.token_set:
+            raise ConfigError("prior_loss.weight: a causal prior needs ordered tokens, and flextok.token_set is "
+                              "true (an order-free set would need a set prior)")
+        return JointPrior(code_dim=code_dim(m.config.quantizer), num_positions=m.num_registers, dim=cfg.dim,
+                          depth=cfg.depth, heads=cfg.heads)
 
     def forward(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        m, cfg = self.model, self.model.config
+        m = self.model
         x0 = m.to_target(images)
-        codes, indices, aux = m.encode_targets(x0)
-        b = len(images)
-        if cfg.token_set:
-            keep = torch.full((b,), m.num_registers, device=images.device)
-        else:
-            keep = sample_keep_counts(b, m.num_registers, cfg.nested_dropout, device=images.device)
-        null = torch.rand(b, device=images.device) < cfg.cond_dropout
-        keep = torch.where(null, torch.zeros_like(keep), keep)  # keep=0: the all-mask null condition
-        flow = m.decoder.loss(x0, m.condition(codes, keep))
+        codes, indices, aux, patches = m.encode_targets(x0, return_patches=True)
+        estimate = self._decoder_estimate(x0, codes)
+        loss = estimate.loss + aux
         used = torch.bincount(indices.flatten(), minlength=m.vocab_size) > 0
-        return flow + aux, {"decoder_loss": flow.item(), "codebook_used": used.float().mean().item()}
+        logs = {"decoder_loss": estimate.loss.item(), "codebook_used": used.float().mean().item()}
+        if self.pixel_cfg.weight > 0:
+            term = self._pixel_loss(images, estimate)
+            loss = loss + self.pixel_cfg.weight * term
+            logs["pixel_loss"] = term.item()
+        if self.joint_prior is not None:
+            nll = self._prior_loss(codes, indices)
+            loss = loss + nll  # weight 1 for the prior itself; the encoder sees prior_loss.weight (see there)
+            logs["prior_loss_bits"] = nll.item() / math.log(2)
+        if self.alignment is not None:
+            term = self._repa_loss(images, estimate.hidden, patches)
+            loss = loss + self.repa_cfg.weight * term
+            logs["repa_loss"] = term.item()
+        return loss, logs
+
+    def _decoder_estimate(self, x0: torch.Tensor, codes: torch.Tensor) -> DecoderEstimate:
+        """The decoder's loss averaged over `prefixes_per_example` copies of the batch, stacked copy after copy,
+        with each row's x̂0 and t."""
+        n = self.model.config.prefixes_per_example
+        keep = self._keep_counts(n * len(x0), x0.device)
+        cond = self.model.condition(codes.repeat(n, 1, 1), keep)
+        return self.model.decoder.estimate(x0.repeat(n, 1, 1), cond, layer=self.repa_layer)
+
+    def _repa_layer(self) -> int:
+        """The decoder block whose output REPA aligns: `repa.layer`, else a third of the depth (at least 1)."""
+        depth, layer = self.model.config.decoder_depth, self.repa_cfg.layer
+        if layer is None:
+            return max(1, depth // 3)
+        if layer > depth:
+            raise ConfigError(f"repa.layer: {layer} is not a decoder block (flextok.decoder_depth is {depth}: "
+                              f"use 1..{depth})")
+        return layer
+
+    def _build_alignment(self) -> Alignment:
+        return self.alignment_for(load_teacher(self.repa_cfg.teacher), self.model, self.repa_cfg)
+
+    @staticmethod
+    def alignment_for(teacher: nn.Module, model: FlexTok, repa: RepaConfig) -> Alignment:
+        """`teacher` (frozen) with a projector for the decoder's hidden state, and with `repa.encoder` one for
+        the encoder's patch tokens (`--plan` builds them around a teacher on the meta device)."""
+        c = model.config
+        widths = {"decoder": c.decoder_dim, **({"encoder": c.dim} if repa.encoder else {})}
+        return Alignment(teacher, model.resolution, widths)
+
+    def _repa_loss(self, images: torch.Tensor, hidden: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """REPA: the decoder's projected hidden state on every row (each copy of the batch at its own noise
+        level) against the teacher's features of the clean images, plus with `repa.encoder` the encoder's
+        projected patch tokens against the same features."""
+        targets = self.alignment.targets(images)
+        loss = self.alignment.loss("decoder", hidden, targets)
+        if self.repa_cfg.encoder:
+            loss = loss + self.alignment.loss("encoder", patches, targets)
+        return loss
+
+    def _pixel_loss(self, images: torch.Tensor, estimate: DecoderEstimate) -> torch.Tensor:
+        """Mean over the decoder's rows of w(t) x (l1·L1 + l2·L2 + lpips·LPIPS) between the decoded x̂0
+        (unclamped; through the frozen KL decoder, which gets no gradient of its own) and the row's image."""
+        cfg = self.pixel_cfg
+        images = images.repeat(len(estimate.t) // len(images), 1, 1, 1)  # the decoder's rows, copy after copy
+        decoded = self.model.from_target(estimate.x0_hat, clamp=False)
+        distance = images.new_zeros(len(images))
+        if cfg.l1 > 0:
+            distance = distance + cfg.l1 * (decoded - images).abs().flatten(1).mean(1)
+        if cfg.l2 > 0:
+            distance = distance + cfg.l2 * (decoded - images).square().flatten(1).mean(1)
+        if self.lpips is not None:
+            distance = distance + cfg.lpips * self.lpips(decoded, images)
+        return (pixel_t_weights(estimate.t, cfg) * distance).mean()
+
+    def _prior_loss(self, codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The joint prior's mean NLL per token (nats) of the batch's codes. One pass, two weights: the
+        prior's parameters get the NLL's gradient as is, the codes (so the encoder) `prior_loss.weight` times
+        it (`scale_gradient`); two detached terms would run the prior twice."""
+        quantizer = self.model.quantizer
+        with torch.no_grad():  # every code vector: constant for FSQ and LFQ, the current codebook for VQ
+            codebook = quantizer.codes_from_indices(torch.arange(quantizer.codebook_size, device=codes.device)[None])
+        nll = self.joint_prior(scale_gradient(codes, self.prior_cfg.weight), indices, codebook[0])
+        return nll.mean()
+
+    def _keep_counts(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Per row the number of registers kept: all for token sets, else nested dropout's draw; 0 (the
+        all-mask null condition, for classifier-free guidance) for `cond_dropout` of the rows."""
+        m, cfg = self.model, self.model.config
+        if cfg.token_set:
+            keep = torch.full((rows,), m.num_registers, device=device)
+        else:
+            keep = sample_keep_counts(rows, m.num_registers, cfg.nested_dropout,
+                                      keep_all_fraction=cfg.keep_all_fraction, device=device)
+        null = torch.rand(rows, device=device) < cfg.cond_dropout
+        return torch.where(null, torch.zeros_like(keep), keep)

@@ -27,6 +27,8 @@ from base.plan import (
     table,
     transformer_workload,
 )
+from base.teachers import Alignment
+from grid.schema import EquivarianceConfig
 
 from .schema import TokenizerRunConfig
 
@@ -46,10 +48,31 @@ class TokenizerParts:
 
 
 def planned_tokenizer(cfg: TokenizerRunConfig) -> TokenizerParts:
-    """The modules `TokenizerTrainer` builds for `cfg`, on the meta device and without reading any file
-    (FlexTok's frozen autoencoder is built from this config's grid section)."""
+    """The modules `TokenizerTrainer` builds for `cfg`, on the meta device and without reading any file but a
+    REPA teacher's `config.json` (FlexTok's frozen autoencoder is built from this config's grid section)."""
     with torch.device("meta"):
-        return _grid_parts(cfg) if cfg.tokenizer == "grid" else _flextok_parts(cfg)
+        parts = _grid_parts(cfg) if cfg.tokenizer == "grid" else _flextok_parts(cfg)
+        if cfg.repa.weight > 0:
+            _add_alignment(cfg, parts)
+        return parts
+
+
+def _add_alignment(cfg: TokenizerRunConfig, parts: TokenizerParts) -> None:
+    """The objective's REPA modules: the frozen teacher, built from its `config.json` (its weights are not
+    read), and the projectors around it; an extra with a row in the parameter table."""
+    from base.teachers import teacher_architecture
+    from grid.objectives import GridObjective
+
+    from .model import FlexTokObjective
+
+    teacher = teacher_architecture(cfg.repa.teacher)
+    if cfg.tokenizer == "grid":
+        alignment = GridObjective.alignment_for(teacher, parts.model)
+    else:
+        alignment = FlexTokObjective.alignment_for(teacher, parts.model, cfg.repa)
+    parts.extras.append(alignment)
+    parts.groups["REPA teacher (frozen, objective only)"] = alignment.teacher
+    parts.groups["REPA projectors (objective only, not exported)"] = alignment.projectors
 
 
 def tokenizer_plan(cfg: TokenizerRunConfig, hw: Hardware) -> str:
@@ -93,7 +116,10 @@ def _grid_parts(cfg: TokenizerRunConfig) -> TokenizerParts:
     if cfg.loss.lpips > 0:
         extras.append(LPIPS({k: torch.empty(s) for k, s in lpips_state_dict_shapes().items()}))
         groups["LPIPS (frozen)"] = extras[-1]
-    return TokenizerParts(model, extras, groups, [])
+    notes = []
+    if cfg.pixel_loss.weight > 0 or cfg.prior_loss.weight > 0:
+        notes.append("pixel_loss and prior_loss apply to the 1D tokenizer only: the grid tokenizer ignores them")
+    return TokenizerParts(model, extras, groups, notes)
 
 
 def _flextok_parts(cfg: TokenizerRunConfig) -> TokenizerParts:
@@ -111,13 +137,33 @@ def _flextok_parts(cfg: TokenizerRunConfig) -> TokenizerParts:
     if cfg.loss.adversarial > 0 or cfg.loss.lpips > 0:
         notes.append("loss.adversarial and loss.lpips apply to the grid tokenizer only (stage 1): FlexTok's "
                      "objective has neither")
+    if cfg.equivariance.weight > 0:
+        notes.append("equivariance applies to the grid tokenizer only (stage 1): the 1D tokenizer has no spatial "
+                     "latent to transform")
     ae = dataclasses.asdict(cfg.grid) if f.input == "latents" else None
     model = FlexTok(f, cfg.data.resolution, autoencoder_config=ae)
     groups: dict = {"autoencoder (frozen)": model.autoencoder} if model.autoencoder is not None else {}
     groups.update({"encoder": model.encoder, "decoder": model.decoder,
                    "other (to_code, code_to_cond, register_pos, mask_token)":
                    [model.to_code, model.quantizer, model.code_to_cond, _own_parameters(model)]})
-    return TokenizerParts(model, [], groups, notes)
+    return TokenizerParts(model, _flextok_extras(cfg, model, groups), groups, notes)
+
+
+def _flextok_extras(cfg: TokenizerRunConfig, model: nn.Module, groups: dict) -> list[nn.Module]:
+    """`FlexTokObjective`'s own modules: the joint prior (prior_loss) and LPIPS (pixel_loss.lpips, from its
+    weight shapes: the weights file is not read); each also gets a row in `groups`."""
+    from base.lpips import LPIPS, lpips_state_dict_shapes
+
+    from .model import FlexTokObjective
+
+    extras = []
+    if cfg.prior_loss.weight > 0:
+        extras.append(FlexTokObjective(model, prior_loss=cfg.prior_loss).joint_prior)
+        groups["joint prior (prior_loss; objective only, not exported)"] = extras[-1]
+    if cfg.pixel_loss.weight > 0 and cfg.pixel_loss.lpips > 0:
+        extras.append(LPIPS({k: torch.empty(s) for k, s in lpips_state_dict_shapes().items()}))
+        groups["LPIPS (frozen, pixel_loss)"] = extras[-1]
+    return extras
 
 
 def _own_parameters(model: nn.Module) -> nn.Module:
@@ -134,12 +180,16 @@ def tokenizer_workloads(cfg: TokenizerRunConfig, parts: TokenizerParts) -> list[
     from grid.objectives import PatchDiscriminator
 
     if cfg.tokenizer != "grid":
-        return _flextok_workloads(cfg, parts.model)
+        return _flextok_workloads(cfg, parts.model) + _flextok_term_workloads(cfg, parts) + _repa_workloads(cfg, parts)
     m, res, g = parts.model, cfg.data.resolution, cfg.grid
     side = res // g.downsample
     work = [conv_workload("encoder", m.encoder, (3, res, res), blocks=(ResBlock,)),
             conv_workload("decoder", m.decoder, (g.latent_channels, side, side), blocks=(ResBlock,))]
+    if cfg.equivariance.weight > 0:
+        work.append(_equivariance_workload(cfg.equivariance, work[-1]))
     for extra in parts.extras:
+        if isinstance(extra, Alignment):
+            continue  # `_repa_workloads`
         if isinstance(extra, PatchDiscriminator):
             # generator term: forward + input gradient (2); the discriminator's own term on real and on
             # reconstructed images: forward + weight gradients (2 each); only from loss.adversarial_start
@@ -149,7 +199,52 @@ def tokenizer_workloads(cfg: TokenizerRunConfig, parts: TokenizerParts) -> list[
                                             start_step=cfg.loss.adversarial_start))
         else:  # LPIPS, frozen: forward on both images, backward to the reconstruction
             work.append(conv_workload("LPIPS (frozen)", extra.features, (3, res, res), passes=3.0))
+    return work + _repa_workloads(cfg, parts)
+
+
+class _PatchFeatures(nn.Module):
+    """A teacher's `patch_features` as a module's forward, for `conv_workload`."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher.patch_features(images)
+
+
+def _repa_workloads(cfg: TokenizerRunConfig, parts: TokenizerParts) -> list[Workload]:
+    """REPA, per image: the teacher's forward on the clean image (under no_grad: nothing kept; the FLOPs of
+    its convolutions and linear layers), and each projector over its rows (forward + backward): the decoder's
+    patch positions of every prefix copy, the encoder's patch positions, or a grid's latent positions."""
+    alignment = next((extra for extra in parts.extras if isinstance(extra, Alignment)), None)
+    if alignment is None:
+        return []
+    res, m = cfg.data.resolution, parts.model
+    probe = conv_workload("REPA teacher (frozen)", _PatchFeatures(alignment.teacher), (3, res, res))
+    work = [dataclasses.replace(probe, passes=1.0, activations=0.0, checkpointed=0.0)]
+    if cfg.tokenizer == "grid":
+        rows = {"latents": m.grid_size**2}
+    else:
+        rows = {"decoder": cfg.flextok.prefixes_per_example * m.grid**2, "encoder": m.grid**2}
+    for name, projector in alignment.projectors.items():
+        work.append(conv_workload(f"REPA projector ({name})", projector, (rows[name], alignment.widths[name])))
     return work
+
+
+def _equivariance_workload(eq: EquivarianceConfig, decoder: Workload) -> Workload:
+    """One more decoder pass on `eq.fraction` of the images, over a latent grid of 1/factor^2 the area for
+    a downscale (a conv net's cost and activations scale with it), averaged over the equally likely
+    transforms."""
+    from grid.objectives import equivariance_transforms
+
+    transforms = equivariance_transforms(eq)
+    area = sum(1 / t.factor**2 for t in transforms) / len(transforms)
+    kept = eq.fraction * area
+    return dataclasses.replace(decoder, name=f"decoder (equivariance, {eq.fraction:g} of the images)",
+                               forward_flops=area * decoder.forward_flops, passes=eq.fraction * decoder.passes,
+                               activations=kept * decoder.activations, checkpointed=kept * decoder.checkpointed,
+                               formula=f"the decoder's x {area:.3g}, the transforms' mean latent area")
 
 
 def _flextok_workloads(cfg: TokenizerRunConfig, m: nn.Module) -> list[Workload]:
@@ -163,8 +258,45 @@ def _flextok_workloads(cfg: TokenizerRunConfig, m: nn.Module) -> list[Workload]:
     seq = m.grid**2 + f.num_registers
     encoder_w = sum(per_token_weights(x) for x in (m.encoder, m.to_code, m.code_to_cond))
     work.append(transformer_workload("encoder", encoder_w, f.depth, f.dim, f.heads, seq))
-    work.append(transformer_workload(f"decoder ({f.decoder})", per_token_weights(m.decoder), f.decoder_depth,
-                                     f.decoder_dim, f.decoder_heads, seq))
+    decoder = transformer_workload(f"decoder ({f.decoder})", per_token_weights(m.decoder), f.decoder_depth,
+                                   f.decoder_dim, f.decoder_heads, seq)
+    n = f.prefixes_per_example
+    if n > 1:  # n decoder rows per image: its passes and kept activations n-fold
+        decoder = dataclasses.replace(decoder, name=f"{decoder.name} x {n} prefixes per image",
+                                      passes=n * decoder.passes, activations=n * decoder.activations,
+                                      checkpointed=n * decoder.checkpointed)
+    work.append(decoder)
+    return work
+
+
+def _flextok_term_workloads(cfg: TokenizerRunConfig, parts: TokenizerParts) -> list[Workload]:
+    """The optional terms of `FlexTokObjective`, per image: pixel_loss decodes every decoder row's x̂0 through
+    the frozen autoencoder (forward + the backward to its input: 2 passes; input 'pixels' decodes nothing)
+    and runs LPIPS on it (forward on both images, backward to the decode: 3); prior_loss runs the joint
+    prior over the R codes plus its R x V logits (2·dim·V FLOPs and two fp32 copies kept per token)."""
+    from base.lpips import LPIPS
+
+    from .joint_prior import JointPrior
+
+    m, f, res, work = parts.model, cfg.flextok, cfg.data.resolution, []
+    n = f.prefixes_per_example
+    if cfg.pixel_loss.weight > 0 and m.autoencoder is not None:
+        ae, side = m.autoencoder, m.autoencoder.grid_size
+        probe = conv_workload("autoencoder decode (frozen, pixel_loss)", ae.decoder,
+                              (ae.config.latent_channels, side, side), passes=2.0)
+        work.append(dataclasses.replace(probe, passes=2.0 * n, activations=n * probe.activations,
+                                        checkpointed=n * probe.activations))
+    for extra in parts.extras:
+        if isinstance(extra, LPIPS):
+            probe = conv_workload("LPIPS (frozen, pixel_loss)", extra.features, (3, res, res))
+            work.append(dataclasses.replace(probe, passes=3.0 * n, activations=n * probe.activations,
+                                            checkpointed=n * probe.checkpointed))
+        elif isinstance(extra, JointPrior):
+            p, r, v = cfg.prior_loss, f.num_registers, m.vocab_size
+            prior = transformer_workload("joint prior (prior_loss)", per_token_weights(extra), p.depth, p.dim,
+                                         p.heads, r, extra_activations=2 * FP32 * r * v)
+            work.append(dataclasses.replace(prior, forward_flops=prior.forward_flops + 2 * p.dim * v * r,
+                                            formula=f"{prior.formula}, + 2·dim·V·s logits, V={v}"))
     return work
 
 

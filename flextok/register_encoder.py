@@ -26,7 +26,7 @@ def register_attention_mask(num_patches: int, num_registers: int, causal_registe
 
 
 class RegisterEncoder(nn.Module):
-    def __init__(self, patch_dim: int, grid: int, num_registers: int, dim: int, depth: int, heads: int,
+    def __init__(self, *, patch_dim: int, grid: int, num_registers: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float, causal_registers: bool = True):
         super().__init__()
         self.proj_in = nn.Linear(patch_dim, dim)
@@ -38,9 +38,11 @@ class RegisterEncoder(nn.Module):
         )
         self.num_patches = grid * grid
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """[B, N, patch_dim] -> register features [B, R, dim]."""
+    def forward(self, patches: torch.Tensor, return_patches: bool = False):
+        """[B, N, patch_dim] -> register features [B, R, dim]; with `return_patches` the pair (registers, the
+        patch tokens' last-layer features [B, N, dim]), which REPA's encoder side aligns."""
         x = self.proj_in(patches) + self.pos
         regs = self.registers.expand(len(x), -1, -1)
         out = self.trunk(torch.cat([x, regs], dim=1), attn_mask=self.mask)
-        return out[:, self.num_patches :]
+        registers = out[:, self.num_patches :]
+        return (registers, out[:, : self.num_patches]) if return_patches else registers

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
+from typing import Literal, Optional
 
 from base.config import check
 from base.schema import (
@@ -16,20 +16,20 @@ from base.schema import (
     SamplingConfig,
     TrainConfig,
 )
-from grid.schema import _QUANTIZER_KEYS, GridConfig, LossConfig, QuantizerConfig
+from grid.schema import (
+    EquivarianceConfig,
+    GridConfig,
+    LossConfig,
+    QuantizerConfig,
+    RepaConfig,
+)
 
-__all__ = ["FlexTokConfig", "TokenizerRunConfig"]
+__all__ = ["FlexTokConfig", "PixelLossConfig", "PriorLossConfig", "TokenizerRunConfig"]
 
 
 @dataclass
 class FlexTokConfig:
     """FlexTok-style 1D tokenizer: register encoder, quantizer, nested dropout, generative decoder."""
-
-    RENAMED: ClassVar[dict[str, str]] = {
-        "quantizer": "quantizer.kind", **{key: f"quantizer.{key}" for key in _QUANTIZER_KEYS},
-        "sample_steps": "sampling.steps", "guidance": "sampling.guidance_scale",
-    }
-    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"sampling.guidance_interval": [0.0, 1.0]}  # saved before it
 
     input: Literal["latents", "pixels"] = "latents"
     autoencoder: Optional[str] = None  # folder or hub id hf:owner/name of a grid KL autoencoder (input: latents)
@@ -44,7 +44,13 @@ class FlexTokConfig:
     # GLU MLP hidden width = mlp_ratio * width; 8/3 matches a ratio-4 plain MLP in parameters (FlexTok: 682 at 256)
     mlp_ratio: float = 8 / 3
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    nested_dropout: Literal["uniform", "pow2", "uniform_pow2"] = "pow2"
+    # nested dropout's keep-count distribution (`flextok.nested_dropout.KEEP_DISTRIBUTIONS`); "linear" reaches
+    # the tail more often than "uniform"
+    nested_dropout: Literal["uniform", "pow2", "uniform_pow2", "linear"] = "pow2"
+    keep_all_fraction: float = 0.0  # fraction of the images that keep all R registers instead (tail supervision)
+    # tail supervision: decoder losses per image (each its own keep count, noise and t) from one encoder pass,
+    # averaged; the decoder's cost per step grows n-fold, the encoder's not
+    prefixes_per_example: int = 1
     token_set: bool = False
     decoder: Literal["rectified_flow", "diffusion"] = "rectified_flow"
     # what the decoder's trunk outputs: rectified flow "v" (velocity) or "x0"; diffusion "v" or "eps"
@@ -67,9 +73,54 @@ class FlexTokConfig:
         for depth in ("depth", "decoder_depth"):
             check(1 <= getattr(self, depth) <= MAX_DEPTH, f"{depth}' must be in 1..{MAX_DEPTH}", getattr(self, depth))
         check(0.0 <= self.cond_dropout < 1.0, "cond_dropout' must be in [0, 1)", self.cond_dropout)
+        check(0.0 <= self.keep_all_fraction <= 1.0, "keep_all_fraction' must be in [0, 1]", self.keep_all_fraction)
+        check(self.prefixes_per_example >= 1, "prefixes_per_example' must be at least 1", self.prefixes_per_example)
         allowed = {"rectified_flow": ("v", "x0"), "diffusion": ("v", "eps")}[self.decoder]
         check(self.prediction in allowed, f"prediction' must be {' or '.join(allowed)} for the {self.decoder} decoder",
               self.prediction)
+
+
+@dataclass
+class PixelLossConfig:
+    """A pixel-space term for the 1D tokenizer's decoder: the clean target x̂0 implied by its prediction at
+    the sampled noise level t is decoded (through the frozen KL decoder for input 'latents') and compared
+    with the image, weighted by w(t); added with `weight`. The grid tokenizer ignores this section."""
+
+    weight: float = 0.0  # 0 = off
+    l1: float = 1.0  # relative weights of the distances between the decoded x̂0 and the image
+    l2: float = 0.0
+    lpips: float = 0.0
+    lpips_weights: Optional[str] = None  # local LPIPS weights file (else $FLEXTOK_LPIPS_WEIGHTS); never downloaded
+    # w(t): at large t, x̂0 is the blurry mean of what the registers leave open, which the flow loss already
+    # teaches; "one_minus_t" (1 - t) puts the term near clean targets, where x̂0 can be sharp; "uniform" (1)
+    t_weighting: Literal["one_minus_t", "uniform"] = "one_minus_t"
+    t_max: float = 1.0  # rows with t > t_max weigh 0 (still decoded: no data-dependent shapes)
+
+    def __post_init__(self):
+        for key in ("weight", "l1", "l2", "lpips"):
+            check(getattr(self, key) >= 0, f"{key}' must be >= 0", getattr(self, key))
+        check(self.weight == 0 or self.l1 + self.l2 + self.lpips > 0,
+              "l1' (or l2, lpips) must be > 0 when weight > 0", self.l1)
+        check(0.0 < self.t_max <= 1.0, "t_max' must be in (0, 1]", self.t_max)
+
+
+@dataclass
+class PriorLossConfig:
+    """A small causal transformer over the 1D tokenizer's register codes, trained jointly with it (LARP /
+    CRT style): its next-token NLL trains it at weight 1 and reaches the encoder, through the quantizer's
+    straight-through codes, at `weight`. Part of the objective, not of the saved tokenizer; the grid
+    tokenizer ignores this section."""
+
+    weight: float = 0.0  # 0 = off; trades reconstruction against modelability (an all-zero code is free)
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+
+    def __post_init__(self):
+        check(self.weight >= 0, "weight' must be >= 0", self.weight)
+        check(self.dim > 0 and self.heads > 0 and self.dim % self.heads == 0,
+              "dim' must be positive and divisible by heads", self.dim)
+        check(1 <= self.depth <= MAX_DEPTH, f"depth' must be in 1..{MAX_DEPTH}", self.depth)
 
 
 @dataclass
@@ -84,6 +135,10 @@ class TokenizerRunConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     flextok: FlexTokConfig = field(default_factory=FlexTokConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)  # grid tokenizer only, like loss
+    pixel_loss: PixelLossConfig = field(default_factory=PixelLossConfig)  # 1D tokenizer only
+    prior_loss: PriorLossConfig = field(default_factory=PriorLossConfig)  # 1D tokenizer only
+    repa: RepaConfig = field(default_factory=RepaConfig)  # both families
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

@@ -60,6 +60,10 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map before the output head (GroupNorm, SiLU, 1x1 conv to the bottleneck's channels)."""
+        return self.net[:-3](x)
+
 
 class ConvDecoder(nn.Module):
     def __init__(self, cfg: GridConfig):
@@ -144,6 +148,12 @@ class GridAutoencoder(HubMixin, nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents)
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """As a REPA teacher (`base.teachers.Teacher`): the encoder's feature map before its bottleneck head,
+        [B, 4 x channels, H/f, W/f]. Chosen over the latents: these are wide (the latents have a
+        few channels, too few for a cosine target to say much) and not yet squeezed for reconstruction."""
+        return self.encoder.features(images)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.encode(images, sample=self.training)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Literal, Optional
 
 from base.config import check
 from base.schema import MAX_DEPTH
 
-__all__ = ["GridConfig", "LossConfig", "MAX_QUANTIZER_CODES", "QuantizerConfig"]
+__all__ = ["EquivarianceConfig", "GridConfig", "LossConfig", "MAX_QUANTIZER_CODES", "QuantizerConfig",
+           "RepaConfig"]
 
 MAX_QUANTIZER_CODES = 2**20  # a quantizer's codebook: FSQ and LFQ build all of their codes when constructed
 
@@ -40,15 +41,9 @@ class QuantizerConfig:
               f"fsq_levels' must make at most {MAX_QUANTIZER_CODES} codes", self.fsq_levels)
 
 
-_QUANTIZER_KEYS = ("fsq_levels", "codebook_size", "codebook_dim", "vq_decay", "commitment_weight", "entropy_weight")
-
-
 @dataclass
 class GridConfig:
     """Convolutional grid autoencoder (the KL / quantized baselines and the 1D tokenizer's latent space)."""
-
-    RENAMED: ClassVar[dict[str, str]] = {"quantizer": "quantizer.kind",
-                                         **{key: f"quantizer.{key}" for key in _QUANTIZER_KEYS}}
 
     downsample: int = 4  # f in {4, 8, 16}
     latent_channels: int = 4
@@ -73,3 +68,45 @@ class LossConfig:
     lpips_weights: Optional[str] = None  # local path; never downloaded
     adversarial: float = 0.0
     adversarial_start: int = 2000
+
+
+@dataclass
+class EquivarianceConfig:
+    """EQ-VAE-style equivariance (Kouzelis et al. 2025) for the grid autoencoders, KL and quantized: for a
+    random transform tau per batch, the loss's L1/L2 terms between decode(tau(latents)) and tau(images) are
+    added with `weight`. The 1D tokenizer has no spatial latent to transform: it ignores this section."""
+
+    weight: float = 0.0  # 0 = off
+    scales: list[int] = field(default_factory=lambda: [2, 4])  # downscale factors (average pooling)
+    rotations: bool = True  # rotations by 90, 180 and 270 degrees
+    # fraction of each batch's images the term sees (the first ones; batches are shuffled): EQ-VAE applies it
+    # to half of its batches, which costs the same on average
+    fraction: float = 0.5
+
+    def __post_init__(self):
+        check(self.weight >= 0, "weight' must be >= 0", self.weight)
+        check(all(s >= 2 for s in self.scales), "scales' must be downscale factors of at least 2", self.scales)
+        check(bool(self.scales) or self.rotations, "scales' must list a factor when rotations is false", self.scales)
+        check(0.0 < self.fraction <= 1.0, "fraction' must be in (0, 1]", self.fraction)
+
+
+@dataclass
+class RepaConfig:
+    """Representation alignment with a frozen teacher (`base.teachers`), for both tokenizer families: a
+    trainable projector maps student features to the teacher's channels and `weight` x (1 - cosine
+    similarity with the teacher's features of the clean image, per patch, averaged) is added to the loss.
+    The 1D tokenizer aligns its decoder's hidden state after block `layer` (REPA; the decoder sees the noisy
+    input) through a 2-layer MLP, and with `encoder` also its register encoder's patch tokens; a grid
+    autoencoder aligns its latent grid through a 1x1 convolution (VA-VAE). The projectors and the teacher
+    belong to the training objective, never to the saved tokenizer."""
+
+    weight: float = 0.0  # 0 = off; REPA uses 0.5-1
+    teacher: Optional[str] = None  # folder or hf:owner/name of a saved model with patch_features (local weights)
+    layer: Optional[int] = None  # 1D decoder block (1-based) whose output is aligned; None: decoder_depth // 3, >= 1
+    encoder: bool = False  # 1D tokenizer: also align the register encoder's patch tokens (last layer)
+
+    def __post_init__(self):
+        check(self.weight >= 0, "weight' must be >= 0", self.weight)
+        check(self.weight == 0 or bool(self.teacher), "teacher' must name a saved model when weight > 0",
+              self.teacher)
+        check(self.layer is None or self.layer >= 1, "layer' must be at least 1 (blocks count from 1)", self.layer)

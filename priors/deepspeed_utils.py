@@ -1,9 +1,8 @@
-"""DeepSpeed plumbing for `train_prior.py`: process group, engine config, crash-safe checkpoints, export.
+"""DeepSpeed plumbing for `train_prior.py`: process group, engine config, the training skeleton's
+`DeepSpeedBackend`, export.
 
-Checkpoint layout: checkpoints/<tag>/ (DeepSpeed's files, written by every rank) and checkpoints/latest.json
-(our pointer). DeepSpeed's own `latest` file is never written. The pointer moves (atomic rename) only
-after every rank has finished writing the new tag, and older tags are deleted only after that, so a
-SIGKILL at any moment leaves the pointer naming a complete checkpoint.
+A checkpoint is DeepSpeed's files in checkpoints/<tag>/, written by every rank; the skeleton's pointer
+(`base.training.POINTER`) names the latest complete one, and DeepSpeed's own `latest` file is never written.
 """
 
 from __future__ import annotations
@@ -13,28 +12,24 @@ import datetime
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from base.distributed import WAIT_TIMEOUT, barrier
+from base.data import micro_batch_size
+from base.distributed import WAIT_TIMEOUT
 from base.errors import UserError
-from base.files import atomic_write_text
 from base.runtime import warmup_cosine
+from base.training import read_pointer
 
 from .schema import PriorTrainConfig
 
-__all__ = ["POINTER", "build_model", "consolidated_weights", "create_engine", "deepspeed_config",
-           "gathered_state_dict", "init_distributed", "load_checkpoint", "local_device_name", "on_cuda",
-           "param_groups", "read_pointer", "remove_stale_tags", "save_checkpoint"]
+__all__ = ["DeepSpeedBackend", "build_model", "consolidated_weights", "create_engine", "deepspeed_config",
+           "gathered_state_dict", "init_distributed", "local_device_name", "param_groups"]
 
-POINTER = "latest.json"
-BATCH_KEYS = {  # DeepSpeed key -> prior_train key; the data order is scheduled from these
-    "train_micro_batch_size_per_gpu": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accumulation",
-}
+# the batch keys the data order is scheduled from: a user's JSON must agree with prior_train on each
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 def init_distributed(timeout_minutes: float = WAIT_TIMEOUT) -> tuple[int, int]:
@@ -63,19 +58,13 @@ def local_device_name() -> str:
     return get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def on_cuda() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cuda"
-
-
 def deepspeed_config(t: PriorTrainConfig, cuda: bool, world_size: int, user: str | None = None) -> dict[str, Any]:
     """The DeepSpeed config of a `prior_train` section, with the user's JSON (`user`) merged over it.
 
     The JSON wins wherever it sets a key (offload, buckets, precision, optimizer, ZeRO stage, ...),
-    except the batch sizes that schedule the data: a JSON micro batch or accumulation that differs
-    from `prior_train`, or a `train_batch_size` that is not their product times the ranks, is an
-    error, as is a `scheduler` (the schedule is `prior_train.warmup_steps` / `steps`).
+    except the batch sizes that schedule the data (`prior_train.batch_size`, the global batch, split over
+    `world_size` ranks and `grad_accumulation` micro-steps): a JSON that sets them otherwise is an error,
+    as is a `scheduler` (the schedule is `prior_train.warmup_steps` / `steps`).
 
     AdamW runs as torch's own fused kernel (`torch_adam`, `fused`: one pass over all parameters instead
     of a dozen small ops per tensor), so no DeepSpeed op is compiled on CPU or needs nvcc on GPUs;
@@ -87,7 +76,9 @@ def deepspeed_config(t: PriorTrainConfig, cuda: bool, world_size: int, user: str
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(t.batch_size, world_size, t.grad_accumulation,
+                                                           key="prior_train.batch_size"),
         "gradient_accumulation_steps": t.grad_accumulation,
         "gradient_clipping": t.grad_clip,
         "optimizer": {
@@ -105,13 +96,10 @@ def deepspeed_config(t: PriorTrainConfig, cuda: bool, world_size: int, user: str
     if user is None:
         return config
     merged = _merged(config, _read_json(user))
-    for key, ours in BATCH_KEYS.items():
+    for key in BATCH_KEYS:
         if merged[key] != config[key]:
-            raise UserError(f"{user}: {key}={merged[key]} disagrees with prior_train.{ours}={config[key]}")
-    product = t.micro_batch_size * t.grad_accumulation * world_size
-    if merged.get("train_batch_size", product) != product:
-        raise UserError(f"{user}: train_batch_size={merged['train_batch_size']} != micro_batch_size "
-                        f"{t.micro_batch_size} x grad_accumulation {t.grad_accumulation} x {world_size} rank(s)")
+            raise UserError(f"{user}: {key}={merged[key]} disagrees with {config[key]} from prior_train.batch_size="
+                            f"{t.batch_size}, grad_accumulation={t.grad_accumulation} on {world_size} rank(s)")
     if "scheduler" in merged:
         raise UserError(f"{user}: remove 'scheduler' (the LR schedule is prior_train.lr / warmup_steps / steps)")
     if merged["bf16"].get("enabled") and merged["fp16"].get("enabled"):
@@ -224,51 +212,47 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def read_pointer(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """The pointer to the latest complete checkpoint, or None when there is none yet."""
-    path = checkpoint_dir / POINTER
-    if not path.is_file():
-        return None
-    try:
-        pointer = json.loads(path.read_text())
-    except json.JSONDecodeError as err:  # only ever replaced atomically, so this is outside damage
-        raise UserError(f"{path}: unreadable checkpoint pointer ({err})") from None
-    if not (checkpoint_dir / pointer["tag"]).is_dir():
-        raise UserError(f"{path} names checkpoint {pointer['tag']}, which is missing")
-    return pointer
+class DeepSpeedBackend:
+    """The training skeleton's `Backend` (`base.training`) on a DeepSpeed engine; `build` makes a plain
+    model of the same architecture, for evaluation copies."""
 
+    def __init__(self, engine, build: Callable[[], torch.nn.Module]):
+        self.engine, self.build = engine, build
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any]) -> str:
-    """Save on every rank into a new tag, then (rank 0) move the pointer and delete older tags."""
-    tag = f"step_{step:08d}"
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={**client_state, "step": step},
-                           save_latest=False)
-    barrier()  # every rank's shard is on disk before the pointer names it
-    if torch.distributed.get_rank() == 0:
-        pointer = {"tag": tag, "step": step, **{k: v for k, v in client_state.items() if isinstance(v, str)}}
-        atomic_write_text(checkpoint_dir / POINTER, json.dumps(pointer, indent=2))
-        remove_stale_tags(checkpoint_dir, keep=tag)
-    return tag
+    def micro_step(self, forward, *, step, micro, micros):
+        if micro == 0:
+            self.engine.train()
+        loss, logs = forward(self.engine)
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed steps the optimizer at the last micro-step of each step
+        return loss.item(), logs
 
+    def step(self, step):
+        grad_norm = self.engine.get_global_grad_norm()
+        return None if grad_norm is None else float(grad_norm)
 
-def remove_stale_tags(checkpoint_dir: Path, keep: str | None) -> None:
-    """Delete every tag folder but `keep`: older checkpoints and any left half-written by a kill."""
-    for path in checkpoint_dir.iterdir():
-        if path.is_dir() and path.name != keep and path.name.startswith("step_"):
-            shutil.rmtree(path, ignore_errors=True)
+    def lr(self):
+        return self.engine.get_lr()[0]
 
+    def save(self, checkpoint_dir, tag, client_state):
+        self.engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
 
-def load_checkpoint(engine, checkpoint_dir: Path) -> dict[str, Any]:
-    """Restore model, optimizer and LR scheduler from the pointed tag; returns the client state."""
-    pointer = read_pointer(checkpoint_dir)
-    if pointer is None:
-        raise UserError(f"--resume: no checkpoint in {checkpoint_dir}")
-    path, client_state = engine.load_checkpoint(
-        str(checkpoint_dir), tag=pointer["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None:
-        raise UserError(f"{checkpoint_dir / pointer['tag']}: DeepSpeed could not load this checkpoint")
-    return client_state
+    def load(self, checkpoint_dir, tag):
+        path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"{checkpoint_dir / tag}: DeepSpeed could not load this checkpoint")
+        return client_state
+
+    def state_for_eval(self):
+        """On rank 0, a plain fp32 copy of the current weights, built only for the occasion (under ZeRO-3
+        the weights are gathered for it: a collective); None on the other ranks."""
+        state = gathered_state_dict(self.engine)
+        if state is None:
+            return None
+        model = self.build()
+        model.load_state_dict(state)
+        return model.to(self.engine.device).eval()
 
 
 def consolidated_weights(checkpoint_dir: Path, zero_stage: int, bf16: bool,

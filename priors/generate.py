@@ -11,13 +11,13 @@ import torch
 from base.fingerprint import fingerprint_model
 from base.schema import SamplingConfig
 from base.visualize import class_columns, save_image_grid
+from bpe_image import open_codec
 from flextok import FlexTok
 
 from .discrete import DiscretePrior
 from .flow import FlowPrior
 from .pairing import check_tokenizer
 from .sampling import sample_tokens
-from .token_dataset import open_codec
 
 __all__ = ["generate_images"]
 

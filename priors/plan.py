@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from base.data import micro_batch_size
 from base.errors import UserError
 from base.plan import (
     BF16,
@@ -133,11 +134,11 @@ def prior_plan(cfg: PriorRunConfig, hw: Hardware, deepspeed_json: str | None = N
     engine = engine_settings(cfg, hw, deepspeed_json)
     planned = planned_prior(cfg)
     t, seq = cfg.prior_train, sequence_length(planned.spec)
-    sequences = t.micro_batch_size * t.grad_accumulation * hw.gpus
+    sequences, micro = t.batch_size, micro_batch_size(t.batch_size, hw.gpus, t.grad_accumulation, "prior_train.batch_size")
     title = (f"plan: train_prior.py, run '{cfg.prior_train.run_name or cfg.name}' ({cfg.prior.kind} prior, "
              f"tokens: {cfg.prior.tokens}) on {hw.gpus} GPU(s); nothing is trained or written")
-    batch = [f"batch: {t.micro_batch_size} sequences per GPU (prior_train.micro_batch_size) x {t.grad_accumulation} "
-             f"accumulation step(s) x {hw.gpus} GPU(s) = {sequences:,} sequences x {seq} positions = "
+    batch = [f"batch: prior_train.batch_size = {sequences:,} sequences per optimizer step = {micro} per GPU x "
+             f"{t.grad_accumulation} accumulation step(s) x {hw.gpus} GPU(s); x {seq} positions = "
              f"{sequences * seq:,} tokens per optimizer step"]
     workload = prior_workload(cfg, planned)
     compute = compute_lines([workload], sequences, "sequence", t.steps, hw)
@@ -254,7 +255,7 @@ def _memory(cfg: PriorRunConfig, model: nn.Module, workload: Workload, hw: Hardw
     t, params = cfg.prior_train, count(model, trainable=True)
     precision, offload = engine.precision, engine.offload_optimizer
     scale = FP32 / BF16 if precision == "fp32" else 1.0  # the activation formulas count 16-bit values
-    micro = t.micro_batch_size
+    micro = micro_batch_size(t.batch_size, hw.gpus, t.grad_accumulation, "prior_train.batch_size")
     acts, ckpt = scale * micro * workload.activations, scale * micro * workload.checkpointed
     enabled = getattr(t, "activation_checkpointing", None)  # the prior trainer has no such option (yet)
     used, rows = ckpt if enabled else acts, []

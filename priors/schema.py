@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
+from typing import Literal, Optional
 
 from base.config import check
-from base.schema import MAX_DEPTH, SamplingConfig
+from base.schema import MAX_DEPTH, SamplingConfig, TrainLoopConfig
 from flextok.schema import TokenizerRunConfig
 
 __all__ = ["PriorConfig", "PriorRunConfig", "PriorTrainConfig"]
@@ -36,8 +36,8 @@ class PriorConfig:
     # on the attention weights; 0 as in LlamaGen, and only then does CPU training use the fused attention
     # kernel (dropout masks over [B, heads, L, L] cost a fifth of a CPU training step)
     attn_dropout: float = 0.0
-    # this prior's sampling defaults; a flow prior integrates 25 Euler steps (SamplingConfig's 8 suit the
-    # 1D decoder), as it did before the sampling section existed, so older flow priors sample the same
+    # this prior's sampling defaults: a flow prior integrates 25 Euler steps (SamplingConfig's 8 are the 1D
+    # decoder's default)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=25))
 
     def __post_init__(self):
@@ -57,47 +57,28 @@ class PriorConfig:
 
 
 @dataclass
-class PriorTrainConfig:
-    MOVED: ClassVar[dict[str, str]] = {
-        "temperature": "prior.sampling.temperature", "top_k": "prior.sampling.top_k", "top_p": "prior.sampling.top_p",
-        "cfg_scale": "prior.sampling.guidance_scale", "sample_steps": "prior.sampling.steps",
-    }
+class PriorTrainConfig(TrainLoopConfig):
+    """The prior's DeepSpeed training (`prior_train`)."""
 
     run_name: Optional[str] = None  # run folder under out_dir; None = the top-level name
-    steps: int = 2000
-    micro_batch_size: int = 16  # per rank
-    grad_accumulation: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.05  # on matrices and embeddings; never on norms and biases
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
     zero_stage: int = 0  # 3 also builds the model already partitioned (`deepspeed.zero.Init`)
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and step on the CPU
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
     # a DeepSpeed JSON merged over the config made from this section (it wins wherever it sets a key;
     # batch sizes must agree, see `priors.deepspeed_utils.deepspeed_config`); `--deepspeed_config` wins
     deepspeed_config: Optional[str] = None
-    eval_every: int = 500
     sample_every: int = 500
-    checkpoint_every: int = 500
-    log_every: int = 50
     num_samples: int = 16  # images in each periodic sample grid (drawn with `prior.sampling`)
-    # samples per pass through the prior and the tokenizer in those grids (train.eval_batch_size's role):
-    # bounds rank 0's memory; held-out evaluation goes micro_batch_size sequences at a time
-    eval_batch_size: int = 32
-    threads: int = 0  # torch threads per rank on CPU; 0 = cores / local ranks
 
     def __post_init__(self):
-        check(self.steps > 0, "steps' must be positive", self.steps)
-        check(self.micro_batch_size > 0, "micro_batch_size' must be positive", self.micro_batch_size)
-        check(self.grad_accumulation > 0, "grad_accumulation' must be positive", self.grad_accumulation)
+        super().__post_init__()
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage' must be 0, 1, 2 or 3", self.zero_stage)
         check(not self.offload_optimizer or self.zero_stage > 0, "offload_optimizer' needs zero_stage >= 1",
               self.offload_optimizer)
-        check(len(self.betas) == 2, "betas' must have two values", self.betas)
-        for key in ("eval_every", "sample_every", "checkpoint_every", "log_every", "eval_batch_size"):
-            check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
+        check(self.sample_every > 0, "sample_every' must be positive", self.sample_every)
         check(self.num_samples >= 0, "num_samples' must be >= 0", self.num_samples)
 
 

@@ -42,19 +42,16 @@ from base.data import (
 from base.distributed import WAIT_TIMEOUT, wait_for
 from base.errors import TokenizerMismatch, UserError
 from base.files import atomic_directory, atomic_write, atomic_write_text
-from base.fingerprint import fingerprint_files, fingerprint_model
+from base.fingerprint import fingerprint_model
 from base.schema import DataConfig
-from bpe_image import BPECodec
-from bpe_image.codec import codec_dir
+from bpe_image import BPECodec, open_codec
 
 from .schema import PriorConfig, PriorRunConfig
 
-__all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "cache_inputs", "open_codec", "token_cache_dir",
-           "tokenize_for_prior"]
+__all__ = ["TokenDataset", "TokenSpec", "build_token_dataset", "cache_inputs", "token_cache_dir", "tokenize_for_prior"]
 
-# 2: image folders / parquet without an eval split no longer train on its images
-# 3: shards are kept apart per shard size and caches are verified (a resume with another shard size could
-#    merge a cache that lacked images, and such a cache was then reused)
+# part of every cache's key: raised whenever what a cache holds or how it is built changes, so that a cache
+# made another way is never reused
 CACHE_VERSION = 3
 
 
@@ -62,15 +59,6 @@ def token_cache_dir(cfg: PriorRunConfig) -> Path:
     """Where an experiment's token caches live: `prior.cache_dir`, else <out_dir>/token_cache. Training,
     BPE training and evaluation all use this folder, so each reuses the caches the others built."""
     return Path(cfg.prior.cache_dir) if cfg.prior.cache_dir else Path(cfg.out_dir) / "token_cache"
-
-
-def open_codec(path: str | Path) -> tuple[BPECodec, str]:
-    """A saved bpe_image codec and the hash of its files (its identity in cache keys)."""
-    try:
-        directory = codec_dir(path)  # a hub id is fingerprinted by its downloaded files
-        return BPECodec.from_pretrained(directory), fingerprint_files(directory)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"bpe codec {path}: {err}") from None
 
 
 def cache_inputs(tokenizer_hash: str, prior: PriorConfig, data: DataConfig, split: str, limit: int | None,
@@ -186,7 +174,7 @@ class TokenDataset:
         if key is not None and meta.get("key") != key:
             return f"built from other inputs (key {str(meta.get('key'))[:12]}, expected {key[:12]})"
         if not {"images", "skipped", "build"} <= meta.keys():
-            return "no record of what built it (an older cache)"
+            return "no record of what built it"
         expected = (meta["images"] - meta["skipped"]) * (2 if meta["build"]["flips"] else 1)
         if rows != expected or meta.get("count") != expected:
             return (f"{rows} labels (meta.json: {meta.get('count')} rows) for {meta['images']} source images "

@@ -1,4 +1,4 @@
-"""BPECodec: save/load, bad-input errors, early stop, and the training CLI."""
+"""BPECodec: save/load, bad-input errors, early stop, and the training CLI (`train_bpe.py`)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from base.errors import UserError
 from bpe_image import BPECodec
-from bpe_image.train import main
+from train_bpe import main
 
 K = 16
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def blocky(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -67,23 +69,8 @@ def test_saved_in_the_models_hub_format_with_a_card(codecs, tmp_path):
     codec.save_pretrained(tmp_path, card={"data_source": "hf:some/codes", "metrics": {"compression_ratio": 2.5}})
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["model_type"] == "bpe_codec" and meta["config"]["grid_shape"] == [4, 6]
-    assert not (tmp_path / "bpe_config.json").exists()
     card = (tmp_path / "README.md").read_text()
     assert "bpe_codec" in card and "hf:some/codes" in card and "| compression_ratio | 2.5 |" in card
-
-
-def test_codecs_saved_in_the_older_layout_still_load(codecs, tmp_path):
-    for i, (codec, data) in enumerate(codecs):
-        folder = tmp_path / str(i)
-        codec.save_pretrained(folder)
-        # the older layout: the bare codec config as bpe_config.json, no config.json and no card
-        config = json.loads((folder / "config.json").read_text())["config"]
-        (folder / "bpe_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (folder / "config.json").unlink()
-        (folder / "README.md").unlink()
-        loaded = BPECodec.from_pretrained(folder)
-        assert repr(loaded) == repr(codec)
-        assert all(np.array_equal(a, b) for a, b in zip(loaded.encode_batch(data), codec.encode_batch(data)))
 
 
 def test_a_model_folder_is_not_a_codec(tmp_path):
@@ -131,15 +118,12 @@ def test_load_rejects_foreign_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bpe_codec", "config": {"format": "other"}}))
     with pytest.raises(ValueError, match="config.json is not a bpe_image.BPECodec config"):
         BPECodec.from_pretrained(tmp_path)
-    (tmp_path / "config.json").unlink()
-    (tmp_path / "bpe_config.json").write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(ValueError, match="bpe_config.json"):
+    config = {"format": "bpe_image.BPECodec", "version": 1, "mode": "1d"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bpe_codec", "config": config}))
+    with pytest.raises(ValueError, match="config.json lacks"):
         BPECodec.from_pretrained(tmp_path)
-    (tmp_path / "bpe_config.json").write_text(json.dumps({"format": "bpe_image.BPECodec", "version": 1, "mode": "1d"}))
-    with pytest.raises(ValueError, match="lacks"):
-        BPECodec.from_pretrained(tmp_path)
-    (tmp_path / "bpe_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json: not valid JSON"):
         BPECodec.from_pretrained(tmp_path)
 
 
@@ -260,30 +244,67 @@ SEQS = ["--codes", "{d}/seqs.npy", "--vocab-size", "40"]
     [
         (["--codes", "{d}/missing.npy", "--vocab-size", "40", "--mode", "1d", "--out", "{d}/o"], "missing.npy"),
         ([*SEQS, "--mode", "2d", "--out", "{d}/o"], "seqs.npy"),
-        (["--codes", "{d}/seqs.npy", "--vocab-size", "x", "--mode", "1d", "--out", "{d}/o"], "--vocab-size"),
-        ([*SEQS, "--mode", "1d"], "--out"),
-        ([*SEQS, "--mode", "2d", "--out", "{d}/o", "--backend", "sentencepiece"], "--backend"),
+        (["--codes", "{d}/grids.npy", "--vocab-size", "40", "--mode", "2d", "--out", "{d}/o", "--backend",
+          "sentencepiece"], "backend"),
         ([*SEQS, "--mode", "1d", "--out", "{d}/o", "--codebook-size", "3"], "seqs.npy"),
         (["--codes", "{d}/junk.npy", "--vocab-size", "40", "--mode", "1d", "--out", "{d}/o"], "junk.npy"),
+        ([*SEQS, "--mode", "1d", "--out", "{d}/o", "--config", "x.yaml"], "--codes takes no --config"),
+        (["--tokenizer", "{d}/tok", "--vocab-size", "40", "--mode", "1d", "--out", "{d}/o"], "--tokenizer needs"),
     ],
 )
-def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, seqs, args, needle):
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, seqs, grids, args, needle):
     np.save(tmp_path / "seqs.npy", seqs)
+    np.save(tmp_path / "grids.npy", grids)
     (tmp_path / "junk.npy").write_text("not an array")
     assert main([a.format(d=tmp_path) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
-def test_cli_module_entry_point(tmp_path):
+@pytest.mark.parametrize("args,needle", [
+    (["--codes", "c.npy", "--vocab-size", "x", "--mode", "1d", "--out", "o"], "--vocab-size"),
+    (["--codes", "c.npy", "--vocab-size", "40", "--mode", "1d"], "--out"),
+    (["--codes", "c.npy", "--tokenizer", "t", "--vocab-size", "40", "--mode", "1d", "--out", "o"], "not allowed"),
+])
+def test_cli_usage_errors_name_the_flag_with_exit_code_2(capsys, args, needle):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_script_entry_point(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "bpe_image.train", "--codes", str(tmp_path / "nope.npy"), "--vocab-size", "9",
+        [sys.executable, str(ROOT / "train_bpe.py"), "--codes", str(tmp_path / "nope.npy"), "--vocab-size", "9",
          "--mode", "flat", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"bpe_image.train: error: {tmp_path / 'nope.npy'}: no such file"]
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.npy'}: no such file"]
+
+
+def test_cli_trains_on_a_tokenizers_codes_of_a_configs_images(tmp_path, capsys):
+    """`--tokenizer`: the config's training images through the tokenizer (into the priors' token cache);
+    2d keeps a grid tokenizer's latent grid; a KL tokenizer has no codes."""
+    import torch
+
+    from grid.autoencoder import GridAutoencoder
+    from grid.schema import GridConfig, QuantizerConfig
+
+    torch.manual_seed(0)
+    for bottleneck in ("quantized", "kl"):
+        config = GridConfig(channels=16, bottleneck=bottleneck, quantizer=QuantizerConfig(fsq_levels=[8, 5]))
+        GridAutoencoder(config, resolution=16).save_pretrained(tmp_path / bottleneck)
+    (tmp_path / "exp.yaml").write_text(f"out_dir: {tmp_path}\ndata: {{resolution: 16, crops_per_photo: 2}}\n"
+                                       "eval: {num_images: 8}\n")  # a later stage's section: ignored here
+    args = ["--config", str(tmp_path / "exp.yaml"), "--mode", "2d", "--vocab-size", "48"]
+    assert main(["--tokenizer", str(tmp_path / "quantized"), *args, "--out", str(tmp_path / "bpe")]) == 0
+    codec = BPECodec.from_pretrained(tmp_path / "bpe")
+    assert (codec.mode, codec.codebook_size, codec.grid_shape) == ("2d", 40, (4, 4))
+    assert any((tmp_path / "token_cache").iterdir())  # <out_dir>/token_cache, where the priors look
+    capsys.readouterr()
+    assert main(["--tokenizer", str(tmp_path / "kl"), *args, "--out", str(tmp_path / "none")]) == 2
+    assert "no codes to merge" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 def test_backend_vocabularies_are_checked_when_mapped_to_public_ids():

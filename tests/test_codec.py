@@ -32,12 +32,12 @@ from codec import (
     ImageCodec,
     codec_size_vs_nll,
 )
-from codec.cli import main
 from codec.images import read_image, tile
 from flextok import FlexTok
 from flextok.schema import FlexTokConfig
 from grid.autoencoder import GridAutoencoder
 from grid.schema import GridConfig, QuantizerConfig
+from image_codec import main
 from priors import DiscretePrior, PriorConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,8 @@ def test_file_size_tracks_prior_nll(stream, root, codecs):
 def test_round_trip_across_processes(root, codecs, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     def run(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "codec", *args, "--prior", str(root / "prior_1d"), "--out-dir", str(tmp_path)]
+        command = [sys.executable, "image_codec.py", *args, "--prior", str(root / "prior_1d"), "--out-dir",
+                   str(tmp_path)]
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
 
     done = run("compress", str(root / "small.png"))

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from base.config import load_config
+from base.config import load_config, save_config
 from base.data import tensor_to_uint8
 from base.errors import ConfigError
 from base.fingerprint import fingerprint_model
@@ -187,8 +187,8 @@ def test_studies_measure_the_codec_of_every_discrete_prior(tmp_path):
                 "prior_fsq_f8_64"]
     for name, images in (("study_fmnist", "held_out"), ("study_photos", "photos")):
         config, experiment = study.load_study(Path(study.ROOT) / "configs" / f"{name}.yaml")
-        _, _, evaluation = study.study_stages(config, experiment, [])
-        (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+        stages, _ = study.study_stages(config, experiment, [])
+        save_config(stages[-1].resolved(1.0), tmp_path / "eval.yaml")  # the file evaluate.py is given
         cfg = load_config(tmp_path / "eval.yaml", cls=ExperimentConfig)
         assert cfg.eval.codec.priors == discrete and cfg.eval.codec.images == images
     bad = tmp_path / "bad.yaml"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from base.config import from_dict, upgrade_keys
+from base.config import from_dict
 from base.config import load_config as load_with_schema
 from base.errors import ConfigError
 from evaluation.schema import ExperimentConfig
@@ -47,12 +47,8 @@ def test_defaults_base_chain_and_overrides(tmp_path):
         ("", ["train.lr=nan"], "'train.lr' must be a number"),
         ("", ["nosuch.key=1"], "unknown key 'nosuch'"),
         ("", ["train.steps"], "must look like section.key=value"),
-        ("flextok:\n  guidance: 3.0\n", [], "'flextok.guidance' was renamed: use 'flextok.sampling.guidance_scale'"),
-        ("grid:\n  quantizer: vq\n", [], "'grid.quantizer' was renamed: use 'grid.quantizer.kind'"),
-        ("grid:\n  fsq_levels: [4]\n", [], "'grid.fsq_levels' was renamed: use 'grid.quantizer.fsq_levels'"),
-        ("prior_train:\n  cfg_scale: 2\n", [],
-         "'prior_train.cfg_scale' has moved: use 'prior.sampling.guidance_scale'"),
-        ("eval:\n  flow_steps: 9\n", [], "'eval.flow_steps' was renamed: use 'eval.prior_sampling.steps'"),
+        ("grid:\n  quantizer: vq\n", [], "'grid.quantizer' must be a mapping"),
+        ("grid:\n  quantizer: {codebook_size: 1}\n", [], "'grid.quantizer.codebook_size' must be in 2.."),
         ("", ["prior.sampling.top_p=0"], "'prior.sampling.top_p' must be in (0, 1]"),
     ],
 )
@@ -82,25 +78,18 @@ def test_shipped_configs_load(path):
         import study
 
         config, experiment = study.load_study(path)
-        stages, out, evaluation = study.study_stages(config, experiment, [])
+        stages, out = study.study_stages(config, experiment, [])
         assert [s.name for s in stages] == [s.name for s in config.stages] + ["report"]
         return
     load_config(path)
 
 
-def test_checkpoint_configs_with_old_keys_are_upgraded():
-    """A tokenizer saved before the quantizer and sampling sections existed still loads: `upgrade` moves
-    its keys; a YAML file with the same keys is refused (see above)."""
-    old = {"quantizer": "vq", "fsq_levels": [5, 3], "codebook_size": 64, "sample_steps": 4, "guidance": 2.5}
-    cfg = from_dict(FlexTokConfig, old, "config.json", upgrade=True)
-    assert (cfg.quantizer.kind, cfg.quantizer.fsq_levels, cfg.quantizer.codebook_size) == ("vq", [5, 3], 64)
-    assert (cfg.sampling.steps, cfg.sampling.guidance_scale) == (4, 2.5)
-    # the new form is left alone; a setting added since (the guidance interval) gets the value old files meant
-    assert upgrade_keys(FlexTokConfig, {"quantizer": {"kind": "lfq"}}) == {
-        "quantizer": {"kind": "lfq"}, "sampling": {"guidance_interval": [0.0, 1.0]}}
-    assert cfg.sampling.guidance_interval == [0.0, 1.0]
-    with pytest.raises(ConfigError, match="renamed"):
-        from_dict(FlexTokConfig, old, "config.json")
+def test_a_check_error_names_the_file_and_the_whole_dotted_key():
+    """`check` in a nested section knows only its own key; `from_dict` puts the file and the path in front."""
+    with pytest.raises(ConfigError) as err:
+        from_dict(FlexTokConfig, {"quantizer": {"kind": "lfq", "codebook_size": 12}}, "config.json", "config.")
+    assert str(err.value) == ("config.json: 'config.quantizer.codebook_size' must be a power of two for lfq, "
+                              "got 12")
 
 
 def test_eval_sampling_overrides_replace_only_the_fields_given(tmp_path):

@@ -59,7 +59,7 @@ def test_two_rank_run_killed_with_sigkill_resumes_exactly(tmp_path):
     killed = torchrun(*common, "name=killed")
     process = subprocess.Popen(killed, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = tmp_path / "killed" / "checkpoints" / "latest.pt"
+    checkpoint = tmp_path / "killed" / "checkpoints" / "latest.json"
     deadline = time.time() + 240
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -106,9 +106,9 @@ def test_token_set_rows_pay_the_multiset_cost():
     cfg = FlexTokConfig(input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2, decoder_dim=32,
                         decoder_depth=1, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]), token_set=True)
     model = FlexTok.from_config(cfg, 16).eval()
-    tut = TokenizerUnderTest(EvalTokenizerConfig(name="set", path="x"), model, "fingerprint", EvalConfig())
-    assert tut.modes() == [Mode(), Mode(mean=True)]
-    record = rate_record(tut, Mode(), [model.tokenize(torch.rand(3, 3, 16, 16) * 2 - 1)])
+    tested = TokenizerUnderTest(EvalTokenizerConfig(name="set", path="x"), model, "fingerprint", EvalConfig())
+    assert tested.modes() == [Mode(), Mode(mean=True)]
+    record = rate_record(tested, Mode(), [model.tokenize(torch.rand(3, 3, 16, 16) * 2 - 1)])
     assert record["bits_per_image"] == pytest.approx(multiset_bits(15, 8))
     assert record["bits_per_image"] < 8 * math.log2(15)
-    assert "multiset" in tut.describe(Mode())["bits_basis"]
+    assert "multiset" in tested.describe(Mode())["bits_basis"]

@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -163,33 +162,6 @@ def test_latent_input_embeds_the_frozen_autoencoder(tmp_path):
     loaded = load_tokenizer(tmp_path / "tok")
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(model.eval().detokenize(model.tokenize(images)), loaded.detokenize(loaded.tokenize(images)))
-
-
-def test_tokenizer_saved_with_old_config_keys_loads(tmp_path):
-    """Checkpoints written before `quantizer` and `sampling` became sections (flat `fsq_levels`,
-    `sample_steps`, `guidance`; the embedded autoencoder's `quantizer: fsq`) load unchanged."""
-    from grid.autoencoder import GridAutoencoder
-    from grid.schema import GridConfig
-
-    ae = GridAutoencoder(GridConfig(channels=16, latent_channels=4), resolution=16)
-    ae.save_pretrained(tmp_path / "ae")
-    cfg = FlexTokConfig(**{**SMALL, "input": "latents", "patch_size": 1}, autoencoder=str(tmp_path / "ae"),
-                        quantizer=QuantizerConfig(fsq_levels=[5, 3]))
-    cfg.sampling = SamplingConfig(steps=3, guidance_scale=2.0)  # guided every step, as files from before intervals
-    model = FlexTok.from_config(cfg, 16).eval()
-    model.save_pretrained(tmp_path / "tok")
-    meta = json.loads((tmp_path / "tok" / "config.json").read_text())
-    config = meta["config"]
-    quantizer, sampling = config.pop("quantizer"), config.pop("sampling")
-    config.update(quantizer=quantizer["kind"], fsq_levels=quantizer["fsq_levels"], sample_steps=sampling["steps"],
-                  guidance=sampling["guidance_scale"])
-    ae_config = meta["autoencoder_config"]
-    ae_config.update(quantizer=ae_config["quantizer"]["kind"], fsq_levels=ae_config.pop("quantizer")["fsq_levels"])
-    (tmp_path / "tok" / "config.json").write_text(json.dumps(meta))
-    loaded = load_tokenizer(tmp_path / "tok")
-    assert loaded.config == model.config and loaded.autoencoder.config == model.autoencoder.config
-    images = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert torch.equal(model.detokenize(model.tokenize(images)), loaded.detokenize(loaded.tokenize(images)))
 
 
 def test_fingerprint_ignores_default_sampling_settings():

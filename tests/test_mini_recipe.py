@@ -1,4 +1,4 @@
-"""The README's commands for the 256 recipe's miniature (configs/1d_256_mini.yaml), run as written with a
+"""The commands of docs/scaling.md for the 256 recipe's miniature (configs/1d_256_mini.yaml), run as written with a
 few steps each: parquet export, then every stage on 2 CPU ranks (torchrun, torchrun, deepspeed)."""
 
 import json
@@ -17,17 +17,17 @@ from base.hub import load_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def readme_commands() -> list[list[str]]:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### A miniature of the 256 recipe"):]
+def miniature_commands() -> list[list[str]]:
+    text = (REPO / "docs" / "scaling.md").read_text()
+    section = text[text.index("## A miniature of the 256 recipe"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [shlex.split(line) for line in block.strip().splitlines()]
 
 
 @pytest.mark.launcher
-def test_miniature_recipe_runs_from_the_readme_on_two_ranks(tmp_path):
+def test_miniature_recipe_runs_from_the_docs_on_two_ranks(tmp_path):
     require_launcher()
-    export, autoencoder, tokenizer, prior = readme_commands()
+    export, autoencoder, tokenizer, prior = miniature_commands()
     data, out = tmp_path / "mini_data", tmp_path / "mini"
     paths = [f"out_dir={out}", f"data.source=hf:{data}", f"flextok.autoencoder={out}/mini_kl_f8c16/final",
              f"prior.tokenizer={out}/1d_256_mini/final"]

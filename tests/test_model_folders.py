@@ -213,11 +213,11 @@ def test_weights_saved_in_another_float_precision_still_load(saved, tmp_path):
                                      corrupt_bytes(0.5)], ids=["model_type_list", "weights_truncated"])
 def test_cli_reports_a_malformed_folder_in_one_line_with_exit_code_2(saved, tmp_path, corrupt):
     shutil.copytree(saved["grid"], tmp_path / "tok")
-    shutil.copytree(saved["prior"], tmp_path / "prior")  # rekey would rewrite it, were the tokenizer good
     corrupt(tmp_path / "tok")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "priors.rekey", str(tmp_path / "prior"), str(tmp_path / "tok")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, str(ROOT / "train_bpe.py"), "--tokenizer", str(tmp_path / "tok"), "--config",
+               str(ROOT / "configs/grid_vq.yaml"), "--mode", "flat", "--vocab-size", "64", "--out", str(tmp_path / "o")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and str(tmp_path / "tok") in done.stderr, done.stderr
 

@@ -255,5 +255,5 @@ def test_the_plan_merges_the_deepspeed_json_as_the_trainer_does(tmp_path, capsys
     assert train_prior.main(["--config", str(ROOT / "configs/prior_tiny.yaml"), "--plan",
                              "--deepspeed_config", str(bad_json)]) == 2
     err = capsys.readouterr().err
-    assert "train_micro_batch_size_per_gpu=3 disagrees with prior_train.micro_batch_size" in err
+    assert "train_micro_batch_size_per_gpu=3 disagrees with 32 from prior_train.batch_size=32" in err
     assert err.count("\n") == 1

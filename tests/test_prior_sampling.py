@@ -159,24 +159,6 @@ def test_generate_images_end_to_end_and_tokenizer_check(tmp_path):
         generate_images(reloaded, other, [0])
 
 
-def test_rekey_pairs_a_prior_with_its_tokenizer_again(tmp_path):
-    """A prior whose recorded tokenizer fingerprint is of an older format is refused, with a pointer to
-    `python -m priors.rekey`, which records the tokenizer's current fingerprint."""
-    from priors.rekey import main as rekey_main
-
-    fsq = QuantizerConfig(fsq_levels=[8, 5])
-    tokenizer = GridAutoencoder(GridConfig(channels=16, bottleneck="quantized", quantizer=fsq), resolution=16).eval()
-    tokenizer.save_pretrained(tmp_path / "tok")
-    DiscretePrior(PriorConfig(dim=32, depth=1, heads=2), tokenizer.vocab_size, tokenizer.tokens_per_image,
-                  tokenizer_hash="0" * 64).save_pretrained(tmp_path / "prior")
-    with pytest.raises(TokenizerMismatch, match="priors.rekey"):
-        generate_images(load_model(tmp_path / "prior"), tokenizer, num_samples=1)
-    assert rekey_main([str(tmp_path / "prior"), str(tmp_path / "tok")]) == 0
-    prior = load_model(tmp_path / "prior")
-    assert prior.tokenizer_hash == fingerprint_model(tokenizer)
-    assert generate_images(prior, tokenizer, num_samples=1).shape == (1, 3, 16, 16)
-
-
 def test_token_set_likelihood_is_a_distribution_over_sorted_multisets():
     """Training and NLL use the order the sampler enforces: the probabilities of all sorted sequences
     (the multisets) sum to one, so held-out bits are a real code length for a set."""

@@ -25,17 +25,18 @@ from base.distributed import ensure_launch_env, free_port
 from base.errors import UserError
 from base.hub import load_model
 from base.schema import SamplingConfig
+from base.training import POINTER, read_pointer
 from evaluation.schema import ExperimentConfig
 from grid.autoencoder import GridAutoencoder
 from grid.schema import GridConfig
 from priors import DiscretePrior, FlowPrior, PriorConfig, generate_images
-from priors.deepspeed_utils import POINTER, consolidated_weights, read_pointer
+from priors.deepspeed_utils import consolidated_weights
 from priors.trainer import PriorTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "data.resolution=16", "data.crops_per_photo=16", "data.eval_crops_per_photo=4", "data.eval_images=8",
-    "prior.dim=64", "prior.heads=2", "prior.depth=2", "prior_train.micro_batch_size=8",
+    "prior.dim=64", "prior.heads=2", "prior.depth=2", "prior_train.batch_size=8",
     "prior_train.log_every=1", "prior_train.num_samples=6", "prior_train.warmup_steps=2", "prior_train.threads=1",
 ]
 
@@ -117,11 +118,12 @@ def test_zero_resume_matches_an_uninterrupted_run(workdir, vq_tokenizer, stage):
 
     parts = config(workdir, vq_tokenizer, f"parts{stage}", *extra)
     first = PriorTrainer(parts)
+    batches = first.batches(0)
     while first.step < 3:
-        first.log({"step": first.step + 1, "loss": first.train_step()["loss"]})
+        first.log({"loss": first.train_step(next(batches))["loss"]}, step=first.step + 1)
         first.step += 1
     first.save_checkpoint()
-    first.log({"step": 4, "loss": first.train_step()["loss"]})  # progress past the checkpoint, then "killed"
+    first.log({"loss": first.train_step(next(batches))["loss"]}, step=4)  # past the checkpoint, then "killed"
     del first
     resumed = PriorTrainer(parts, resume=True)
     assert resumed.step == 3
@@ -137,11 +139,12 @@ def test_zero_resume_matches_an_uninterrupted_run(workdir, vq_tokenizer, stage):
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_loadable(workdir, vq_tokenizer, monkeypatch):
     cfg = config(workdir, vq_tokenizer, "killed", "prior_train.zero_stage=2", "prior_train.steps=10")
     trainer = PriorTrainer(cfg)
+    batches = trainer.batches(0)
     for _ in range(2):
-        trainer.train_step()
+        trainer.train_step(next(batches))
         trainer.step += 1
     trainer.save_checkpoint()
-    trainer.train_step()
+    trainer.train_step(next(batches))
     trainer.step += 1
 
     def dies_while_writing(save_dir, tag, **kwargs):
@@ -233,9 +236,11 @@ def test_user_deepspeed_json_merges_over_prior_train(tmp_path):
     from priors.deepspeed_utils import deepspeed_config
     from priors.schema import PriorTrainConfig
 
-    t = PriorTrainConfig(micro_batch_size=4, grad_accumulation=2, zero_stage=1)
+    t = PriorTrainConfig(batch_size=16, grad_accumulation=2, zero_stage=1)
     base = deepspeed_config(t, cuda=False, world_size=2)
     assert base["zero_optimization"] == {"stage": 1} and not base["bf16"]["enabled"]
+    # prior_train.batch_size is the global batch: 16 = 4 per rank x 2 micro-steps x 2 ranks
+    assert (base["train_batch_size"], base["train_micro_batch_size_per_gpu"]) == (16, 4)
     assert deepspeed_config(t, cuda=True, world_size=2)["bf16"]["enabled"]  # auto: bf16 on GPUs
     assert deepspeed_config(PriorTrainConfig(precision="fp16"), cuda=True, world_size=1)["fp16"]["enabled"]
 
@@ -249,8 +254,9 @@ def test_user_deepspeed_json_merges_over_prior_train(tmp_path):
     assert merged["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     assert merged["bf16"]["enabled"] and merged["optimizer"] == base["optimizer"]  # unset keys stay ours
     for value, message in [
-        ({"train_micro_batch_size_per_gpu": 8}, "disagrees with prior_train.micro_batch_size=4"),
-        ({"train_batch_size": 32}, "train_batch_size=32 != micro_batch_size 4 x grad_accumulation 2 x 2 rank"),
+        ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu=8 disagrees with 4 from "
+                                                 "prior_train.batch_size=16, grad_accumulation=2 on 2 rank"),
+        ({"train_batch_size": 32}, "train_batch_size=32 disagrees with 16 from prior_train.batch_size=16"),
         ({"scheduler": {"type": "WarmupLR"}}, "remove 'scheduler'"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both enabled"),
         ([1, 2], "a JSON object"),

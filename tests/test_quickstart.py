@@ -4,19 +4,17 @@ end, which drives the same stage runner and scripts; this test keeps the quickst
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import quickstart
-from base.config import read_with_bases
-from pipeline import ROOT
 
 FOLDER = re.compile(rf"{quickstart.OUT.as_posix()}/(\w+)")
 
 
 def named_folders(stage) -> set[str]:
-    """The `runs/quickstart/<folder>` names in a stage's arguments and in its config file (bases merged)."""
-    args = stage.scaled_args(1.0)
-    text = " ".join(args) + " " + str(read_with_bases(ROOT / args[args.index("--config") + 1]))
+    """The `runs/quickstart/<folder>` names in a stage's arguments and in the config its script runs with."""
+    text = " ".join(stage.args) + " " + str(dataclasses.asdict(stage.resolved(1.0)))
     return set(FOLDER.findall(text))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,27 +11,36 @@ import yaml
 import pipeline
 import study
 from base.errors import ConfigError
+from evaluation.schema import ExperimentConfig
+from flextok.schema import TokenizerRunConfig
+from priors.schema import PriorRunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_stages_reference_each_other_and_the_evaluation_lists_them():
     config, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
-    stages, out, evaluation = study.study_stages(config, experiment, ["data.train_images=100"])
+    stages, out = study.study_stages(config, experiment, ["data.train_images=100"])
     by_name = {s.name: s for s in stages}
     assert out == Path("runs/study_fmnist")
-    one_d = " ".join(by_name["1d"].argv(1.0))
-    assert f"flextok.autoencoder={out / 'kl_f4' / 'final'}" in one_d and "train.steps=1400" in one_d
-    assert "data.train_images=100" in one_d and "data.train_images=100" in " ".join(by_name["1d_bpe"].argv(1.0))
-    prior = " ".join(by_name["prior_1d_bpe"].argv(0.01))
-    assert "prior.tokens=bpe" in prior and f"prior.bpe={out / '1d_bpe'}" in prior and "prior_train.steps=4" in prior
+    one_d = by_name["1d"].resolved(1.0)
+    assert isinstance(one_d, TokenizerRunConfig) and not isinstance(one_d, PriorRunConfig)  # its sections only
+    assert one_d.flextok.autoencoder == str(out / "kl_f4" / "final") and one_d.train.steps == 1400
+    assert (one_d.out_dir, one_d.name) == (str(out), "1d")
+    assert one_d.data.train_images == 100 and by_name["1d_bpe"].resolved(1.0).data.train_images == 100
+    assert by_name["1d_bpe"].args[:2] == ["--tokenizer", str(out / "1d" / "final")]
+    prior = by_name["prior_1d_bpe"].resolved(0.01)
+    assert (prior.prior.tokens, prior.prior.bpe, prior.prior_train.steps) == ("bpe", str(out / "1d_bpe"), 4)
+    assert prior.prior.tokenizer == str(out / "1d" / "final")
     assert by_name["prior_kl_f4"].resumable and not by_name["1d_bpe"].resumable
-    names = [e["name"] for e in evaluation["eval"]["tokenizers"]]
+    evaluation = stages[-1].resolved(1.0)
+    assert isinstance(evaluation, ExperimentConfig) and evaluation.run_dir / "report" == out / "report"
+    names = [e.name for e in evaluation.eval.tokenizers]
     assert names[:2] == ["kl_f4", "kl_f8"] and "1d_bpe" in names
-    bpe = next(e for e in evaluation["eval"]["tokenizers"] if e["name"] == "1d_bpe")
-    assert bpe == {"name": "1d_bpe", "path": str(out / "1d" / "final"), "bpe": str(out / "1d_bpe")}
-    assert len(evaluation["eval"]["priors"]) == 7 and (evaluation["out_dir"], evaluation["name"]) == ("runs",
-                                                                                                    "study_fmnist")
+    bpe = next(e for e in evaluation.eval.tokenizers if e.name == "1d_bpe")
+    assert (bpe.path, bpe.bpe) == (str(out / "1d" / "final"), str(out / "1d_bpe"))
+    assert len(evaluation.eval.priors) == 7 and evaluation.eval.codec.priors == config.codec_priors
+    assert evaluation.data.train_images == 100  # the command line reaches the evaluation too
 
 
 def test_train_scale_shortens_training_stages_but_not_the_evaluation():
@@ -42,10 +51,25 @@ def test_train_scale_shortens_training_stages_but_not_the_evaluation():
         config, experiment = study.load_study(ROOT / f"configs/{name}.yaml")
         assert config.train_scale == scale and [s.name for s in config.stages] == [s.name for s in full[:-1]]
         for long, short in zip(full, study.study_stages(config, experiment, [])[0]):
-            assert set(long.scaled) == set(short.scaled)
-            for key, value in long.scaled.items():
+            assert long.scaled == short.scaled
+            for key in short.scaled:
+                value = pipeline._value_at(long.resolved(1.0), key.split("."))
                 expected = value if short.name == "report" else round(value * scale)
-                assert short.scaled[key] == expected, (name, short.name, key)
+                assert pipeline._value_at(short.resolved(1.0), key.split(".")) == expected, (name, short.name, key)
+                # --scale multiplies the study's share once: one rounding of the full-size count
+                expected = max(2, round(value * 0.01 * (1 if short.name == "report" else scale)))
+                assert pipeline._value_at(short.resolved(0.01), key.split(".")) == expected, (name, short.name, key)
+
+
+def test_a_bad_override_fails_before_any_stage_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)  # study.main works from the repository root; this puts the test's folder back after
+    config, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
+    with pytest.raises(ConfigError, match="unknown key 'dat'"):
+        study.study_stages(config, experiment, ["dat.train_images=100"])
+    config.stages[0].overrides = ["gird.downsample=8"]  # a section no script reads is still an error
+    with pytest.raises(ConfigError, match="unknown key 'gird'"):
+        study.study_stages(config, experiment, [])
+    assert study.main(["--config", str(ROOT / "configs/study_fmnist.yaml"), "train.steps=0"]) == 2
 
 
 def test_a_bad_study_file_names_the_problem(tmp_path):
@@ -72,8 +96,7 @@ def test_stamps_follow_settings_and_upstream_stages(tmp_path):
     config, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
 
     def stamps(scale: float = 1.0, *overrides: str) -> dict[str, str]:
-        stages, out, evaluation = study.study_stages(config, experiment, [f"out_dir={tmp_path}", *overrides])
-        (out / "study_eval.yaml").write_text(yaml.safe_dump(evaluation))  # as study.main writes it
+        stages, out = study.study_stages(config, experiment, [f"out_dir={tmp_path}", *overrides])
         return pipeline.stage_stamps(stages, out, scale)
 
     base = stamps()
@@ -90,18 +113,53 @@ def test_stamps_follow_settings_and_upstream_stages(tmp_path):
     assert changed == {"report"}
 
 
-def test_a_stage_is_reused_only_while_its_stamp_holds(tmp_path):
-    log = tmp_path / "runs.txt"
+@dataclass
+class ToyConfig:
+    """The config of TOY_SCRIPT below: what it writes, and a count --scale multiplies."""
 
-    def stage(value: str) -> pipeline.Stage:
-        code = (f"import pathlib; p = pathlib.Path({str(tmp_path / 'a' / 'done')!r}); p.write_text('x'); "
-                f"open({str(log)!r}, 'a').write({value!r})")
-        return pipeline.Stage("a", [sys.executable], ["-c", code], "a/done")
+    value: str = ""
+    steps: int = 10
 
-    pipeline.run_stages([stage("1")], tmp_path, 1.0, force=False)
-    pipeline.run_stages([stage("1")], tmp_path, 1.0, force=False)  # same command: reused
-    assert log.read_text() == "1"
-    pipeline.run_stages([stage("2")], tmp_path, 1.0, force=False)  # another command: made afresh
-    pipeline.run_stages([stage("2")], tmp_path, 0.5, force=False)  # another scale: made afresh
-    pipeline.run_stages([stage("2")], tmp_path, 0.5, force=True)
-    assert log.read_text() == "1222"
+
+# A stand-in for a training script: reads --config, records how it was run, fails once if told to (an
+# interruption after its first checkpoint), and finishes by writing its artifact.
+TOY_SCRIPT = """
+import pathlib, sys, yaml
+folder = pathlib.Path(sys.argv[2]).parent
+cfg = yaml.safe_load(open(sys.argv[2]))
+resume = "--resume" in sys.argv
+with open(folder.parent / "runs.txt", "a") as log:
+    log.write(f"{cfg['value']}:{cfg['steps']}{'r' if resume else ''} ")
+if cfg["value"] == "crash" and not resume:
+    (folder / "checkpoints").mkdir()
+    sys.exit(1)
+(folder / "done").write_text("x")
+"""
+
+
+def test_a_stage_runs_its_script_on_the_resolved_config_and_is_reused_only_while_its_stamp_holds(tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setattr(pipeline, "matmul_gflops", lambda: 0.0)  # the machine's speed: not what this test is about
+    (tmp_path / "toy.py").write_text(TOY_SCRIPT)
+
+    def run(value: str, scale: float = 1.0, force: bool = False) -> None:
+        stage = pipeline.Stage("a", str(tmp_path / "toy.py"), ToyConfig(value), "a/done", scaled=("steps",),
+                               resumable=True)
+        pipeline.run_stages([stage], tmp_path, scale, force=force)
+
+    log = lambda: (tmp_path / "runs.txt").read_text().split()  # noqa: E731
+    run("1")
+    assert yaml.safe_load((tmp_path / "a" / pipeline.STAGE_CONFIG).read_text()) == {"value": "1", "steps": 10}
+    run("1")  # the same config: reused
+    assert log() == ["1:10"]
+    run("2")  # another config: made afresh
+    run("2", 0.5)  # another scale: the count it gives is part of the config
+    run("2", 0.5, force=True)
+    assert log() == ["1:10", "2:10", "2:5", "2:5"]
+    with pytest.raises(SystemExit, match="stage 'a' failed"):
+        run("crash")
+    run("crash")  # the same stamp and a checkpoint: continued with --resume
+    assert log()[-2:] == ["crash:10", "crash:10r"]
+    with pytest.raises(SystemExit):
+        run("crash", 0.5)  # another stamp: made afresh (the finished folder removed), never resumed
+    assert log()[-1] == "crash:5" and not (tmp_path / "a" / "done").exists()

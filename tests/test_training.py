@@ -5,6 +5,7 @@ import torch
 
 from base.config import load_config
 from base.errors import NonFiniteLoss
+from base.training import TorchBackend, read_pointer
 from flextok import load_tokenizer
 from flextok.schema import TokenizerRunConfig
 from flextok.training import TokenizerTrainer
@@ -19,6 +20,12 @@ TINY = [
 def config(tmp_path, name, extra=()):
     return load_config("configs/grid_vq.yaml", [*TINY, f"out_dir={tmp_path}", f"name={name}", *extra],
                        cls=TokenizerRunConfig)
+
+
+def saved_state(run_dir):
+    """The state file of the run's latest checkpoint."""
+    checkpoints = run_dir / "checkpoints"
+    return torch.load(checkpoints / read_pointer(checkpoints)["tag"] / TorchBackend.STATE, weights_only=True)
 
 
 def losses(run_dir):
@@ -71,7 +78,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(type(trainer.objective), "forward", poisoned)
     with pytest.raises(NonFiniteLoss, match="step 2"):
         trainer.train()
-    state = torch.load(tmp_path / "nan" / "checkpoints" / "latest.pt", weights_only=True)
+    state = saved_state(tmp_path / "nan")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
 
@@ -100,7 +107,7 @@ def test_streamed_run_resumes_from_the_stream_position_in_its_checkpoint(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         TokenizerTrainer(config(tmp_path, "resumed", stream)).train()
     monkeypatch.setattr(TokenizerTrainer, "train_step", original)
-    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "latest.pt", weights_only=True)
+    saved = saved_state(tmp_path / "resumed")
     assert saved["step"] == 3 and [position["step"] for position in saved["data"]] == [3]
     assert saved["data"][0]["consumed"] == 12  # one stream position per rank, where step 3 begins
     TokenizerTrainer(config(tmp_path, "resumed", stream), resume=True).train()

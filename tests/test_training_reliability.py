@@ -19,6 +19,7 @@ from base.files import (
     atomic_write_text,
     refuse_existing_run,
 )
+from base.training import TorchBackend, read_pointer
 from flextok.schema import TokenizerRunConfig
 from flextok.training import TokenizerTrainer
 
@@ -61,11 +62,11 @@ def test_evaluation_runs_in_chunks_with_the_metrics_of_one_batch(tmp_path, kind)
     else:
         encoder, per_image = LargestBatch(ema.encoder), LargestBatch(ema.decoder.trunk)
         rows = len(ema.eval_reconstructions(trainer.eval_batch.images[:1])) * 2  # prefixes x (cond, null)
-    chunked = trainer.evaluate()
+    chunked = trainer.evaluate(ema)
     assert len(trainer.eval_batch.images) == 24
     assert encoder.largest == 4 and 4 <= per_image.largest <= 4 * rows
     trainer.cfg.train.eval_batch_size = 24
-    whole = trainer.evaluate()
+    whole = trainer.evaluate(ema)
     assert encoder.largest == 24 and per_image.largest >= 24
     assert chunked.keys() == whole.keys() and len(chunked) >= 2
     for name, value in whole.items():  # equal on CPU; batched kernels elsewhere may sum in another order
@@ -108,7 +109,7 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
     """A run killed before its first checkpoint leaves its config and log: without --resume, neither trainer
     overwrites them; with --resume, the tokenizer trainer starts from step 0 and drops the stale log."""
     cfg = config(tmp_path, "grid", "early", "train.steps=2", "data.eval_images=4")
-    TokenizerTrainer(cfg).log({"step": 1, "loss": 1.0})
+    TokenizerTrainer(cfg).log({"loss": 1.0}, step=1)
     run = tmp_path / "early"
     assert (run / "config.yaml").is_file() and not (run / "checkpoints").exists()
     with pytest.raises(UserError, match=r"holds a run \(metrics.jsonl, config.yaml\): pass --resume"):
@@ -138,7 +139,8 @@ def test_checkpoint_loads_with_weights_only_and_restores_every_random_stream(tmp
     random.random(), np.random.normal(), torch.rand(3)  # noqa: B018 (advance each stream, numpy's Gaussian cached)
     trainer.save_checkpoint()
     expected = random.random(), np.random.normal(), torch.rand(3)
-    state = torch.load(trainer.ckpt_path, weights_only=True)
+    checkpoints = trainer.checkpoint_dir
+    state = torch.load(checkpoints / read_pointer(checkpoints)["tag"] / TorchBackend.STATE, weights_only=True)
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     TokenizerTrainer(config(tmp_path, "grid", "rng", "train.steps=1", "data.eval_images=4"), resume=True)
     again = random.random(), np.random.normal(), torch.rand(3)
@@ -151,16 +153,16 @@ def _rank_main(rank: int, port: int, out: str, argv: list[str]) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     trainer = TokenizerTrainer(load_config(argv[0], argv[1:], cls=TokenizerRunConfig))
-    wrappers, last = [], [None]
-    replicate = trainer._replicate
+    wrappers, last, backend = [], [None], trainer.backend
+    replicate = backend.replicate
 
-    def spy():
-        wrapper = replicate()
-        wrappers.append((trainer.step, len(trainer.idle), wrapper.find_unused_parameters, wrapper is not last[0]))
+    def spy(step):
+        wrapper = replicate(step)
+        wrappers.append((step, len(backend.idle), wrapper.find_unused_parameters, wrapper is not last[0]))
         last[0] = wrapper
         return wrapper
 
-    trainer._replicate = spy
+    backend.replicate = spy
     trainer.train()
     torch.save({"state": trainer.objective.state_dict(), "wrappers": wrappers}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -225,7 +227,7 @@ def test_prior_sample_grids_go_through_the_tokenizer_in_chunks(tmp_path, monkeyp
     cfg = load_config("configs/prior_tiny.yaml", [
         f"out_dir={tmp_path}", "name=prior", f"prior.tokenizer={tokenizer}", f"prior.cache_dir={tmp_path / 'cache'}",
         "data.resolution=16", "data.crops_per_photo=4", "data.eval_crops_per_photo=2", "data.eval_images=4",
-        "prior.dim=32", "prior.depth=1", "prior.heads=2", "prior_train.micro_batch_size=4", "prior_train.steps=1",
+        "prior.dim=32", "prior.depth=1", "prior.heads=2", "prior_train.batch_size=4", "prior_train.steps=1",
         "prior_train.num_samples=6", "prior_train.eval_batch_size=4", "prior_train.threads=1"], cls=ExperimentConfig)
     trainer = PriorTrainer(cfg)
     decoded = LargestBatch(trainer.tokenizer.decoder)

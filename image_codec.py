@@ -1,4 +1,7 @@
-"""`python -m codec compress|decompress`: one compressed file per image, one PNG per compressed file.
+"""The image codec (`codec`) on files: one compressed file per image, one PNG per compressed file.
+
+    python image_codec.py compress photo.jpg --prior runs/quickstart/prior_1d/final          # -> photo.ftk
+    python image_codec.py decompress photo.ftk --prior runs/quickstart/prior_1d/final        # -> photo.png
 
 Each output is written atomically once its input has gone all the way through, so a failure leaves no
 partial file (earlier inputs of the same call keep their complete outputs). Bad input is one line, exit 2.
@@ -7,13 +10,13 @@ partial file (earlier inputs of the same call keep their complete outputs). Bad 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from base.cli import exits_cleanly
 from base.errors import UserError
 from base.files import atomic_write_bytes
-
-from .core import CodecSettings, ImageCodec
+from codec import CodecSettings, ImageCodec
 
 __all__ = ["SUFFIX", "main"]
 
@@ -21,8 +24,8 @@ SUFFIX = ".ftk"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m codec", description="Lossy image codec: a tokenizer's tokens, "
-                                "entropy-coded with its prior's probabilities.")
+    p = argparse.ArgumentParser(description="Lossy image codec: a tokenizer's tokens, entropy-coded with its "
+                                "prior's probabilities.")
     commands = p.add_subparsers(dest="command", required=True)
     compress = commands.add_parser("compress", help=f"images -> <name>{SUFFIX}")
     decompress = commands.add_parser("decompress", help=f"<name>{SUFFIX} -> <name>.png")
@@ -75,3 +78,7 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise UserError(f"{path}: unreadable ({err.strerror or err})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
