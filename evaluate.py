@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_from_args(args, ExperimentConfig)
     from base.config import save_config
-    from evaluation import run_evaluation, write_report
+    from evaluation.report import write_report
+    from evaluation.run import run_evaluation
 
     result = run_evaluation(cfg)
     directory = cfg.run_dir / "report"

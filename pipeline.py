@@ -122,15 +122,19 @@ def bpe_stage(cfg: PriorRunConfig, out: Path, name: str, tokenizer: str, mode: s
 
 def prior_stage(cfg: PriorRunConfig, out: Path, name: str, steps: int, *, train_scale: float = 1.0) -> Stage:
     """Train a prior for `steps` (at full size) into <out>/<name>/, with the DeepSpeed launcher."""
-    cfg = replace(cfg, out_dir=str(out), name=name, prior_train=replace(cfg.prior_train, steps=steps))
+    # run_name=None: the prior's folder is the stage's, whatever the experiment file names
+    cfg = replace(cfg, out_dir=str(out), name=name, prior_train=replace(cfg.prior_train, steps=steps, run_name=None))
     return Stage(name, "train_prior.py", cfg, f"{name}/final/model.safetensors",
                  launcher=["deepspeed", "--num_gpus", str(available_ranks())], scaled=("prior_train.steps",),
                  train_scale=train_scale, resumable=True)
 
 
 def evaluate_stage(cfg: ExperimentConfig, out: Path) -> Stage:
-    """Evaluate `cfg.eval`'s entries into <out>/report/."""
-    cfg = replace(cfg, out_dir=str(out.parent), name=out.name)
+    """Evaluate `cfg.eval`'s entries into <out>/report/, with the token caches the stages' priors filled
+    (<out>/token_cache) and its own caches in <out>/eval_cache, unless the file names other folders."""
+    prior = replace(cfg.prior, cache_dir=cfg.prior.cache_dir or str(out / "token_cache"))
+    ev = replace(cfg.eval, cache_dir=cfg.eval.cache_dir or str(out / "eval_cache"))
+    cfg = replace(cfg, out_dir=str(out.parent), name=out.name, prior=prior, eval=ev)
     return Stage("report", "evaluate.py", cfg, "report/summary.md",
                  scaled=("eval.classifier_steps", "eval.gfid_samples"))
 

@@ -5,9 +5,10 @@
 Stages (each reuses its finished artifact on a re-run; --force retrains everything):
 grid KL autoencoder -> 1D tokenizer on its latents -> grid FSQ baseline -> BPE codecs on both code streams
 -> priors with the DeepSpeed launcher (2 CPU ranks) over the 1D tokens and over the grid codes -> evaluate.py.
-Sized as a first run (about 6 minutes at matmul ~170 GFLOP/s: benchmarks/RESULTS.md), a demonstration of
-every family, not a result: the studies (study.py) are where the numbers come from. Everything lands in runs/quickstart/<stage>/, the report in
-runs/quickstart/report/. `--scale` multiplies every stage's step count (0.03 runs a reduced chain).
+Sized as a first run (about 6 minutes at matmul ~170 GFLOP/s: benchmarks/RESULTS.md), a demonstration of every
+family, not a result: the studies (study.py) are where the numbers come from. Everything lands in
+runs/quickstart/<stage>/, the report in runs/quickstart/report/. `--scale` multiplies every stage's step count
+(0.03 runs a reduced chain).
 """
 
 from __future__ import annotations

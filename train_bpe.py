@@ -5,8 +5,8 @@ codes saved in a file. Prints the codec's statistics.
         --mode 1d --vocab-size 1400 --out runs/quickstart/bpe_1d [section.key=value ...]
     python train_bpe.py --codes codes.npy --mode 1d --vocab-size 2048 --out DIR
 
-`--tokenizer`: the training split of `--config`'s data section, tokenized once into the token cache the
-priors train from. 1D tokenizers use `--mode 1d` (prefix-aligned merges); quantized grid autoencoders
+`--tokenizer`: the training split of `--config`'s data section, tokenized once into the priors' token-cache
+folder. 1D tokenizers use `--mode 1d` (prefix-aligned merges); quantized grid autoencoders
 `--mode 2d` (their codes on the h x w latent grid) or `--mode flat`.
 `--codes`: an integer `.npy` [N, L] (1d/flat) or [N, h, w] (2d), or an `.npz` holding `codes` and, for
 variable-length 1D sequences, `lengths` (sequence i is `codes[i, :lengths[i]]`).

@@ -1,8 +1,10 @@
 """The YAML config loader: files (with `base:` chains) and dotted overrides into typed dataclasses.
 
-The sections themselves live with the layers they configure: `flextok.schema` (data, tokenizers,
-training), `priors.schema` (prior, prior_train) and `evaluation.schema` (eval, and `ExperimentConfig`,
-the whole file). A section checks its own values (`check`); errors name the file and the dotted key.
+The sections themselves live with the layers they configure: `base.schema` (data, sampling, the training
+loop, distributed), `grid.schema` (quantizer, grid autoencoder, loss, equivariance, REPA), `flextok.schema`
+(the 1D tokenizer, its training and shaping terms, `TokenizerRunConfig`), `priors.schema` (prior,
+prior_train) and `evaluation.schema` (eval, and `ExperimentConfig`, the whole file). A section checks its own
+values (`check`); errors name the file and the dotted key.
 """
 
 from __future__ import annotations

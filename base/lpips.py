@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
 from .weights import resolve_local_weights
 
 __all__ = ["LPIPS", "LPIPS_LIN_URL", "LPIPS_WEIGHTS_ENV", "TORCHVISION_VGG16_URL", "lpips_state_dict_shapes"]
@@ -125,6 +126,14 @@ class LPIPS(nn.Module):
         """Load from `path` or `$FLEXTOK_LPIPS_WEIGHTS`; FileNotFoundError says how to get it."""
         weights = resolve_local_weights(path, LPIPS_WEIGHTS_ENV, _missing_weights_message, what="LPIPS weights")
         return cls(_read_state_dict(weights))
+
+    @classmethod
+    def for_training(cls, path: str | os.PathLike[str] | None, key: str) -> LPIPS:
+        """`from_pretrained` for a loss term: missing weights are one line naming the config `key`."""
+        try:
+            return cls.from_pretrained(path)
+        except FileNotFoundError as err:
+            raise UserError(f"{key}: {err}") from None
 
     @classmethod
     def from_torchvision_and_lpips(

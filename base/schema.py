@@ -13,7 +13,7 @@ from typing import Optional
 from .config import check
 from .tracking import TRACKERS
 
-__all__ = ["DataConfig", "DistributedConfig", "MAX_DEPTH", "SamplingConfig", "SamplingOverrides", "TrainConfig",
+__all__ = ["DataConfig", "DistributedConfig", "MAX_DEPTH", "SamplingConfig", "SamplingOverrides",
            "TrainLoopConfig"]
 
 # Sanity bound on model sizes, so a hostile or mistyped config cannot make a build loop (the total size of a
@@ -126,20 +126,6 @@ class TrainLoopConfig:
         for key in ("eval_every", "eval_batch_size", "checkpoint_every", "log_every"):
             check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
         check(set(self.trackers) <= set(TRACKERS), f"trackers' must be some of {list(TRACKERS)}", self.trackers)
-
-
-@dataclass
-class TrainConfig(TrainLoopConfig):
-    """The tokenizer's training (`train`)."""
-
-    ema_decay: float = 0.999
-    activation_checkpointing: bool = False  # recompute transformer / residual blocks in backward
-    compile: bool = False  # torch.compile the training forward (pays off only on long runs: see RESULTS.md)
-    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA, fp32 on CPU)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(0.0 <= self.ema_decay < 1.0, "ema_decay' must be in [0, 1)", self.ema_decay)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A teacher is any saved model of this project (Hub format, `base.hub.load_model`) whose class implements
 `Teacher.patch_features`: images [B, 3, H, W] in [-1, 1] -> a feature map [B, C, h, w]. Its class must be
 registered by a package the tokenizer stage imports (`base`, `grid`, `flextok`): a grid autoencoder and the
-dataset classifier (`base.classifier`; the evaluation trains one per dataset) qualify. A student's features, projected to C channels, are pulled toward the teacher's features of the
+dataset classifier (`base.classifier`; the evaluation trains one per dataset) qualify. A student's features,
+projected to C channels, are pulled toward the teacher's features of the
 clean image by `alignment_loss` (1 - cosine similarity per patch, averaged). No pretrained foreign network is
 involved: `repa.teacher` is a model saved by this project (a folder, or `hf:owner/name`).
 """

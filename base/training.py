@@ -18,6 +18,7 @@ import dataclasses
 import json
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -93,6 +94,8 @@ def read_pointer(checkpoint_dir: Path) -> dict[str, Any] | None:
         pointer = json.loads(path.read_text())
     except json.JSONDecodeError as err:  # only ever replaced atomically, so this is outside damage
         raise UserError(f"{path}: unreadable checkpoint pointer ({err})") from None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("tag"), str):
+        raise UserError(f"{path}: not a checkpoint pointer (no 'tag')")
     if not (checkpoint_dir / pointer["tag"]).is_dir():
         raise UserError(f"{path} names checkpoint {pointer['tag']}, which is missing")
     return pointer
@@ -189,7 +192,7 @@ class TorchBackend:
             return
         state = {"objective": self.objective.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "world_size": self.world_size, **client_state}
+                 **client_state}
         (checkpoint_dir / tag).mkdir(parents=True, exist_ok=True)
         atomic_write(checkpoint_dir / tag / self.STATE, lambda tmp: torch.save(state, tmp))
 
@@ -238,6 +241,7 @@ class Trainer:
         if device.type == "cpu":
             torch.set_num_threads(dist.threads_per_rank(loop.threads))
         self.step, self.last_eval, self.trackers = 0, {}, None
+        self.interrupted, self.stop_agreed, self.saved_step = False, False, None
 
     def join(self, timeout_minutes: float) -> tuple[int, int]:
         """Join the launcher's process group; returns (rank, world_size)."""
@@ -249,7 +253,7 @@ class Trainer:
         client = {}
         if self.pointer is not None:
             client = self.backend.load(self.checkpoint_dir, self.pointer["tag"])
-            self.step = int(client["step"])
+            self.step = self.saved_step = int(client["step"])
             restore_rng_state(client["rng"])
         if self.rank == 0:
             remove_stale_tags(self.checkpoint_dir, keep=self.pointer["tag"] if self.pointer else None)
@@ -277,21 +281,37 @@ class Trainer:
 
     # the loop
     def train(self) -> Path | None:
-        """Train to `steps`; rank 0 returns the exported model's folder (other ranks: None)."""
+        """Train to `steps`; rank 0 returns the exported model's folder (other ranks: None).
+
+        Ctrl-C (SIGINT) stops at the end of the step under way, on every rank at the same step: the step is
+        finished and saved, then KeyboardInterrupt is raised. A second Ctrl-C aborts at once without saving
+        (the last checkpoint stays the latest): a save in the middle of a step would record half of it."""
         bar = tqdm(total=self.loop.steps, initial=self.step, desc=self.cfg.name, unit="step", dynamic_ncols=True,
                    disable=self.rank != 0)
+        previous = self._catch_interrupts()
         try:
             self._loop(bar)
             return self.export() if self.rank == 0 else None
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            if self.rank == 0:
-                print(f"\ninterrupted: saved step {self.step} to {self.checkpoint_dir}; continue with --resume")
-            raise
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
             bar.close()
             if self.trackers is not None:
                 self.trackers.close()
+
+    def _catch_interrupts(self):
+        """Install the SIGINT handler (main thread only); returns the handler it replaces, or None."""
+        def stop_after_this_step(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            if self.rank == 0:
+                print("\ninterrupt: finishing this step, then saving (Ctrl-C again aborts without saving)")
+
+        try:
+            return signal.signal(signal.SIGINT, stop_after_this_step)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
+            return None
 
     def _loop(self, bar: tqdm) -> None:
         counted, seconds = 0.0, 0.0  # throughput of training steps alone (no evaluation, samples, saves)
@@ -311,6 +331,11 @@ class Trainer:
                 self._evaluate()
             if self.due(self.loop.checkpoint_every):
                 self.save_checkpoint()
+            if self.stop_agreed:
+                self.save_checkpoint()
+                if self.rank == 0:
+                    print(f"interrupted: saved step {self.step} to {self.checkpoint_dir}; continue with --resume")
+                raise KeyboardInterrupt
 
     def train_step(self, micro_batches: list) -> dict[str, float] | None:
         """One optimizer step over this rank's micro-batches (gradients averaged over all of them and over
@@ -327,7 +352,10 @@ class Trainer:
             loss_sum += loss / micros
             for key, value in logs.items():
                 logs_sum[key] = logs_sum.get(key, 0.0) + value / micros
-        loss_total, count = dist.all_reduce_sum([loss_sum, float(sum(counts))], self.device)
+        # the interrupt flag rides on the step's one all-reduce, so every rank stops after the same step
+        loss_total, count, stops = dist.all_reduce_sum([loss_sum, float(sum(counts)), float(self.interrupted)],
+                                                       self.device)
+        self.stop_agreed = stops > 0
         loss = loss_total / self.world_size
         check_finite("loss", loss, self.step, self.checkpoint_dir)  # the same value on every rank
         grad_norm = self.backend.step(self.step)
@@ -356,6 +384,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Every rank writes its part of tag step_XXXXXXXX; then rank 0 moves the pointer to it and deletes
         older tags."""
+        if self.saved_step == self.step:  # never rewrite the checkpoint the pointer names
+            return
         tag = f"step_{self.step:08d}"
         client = {"step": self.step, "rng": rng_state(), **self.client_state()}
         self.backend.save(self.checkpoint_dir, tag, client)
@@ -365,6 +395,7 @@ class Trainer:
             pointer = {"tag": tag, "step": self.step, "kind": self.kind, **strings}
             atomic_write_text(self.checkpoint_dir / POINTER, json.dumps(pointer, indent=2))
             remove_stale_tags(self.checkpoint_dir, keep=tag)
+        self.saved_step = self.step
 
 
 def launch(make: Callable[[], Trainer], local_rank: int = -1) -> int:

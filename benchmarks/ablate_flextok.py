@@ -37,15 +37,13 @@ from flextok.schema import TokenizerRunConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def train(config: str, autoencoder: str, out: Path, name: str, steps: int, overrides: list[str]) -> float:
-    """Train one variant in its own process; returns its wall-clock seconds (0 when reused)."""
+def train(config: str, out: Path, name: str, steps: int, overrides: list[str]) -> float:
+    """Train one variant of any tokenizer family (`overrides` choose it) in its own `train_tokenizer.py`
+    process into OUT/NAME; returns its wall-clock seconds (0 when OUT/NAME/final exists and is reused)."""
     if (out / name / "final").exists():
         return 0.0
-    if Path(autoencoder).exists():  # a local folder (else a hub id hf:owner/name)
-        autoencoder = str(Path(autoencoder).resolve())
     command = [sys.executable, str(ROOT / "train_tokenizer.py"), "--config", str(Path(config).resolve()),
-               f"name={name}", f"out_dir={out}", "tokenizer=flextok", f"flextok.autoencoder={autoencoder}",
-               f"train.steps={steps}", f"train.eval_every={steps}", *overrides]
+               f"name={name}", f"out_dir={out}", f"train.steps={steps}", f"train.eval_every={steps}", *overrides]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:  # the trainer's progress bar and lines
@@ -101,11 +99,14 @@ def main() -> None:
           f"{matmul_gflops():.1f} GFLOP/s")
     cfg = load_config(args.config, cls=TokenizerRunConfig, within=ExperimentConfig)
     images = load_images(cfg.data, cfg.data.eval_split, limit=args.images).images
+    autoencoder = args.autoencoder  # a local folder (else a hub id hf:owner/name)
+    autoencoder = str(Path(autoencoder).resolve()) if Path(autoencoder).exists() else autoencoder
     rows = []
     for spec in args.variant:
         name, _, rest = spec.partition(":")
         overrides = [o for o in rest.split(";") if o]
-        seconds = train(args.config, args.autoencoder, args.out, name, args.steps, overrides)
+        seconds = train(args.config, args.out, name, args.steps,
+                        ["tokenizer=flextok", f"flextok.autoencoder={autoencoder}", *overrides])
         model = FlexTok.from_pretrained(args.out / name / "final").eval()
         per_k = mean_psnr_per_k(model, images)
         trained = (f"trained {seconds:.0f} s ({args.steps * cfg.train.batch_size / seconds:.0f} img/s)" if seconds

@@ -15,7 +15,7 @@ import torch
 from machine import matmul_gflops
 
 from base.config import load_config
-from evaluation import run_evaluation
+from evaluation.run import run_evaluation
 from evaluation.schema import ExperimentConfig
 
 

@@ -81,7 +81,8 @@ class ImageCodec:
 
     @classmethod
     def open(cls, prior: str | Path, tokenizer: str | Path | None = None, device: str = "cpu") -> ImageCodec:
-        """Load a saved prior (folder, or hf:owner/name), its tokenizer (default: the one its config names) and BPE codec."""
+        """Load a saved prior (folder, or hf:owner/name), its tokenizer (default: the one its config names)
+        and BPE codec."""
         loaded = load_prior(prior)
         tokenizer = tokenizer or loaded.config.tokenizer
         if not tokenizer:

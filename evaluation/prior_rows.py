@@ -88,7 +88,7 @@ def prefix_lengths(tested: PriorUnderTest) -> list[int]:
 @torch.no_grad()
 def nll_record(tested: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
     """Held-out bits per image under the null condition (held-out images may belong to unseen classes), and
-    for ordered 1D streams the bits of each prefix k (`prefix_lengths`).
+    for ordered 1D streams the bits of each prefix k (`prefix_lengths`) and of each position.
 
     A flow prior has no discrete likelihood: its fixed-noise validation loss is reported instead."""
     data = build_token_dataset(tested.tokenizer, tested.prior.config, ctx.cfg.data, ctx.cfg.data.eval_split,
@@ -96,21 +96,23 @@ def nll_record(tested: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
                                device=ctx.device, progress=False)
     flow = isinstance(tested.prior, FlowPrior)
     ks = prefix_lengths(tested)
-    values, prefixes = [], []
+    values, positions = [], []
     for start in range(0, len(data), ctx.settings.batch_size):
         batch = data.batch(np.arange(start, min(start + ctx.settings.batch_size, len(data))))
         inputs = {k: v.to(ctx.device) for k, v in batch.items() if k != "labels"}
         if flow:
             values.append(tested.prior.validation_loss(**inputs, seed=ctx.cfg.seed))
-        elif ks:  # one pass for both: the last prefix is the whole fixed-length sequence
-            prefixes.append(tested.prior.prefix_nll_bits(inputs["tokens"], ks))
-            values.append(prefixes[-1][:, -1])
+        elif ks:  # one pass for all three: per position, its prefix sums, and the whole sequence's sum
+            positions.append(tested.prior.position_nll_bits(inputs["tokens"]))
+            values.append(positions[-1].sum(1))
         else:
             values.append(tested.prior.nll_bits(**inputs))
     mean = torch.cat(values).mean().item()
-    prefix_bits = dict(zip(map(str, ks), torch.cat(prefixes).mean(0).tolist())) if ks else None
+    position_bits = torch.cat(positions).mean(0) if ks else None
+    prefix_bits = dict(zip(map(str, ks), position_bits.cumsum(0)[[k - 1 for k in ks]].tolist())) if ks else None
     return {"nll_bits_per_image": None if flow else mean, "flow_val_loss": mean if flow else None,
-            "nll_prefix_bits": prefix_bits, "nll_images": len(data), "tokens_per_image": float(data.lengths.mean())}
+            "nll_prefix_bits": prefix_bits, "nll_position_bits": None if position_bits is None else
+            position_bits.tolist(), "nll_images": len(data), "tokens_per_image": float(data.lengths.mean())}
 
 
 class Sampling:
@@ -152,8 +154,9 @@ def evaluate_prior(entry: EvalPriorConfig, ctx: EvalContext) -> tuple[PriorRow, 
     sampling = Sampling(tested, sampler, ctx)
     gfid_inputs = {**base, "sampler": sampler, "backbone": ctx.backbone.name, "reference": ctx.reference_key,
                    "timed_on": {"device": str(ctx.device), "threads": torch.get_num_threads()}}  # images/s is measured
+    # "positions" keys nll records anew: older ones lack the per-position bits
     nll_inputs = {**base, "metric": "nll", "prefixes": prefix_lengths(tested), "held_out": ctx.held_out_key,
-                  "data": data_settings(ctx.cfg.data)}
+                  "data": data_settings(ctx.cfg.data), "positions": True}
     nll, nll_fresh = ctx.cache.record(nll_inputs, lambda: nll_record(tested, ctx))
     gfid, gfid_fresh = ctx.cache.record({**gfid_inputs, "metric": "gfid"}, sampling.record)
     count = min(SAMPLE_PREVIEW, sampler.samples)

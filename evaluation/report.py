@@ -22,11 +22,13 @@ from .plots import (
     plot_codec_rate_distortion,
     plot_generation,
     plot_modelability,
+    plot_tail,
     plot_tradeoff,
     save_codec_examples,
     save_reconstruction_grid,
 )
 from .rows import CodecRow, EvaluationResult, PriorRow, SamplerSettings, TokenizerRow
+from .tail import TailDiagnostics, csv_rows, group_means, position_groups, tail_diagnostics
 
 __all__ = ["summary_markdown", "write_report"]
 
@@ -61,6 +63,10 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
         paths.append(plot_generation(result.prior_rows, backbone, directory / "generation.png"))
         if rows and any(r.nll_bits_per_image is not None for r in result.prior_rows):
             paths.append(plot_modelability(result, directory / "modelability.png"))
+    tails = tail_diagnostics(result)
+    if tails:
+        paths.append(atomic_write_text(directory / "tail.csv", _tail_csv_text(tails)))
+        paths.append(plot_tail(tails, directory / "tail.png"))
     if result.codec_rows:
         paths.append(atomic_write_text(directory / "codec.csv", _codec_csv_text(result)))
         paths.append(plot_codec_rate_distortion(result.codec_rows, backbone, result.codec_meta["tile"],
@@ -78,8 +84,10 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
 
 def _json_report(result: EvaluationResult) -> dict[str, Any]:
     rows = lambda items: [dataclasses.asdict(item) for item in items]  # noqa: E731
-    return {"meta": result.meta, "tokenizers": rows(result.tokenizer_rows), "priors": rows(result.prior_rows),
-            "codec": {**result.codec_meta, "rows": rows(result.codec_rows)}, "errors": rows(result.errors)}
+    tokenizers = [{k: v for k, v in row.items() if k != "psnr_per_image"} for row in rows(result.tokenizer_rows)]
+    return {"meta": result.meta, "tokenizers": tokenizers, "priors": rows(result.prior_rows),
+            "codec": {**result.codec_meta, "rows": rows(result.codec_rows)}, "errors": rows(result.errors),
+            "tail": rows(tail_diagnostics(result))}
 
 
 def _csv_text(result: EvaluationResult) -> str:
@@ -89,6 +97,19 @@ def _csv_text(result: EvaluationResult) -> str:
     writer.writeheader()
     writer.writerows(row.flat() for row in result.tokenizer_rows)
     writer.writerows(dataclasses.asdict(e) for e in result.errors if e.kind == "tokenizer")
+    return buffer.getvalue()
+
+
+TAIL_CSV_COLUMNS = ("tokenizer", "quantity", "source", "position", "k", "next_k", "value", "ci_low", "ci_high")
+
+
+def _tail_csv_text(tails: list[TailDiagnostics]) -> str:
+    """Long format: per tokenizer, one row per position and quantity (code entropy, each prior's bits), one
+    per prefix step and decoding (PSNR gained)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, TAIL_CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(row for tail in tails for row in csv_rows(tail))
     return buffer.getvalue()
 
 
@@ -250,6 +271,41 @@ def _codec_section(result: EvaluationResult) -> list[str]:
                     "Plots: `codec_rate_distortion.png`, `codec_examples.png`; all columns in `codec.csv`.", ""]
 
 
+def _tail_table(tail: TailDiagnostics) -> str:
+    """One row per prefix step k -> 2k: the positions it adds, the PSNR it gains per decoding, and those
+    positions' code entropy and prior bits (each averaged over the positions)."""
+    decodings = list(dict.fromkeys(d.decoding for d in tail.doublings))
+    gains = {(d.decoding, d.k, d.next_k): d for d in tail.doublings}
+    header = ["step", "positions", *[f"dB gained, {d} [95% CI]" for d in decodings]]
+    columns = ([["code entropy bits/position", tail.code_entropy_bits]] if tail.code_entropy_bits else [])
+    columns += [[f"`{prior}` bits/position", bits] for prior, bits in tail.prior_bits.items()]
+    header += [name for name, _ in columns]
+    means = [group_means(values, tail.registers) for _, values in columns]
+    body = []
+    for i, (first, last) in enumerate(position_groups(tail.registers)):
+        cells = ["k = 1" if first == 1 else f"{first - 1} → {last}", str(first) if first == last else f"{first}–{last}"]
+        for decoding in decodings:
+            d = gains.get((decoding, first - 1, last))
+            cells.append("—" if d is None else f"{d.gain_db:+.2f} [{d.gain_ci[0]:+.2f}, {d.gain_ci[1]:+.2f}]")
+        body.append(cells + [f"{values[i]:.2f}" for values in means])
+    return _table(header, body)
+
+
+def _tail_section(tails: list[TailDiagnostics]) -> list[str]:
+    lines = ["## Tail diagnostics", "",
+             "What each further register of a 1D tokenizer buys and costs on the held-out images. Per step k → 2k: "
+             "the PSNR gained (mean over images; 95% paired bootstrap interval, both rows' per-image PSNRs "
+             "resampled together), and for the positions the step adds, their plug-in code entropy (each "
+             "position's histogram of held-out codes) and each prior's held-out bits, averaged over those "
+             "positions. Every position's values: `report.json` (`tail`) and `tail.csv`; plot: `tail.png`.", ""]
+    for tail in tails:
+        lines += [f"### `{tail.tokenizer}`", "",
+                  f"{tail.registers} registers, {tail.vocab_size} codes (log2 V = {tail.codebook_bits:.2f} bits); "
+                  f"from {tail.images} held-out images a plug-in entropy shows at most "
+                  f"{tail.entropy_ceiling_bits:.2f} bits.", "", _tail_table(tail), ""]
+    return lines
+
+
 def _lpips_line(lpips: dict[str, str] | None) -> str:
     if lpips is None:
         return "- LPIPS: not measured (no local weights: set FLEXTOK_LPIPS_WEIGHTS or eval.lpips_weights)."
@@ -302,6 +358,9 @@ def summary_markdown(result: EvaluationResult) -> str:
             lines += ["An ordered 1D stream can stop after any k tokens. Its prior's bits for the first k tokens "
                       "(the prior's exact marginal likelihood of the prefix, no length code: k is the operating "
                       "point) against the reconstruction from those k tokens:", "", prefixes, ""]
+    tails = tail_diagnostics(result)
+    if tails:
+        lines += _tail_section(tails)
     if result.codec_rows:
         lines += _codec_section(result)
     if result.errors:

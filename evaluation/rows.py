@@ -50,6 +50,8 @@ class TokenizerRow:
     lpips: Optional[float] = None
     target_met: Optional[float] = None  # adaptive rows: share of images that reached the target PSNR
     length_counts: Optional[dict[str, int]] = None  # adaptive rows: images per chosen length
+    psnr_per_image: Optional[list[float]] = None  # for paired comparisons of rows; left out of report.json
+    code_entropy_bits: Optional[list[float]] = None  # 1D k = R rows: each position's held-out code entropy
     computed: list[str] = field(default_factory=list)  # metrics computed in this run (the rest came from cache)
 
     @property
@@ -58,7 +60,7 @@ class TokenizerRow:
 
     def flat(self) -> dict[str, Any]:
         """The row as one level of columns (the decoder's settings as decoder_steps, decoder_guidance_scale)."""
-        nested = ("decoder", "psnr_ci", "ssim_ci", "length_counts")
+        nested = ("decoder", "psnr_ci", "ssim_ci", "length_counts", "psnr_per_image", "code_entropy_bits")
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in nested}
         for metric in ("psnr", "ssim"):
             out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = getattr(self, f"{metric}_ci")
@@ -108,6 +110,7 @@ class PriorRow:
     gkid_std: float
     sampling_seconds: float
     sampling_images_per_s: float
+    nll_position_bits: Optional[list[float]] = None  # ordered 1D streams: held-out bits of each position
     computed: list[str] = field(default_factory=list)
 
 

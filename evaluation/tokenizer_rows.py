@@ -29,6 +29,7 @@ from .frechet import compute_feature_stats, fid_from_stats
 from .kid import kernel_inception_distance
 from .rows import TokenizerRow
 from .schema import EvalConfig, EvalTokenizerConfig
+from .tail import code_entropy_bits
 
 __all__ = ["Mode", "TokenizerUnderTest", "base_family", "check_resolution", "decoder_sampling", "evaluate_mode",
            "open_tokenizer"]
@@ -269,9 +270,17 @@ def bpe_counts(tested: TokenizerUnderTest, sequences: list[torch.Tensor]) -> np.
 def quality_record(metric: Callable, name: str, rec: Reconstruction, originals: torch.Tensor) -> dict[str, Any]:
     values = metric(rec.images, originals)
     record = {name: values.mean().item(), f"{name}_ci": list(bootstrap_interval(values.double().numpy()))}
+    if name == "psnr":  # kept per image so that rows can be compared paired (`tail.doublings`)
+        record["psnr_per_image"] = values.tolist()
     if name == "psnr" and rec.mode.target_psnr is not None:  # how often the adaptive target was reached
         record["target_met"] = (values >= rec.mode.target_psnr).float().mean().item()
     return record
+
+
+def entropy_record(rec: Reconstruction) -> dict[str, Any]:
+    """Each register position's plug-in code entropy over the held-out images (the tokens the rows decode)."""
+    codes = np.stack([t.cpu().numpy() for batch in rec.tokens for t in batch])
+    return {"code_entropy_bits": code_entropy_bits(codes)}
 
 
 @torch.no_grad()
@@ -297,12 +306,15 @@ def evaluate_mode(tested: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> t
     rec = Reconstruction(tested, mode, ctx)
     jobs: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = {
         "rate": ({"bpe": tested.codec_fingerprint}, lambda: rate_record(tested, mode, rec.tokens)),
-        "psnr": ({}, lambda: quality_record(psnr, "psnr", rec, originals)),
+        # "per_image" keys psnr records anew: older ones lack the per-image values
+        "psnr": ({"per_image": True}, lambda: quality_record(psnr, "psnr", rec, originals)),
         "ssim": ({}, lambda: quality_record(ssim, "ssim", rec, originals)),
         "rfid": ({"backbone": ctx.backbone.name}, lambda: rfid_record(rec, ctx)),
     }
     if ctx.lpips is not None:
         jobs["lpips"] = ({"lpips_weights": ctx.lpips[1]}, lambda: lpips_record(rec, ctx))
+    if tested.prefix_lengths and mode.k == tested.prefix_lengths[-1] and not mode.mean:  # all R positions, once
+        jobs["code_entropy"] = ({}, lambda: entropy_record(rec))
     values, computed = {}, []
     for metric, (extra, compute) in jobs.items():
         value, fresh = ctx.cache.record({**base, **extra, "metric": metric}, compute)

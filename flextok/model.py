@@ -362,10 +362,7 @@ class FlexTokObjective(nn.Module):
     def _load_lpips(self) -> nn.Module:
         from base.lpips import LPIPS
 
-        try:
-            return LPIPS.from_pretrained(self.pixel_cfg.lpips_weights)
-        except FileNotFoundError as err:
-            raise UserError(f"pixel_loss.lpips_weights: {err}") from None
+        return LPIPS.for_training(self.pixel_cfg.lpips_weights, "pixel_loss.lpips_weights")
 
     def _build_joint_prior(self) -> JointPrior:
         m, cfg = self.model, self.prior_cfg

@@ -14,7 +14,7 @@ from base.schema import (
     DataConfig,
     DistributedConfig,
     SamplingConfig,
-    TrainConfig,
+    TrainLoopConfig,
 )
 from grid.schema import (
     EquivarianceConfig,
@@ -24,7 +24,7 @@ from grid.schema import (
     RepaConfig,
 )
 
-__all__ = ["FlexTokConfig", "PixelLossConfig", "PriorLossConfig", "TokenizerRunConfig"]
+__all__ = ["FlexTokConfig", "TrainConfig", "PixelLossConfig", "PriorLossConfig", "TokenizerRunConfig"]
 
 
 @dataclass
@@ -121,6 +121,20 @@ class PriorLossConfig:
         check(self.dim > 0 and self.heads > 0 and self.dim % self.heads == 0,
               "dim' must be positive and divisible by heads", self.dim)
         check(1 <= self.depth <= MAX_DEPTH, f"depth' must be in 1..{MAX_DEPTH}", self.depth)
+
+
+@dataclass
+class TrainConfig(TrainLoopConfig):
+    """The tokenizer's training (`train`)."""
+
+    ema_decay: float = 0.999
+    activation_checkpointing: bool = False  # recompute transformer / residual blocks in backward
+    compile: bool = False  # torch.compile the training forward (pays off only on long runs: see RESULTS.md)
+    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA, fp32 on CPU)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay' must be in [0, 1)", self.ema_decay)
 
 
 @dataclass

@@ -83,7 +83,7 @@ class GridObjective(nn.Module):
     def _load_lpips(loss: LossConfig) -> nn.Module:
         from base.lpips import LPIPS
 
-        return LPIPS.from_pretrained(loss.lpips_weights)  # None: FLEXTOK_LPIPS_WEIGHTS, else a how-to error
+        return LPIPS.for_training(loss.lpips_weights, "loss.lpips_weights")  # None: $FLEXTOK_LPIPS_WEIGHTS
 
     def _check_equivariance(self) -> list[SpatialTransform]:
         if self.cfg.l1 <= 0 and self.cfg.l2 <= 0:

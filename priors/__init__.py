@@ -1,7 +1,7 @@
 """LLM-style priors over image tokens: a GPT over token ids, a rectified-flow prior over KL latents,
 cached token datasets, fast guided sampling, and DeepSpeed training (`train_prior.py`).
 
-Importing the package registers both prior models for `flextok.load_model`."""
+Importing the package registers both prior models for `base.hub.load_model`."""
 
 from base.hub import load_model
 

@@ -228,6 +228,8 @@ class DeepSpeedBackend:
         return loss.item(), logs
 
     def step(self, step):
+        if not self.engine.was_step_applied():  # an fp16 overflow: DeepSpeed skipped the step and lowered the scale
+            return None
         grad_norm = self.engine.get_global_grad_norm()
         return None if grad_norm is None else float(grad_norm)
 

@@ -114,14 +114,18 @@ class DiscretePrior(HubMixin, nn.Module):
         so this is its exact marginal likelihood of the prefix, what an entropy coder driven by it spends to send
         the first k tokens of an ordered stream (a coarse-to-fine 1D tokenizer at k tokens). Fixed-length ordered
         streams only: token sets have no prefixes, and a variable-length stream's prefixes end at its EOS."""
-        if self.variable_length or self.token_set:
-            raise ValueError("prefix bits need a fixed-length ordered token stream (not token sets or variable "
-                             "lengths)")
         if not ks or min(ks) < 1 or max(ks) > tokens.shape[1]:
             raise ValueError(f"prefix lengths must be in 1..{tokens.shape[1]}, got {ks}")
+        return self.position_nll_bits(tokens, labels).cumsum(1)[:, [k - 1 for k in ks]]
+
+    def position_nll_bits(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Bits of each token given the ones before it: [B, L], summing to the bits of the whole sequence.
+        Fixed-length ordered streams only (position i means the same register in every image)."""
+        if self.variable_length or self.token_set:
+            raise ValueError("per-position bits need a fixed-length ordered token stream (not token sets or "
+                             "variable lengths)")
         inputs, targets = self._inputs_and_targets(tokens, self.condition_ids(labels, len(tokens)), None)
-        cumulative = self._token_nll(inputs, targets).cumsum(1) / math.log(2)
-        return cumulative[:, [k - 1 for k in ks]]
+        return self._token_nll(inputs, targets) / math.log(2)
 
     def _token_nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy [B, L] (0 at ignored targets), with the output head applied in chunks.

@@ -134,7 +134,8 @@ def prior_plan(cfg: PriorRunConfig, hw: Hardware, deepspeed_json: str | None = N
     engine = engine_settings(cfg, hw, deepspeed_json)
     planned = planned_prior(cfg)
     t, seq = cfg.prior_train, sequence_length(planned.spec)
-    sequences, micro = t.batch_size, micro_batch_size(t.batch_size, hw.gpus, t.grad_accumulation, "prior_train.batch_size")
+    sequences = t.batch_size
+    micro = micro_batch_size(t.batch_size, hw.gpus, t.grad_accumulation, "prior_train.batch_size")
     title = (f"plan: train_prior.py, run '{cfg.prior_train.run_name or cfg.name}' ({cfg.prior.kind} prior, "
              f"tokens: {cfg.prior.tokens}) on {hw.gpus} GPU(s); nothing is trained or written")
     batch = [f"batch: prior_train.batch_size = {sequences:,} sequences per optimizer step = {micro} per GPU x "

@@ -23,6 +23,7 @@ from base.lpips import LPIPS, LPIPS_WEIGHTS_ENV, lpips_state_dict_shapes
 from base.schema import DataConfig, SamplingConfig
 from bpe_image import BPECodec
 from evaluation.schema import ExperimentConfig
+from evaluation.tail import code_entropy_bits
 from flextok import FlexTok
 from flextok.schema import FlexTokConfig
 from grid.autoencoder import GridAutoencoder
@@ -155,6 +156,12 @@ def test_report_files_schema_and_error_rows(first_run):
                  "samples_prior_kl", "generation", "modelability", "adaptive_lengths"):
         with Image.open(directory / f"{name}.png") as png:
             assert png.width > 100 and png.height > 50, name
+    with Image.open(directory / "reconstructions.png") as png:  # 16 px images in 64 px cells, 2 px apart
+        grid = np.asarray(png.convert("L"))
+    columns = (grid.shape[1] - 2) // 66
+    assert columns == 4 + 2 + 1  # oned at k = 1..8, vq and kl, the original
+    # no column title reaches into the gaps between columns
+    assert (grid[:, [66 * j + d for j in range(1, columns) for d in range(2)]] == 255).all()
 
     rows = rows_by_key(report)
     ks = ["k=1", "k=2", "k=4", "k=8"]
@@ -246,6 +253,43 @@ def test_bits_per_image_per_family(artifacts, first_run):
     count = np.mean([len(codec_2d.encode(g.reshape(4, 4).numpy())) for g in models["vq"].tokenize(held_out)])
     assert rows[("vq+bpe", "all")]["bits_per_image"] == pytest.approx(count * math.log2(codec_2d.vocab_size))
     assert rows[("vq+bpe", "all")]["tokens_per_image"] < 16  # merges happened: the count is post-BPE
+
+
+def test_tail_diagnostics_of_the_1d_tokenizer(artifacts, first_run):
+    """One tail per 1D tokenizer (not its BPE entry): R code entropies (those of the held-out codes), a PSNR
+    gain per prefix step and decoding matching the rows, the prior's bits per position summing to its bits
+    per image; in report.json, tail.csv, tail.png and the summary."""
+    root, models = artifacts
+    config, _, report = first_run
+    (tail,) = report["tail"]
+    assert (tail["tokenizer"], tail["registers"], tail["vocab_size"], tail["images"]) == ("oned", 8, 40, NUM_IMAGES)
+    assert tail["entropy_ceiling_bits"] == pytest.approx(math.log2(NUM_IMAGES))  # 8 images < 40 codes
+    codes = torch.stack(models["oned"].tokenize(images("test")[:NUM_IMAGES])).numpy()
+    assert tail["code_entropy_bits"] == pytest.approx(code_entropy_bits(codes))
+    rows = rows_by_key(report)
+    steps = [(d["decoding"], d["k"], d["next_k"]) for d in tail["doublings"]]
+    assert steps == [(dec, k, 2 * k) for dec in ("sample", "mean") for k in (1, 2, 4)]
+    for d in tail["doublings"]:
+        suffix = " mean" if d["decoding"] == "mean" else ""
+        gain = rows[("oned", f"k={d['next_k']}{suffix}")]["psnr"] - rows[("oned", f"k={d['k']}{suffix}")]["psnr"]
+        assert d["gain_db"] == pytest.approx(gain, abs=1e-4) and d["images"] == NUM_IMAGES
+        assert d["gain_ci"][0] <= d["gain_db"] <= d["gain_ci"][1]
+    prior_bits = tail["prior_bits"]["prior_1d"]
+    assert list(tail["prior_bits"]) == ["prior_1d"] and len(prior_bits) == 8 and min(prior_bits) > 0
+    prior = next(p for p in report["priors"] if p["name"] == "prior_1d")
+    assert sum(prior_bits) == pytest.approx(prior["nll_bits_per_image"], rel=1e-5)
+    assert all("psnr_per_image" not in r for r in report["tokenizers"])  # kept in the rows, not in the JSON
+
+    directory = load_config(config, cls=ExperimentConfig).run_dir / "report"
+    with open(directory / "tail.csv") as f:
+        quantities = [r["quantity"] for r in csv.DictReader(f)]
+    assert quantities == ["code_entropy_bits"] * 8 + ["prior_bits"] * 8 + ["psnr_gain_db"] * 6
+    with Image.open(directory / "tail.png") as png:
+        assert png.width > 100 and png.height > 50
+    section = (directory / "summary.md").read_text().split("## Tail diagnostics")[1].split("\n## ")[0]
+    assert "### `oned`" in section and "`prior_1d` bits/position" in section and "oned+bpe" not in section
+    assert [line.split(" | ")[1] for line in section.splitlines() if line.startswith("| ")][1:] == \
+        ["1", "2", "3–4", "5–8"]
 
 
 def test_second_run_recomputes_nothing(first_run, monkeypatch):

@@ -148,3 +148,10 @@ def test_resolve_local_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         resolve_local_weights(None, env_var, message, what="demo")
     with pytest.raises(FileNotFoundError, match="no file at"):
         resolve_local_weights(tmp_path, env_var, message)
+
+
+def test_a_loss_term_without_weights_names_its_config_key(tmp_path: Path) -> None:
+    from base.errors import UserError
+
+    with pytest.raises(UserError, match=r"^loss\.lpips_weights: LPIPS weights not found \(no LPIPS weights file at"):
+        LPIPS.for_training(tmp_path / "absent.safetensors", "loss.lpips_weights")

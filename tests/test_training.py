@@ -1,4 +1,5 @@
 import json
+import signal
 
 import pytest
 import torch
@@ -39,9 +40,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 
     original = TokenizerTrainer.train_step
 
-    def interrupt_at_3(self, images):
+    def interrupt_at_3(self, images):  # Ctrl-C during step 4: it is finished, saved, then the run stops
         if self.step == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return original(self, images)
 
     monkeypatch.setattr(TokenizerTrainer, "train_step", interrupt_at_3)
@@ -98,9 +99,9 @@ def test_streamed_run_resumes_from_the_stream_position_in_its_checkpoint(tmp_pat
 
     original = TokenizerTrainer.train_step
 
-    def interrupt_at_3(self, images):  # step 3's batch is read, not trained on: the checkpoint is of step 3
+    def interrupt_at_3(self, images):  # Ctrl-C during step 4: the checkpoint is of step 4
         if self.step == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return original(self, images)
 
     monkeypatch.setattr(TokenizerTrainer, "train_step", interrupt_at_3)
@@ -108,8 +109,8 @@ def test_streamed_run_resumes_from_the_stream_position_in_its_checkpoint(tmp_pat
         TokenizerTrainer(config(tmp_path, "resumed", stream)).train()
     monkeypatch.setattr(TokenizerTrainer, "train_step", original)
     saved = saved_state(tmp_path / "resumed")
-    assert saved["step"] == 3 and [position["step"] for position in saved["data"]] == [3]
-    assert saved["data"][0]["consumed"] == 12  # one stream position per rank, where step 3 begins
+    assert saved["step"] == 4 and [position["step"] for position in saved["data"]] == [4]
+    assert saved["data"][0]["consumed"] == 16  # one stream position per rank, where step 4 begins
     TokenizerTrainer(config(tmp_path, "resumed", stream), resume=True).train()
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(b) == list(range(1, 7)) and a == b
