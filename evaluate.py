@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from base.cli import config_parser, exits_cleanly, load_from_args
+from base.cli import config_parser, exits_cleanly
+from base.config import load_config
 from evaluation.schema import ExperimentConfig
 
 
@@ -19,7 +20,7 @@ from evaluation.schema import ExperimentConfig
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
-    cfg = load_from_args(args, ExperimentConfig)
+    cfg = load_config(args.config, args.overrides, cls=ExperimentConfig)
     from base.config import save_config
     from evaluation.report import write_report
     from evaluation.run import run_evaluation

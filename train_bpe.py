@@ -26,8 +26,7 @@ from base.cli import exits_cleanly
 from base.config import load_config
 from base.errors import UserError
 from base.hub import ModelCardInfo
-from bpe_image import MODES, BPECodec, load_codes
-from bpe_image._backends import BACKENDS
+from bpe_image import BACKENDS, MODES, BPECodec, load_codes
 from evaluation.schema import ExperimentConfig
 from flextok import load_tokenizer
 from grid.autoencoder import GridAutoencoder

@@ -7,10 +7,9 @@ import functools
 import sys
 from typing import Callable
 
-from .config import load_config
 from .errors import UserError
 
-__all__ = ["config_parser", "exits_cleanly", "load_from_args"]
+__all__ = ["config_parser", "exits_cleanly"]
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -20,10 +19,6 @@ def config_parser(description: str) -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="section.key=value", help="override config values, e.g. train.steps=100"
     )
     return parser
-
-
-def load_from_args(args: argparse.Namespace, cls: type):
-    return load_config(args.config, args.overrides, cls=cls)
 
 
 def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:

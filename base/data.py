@@ -685,8 +685,8 @@ def _rank_stream_state(data_state: list[dict] | None, start_step: int, rank: int
     """This rank's saved stream state for a run resumed at `start_step` (None: a new run)."""
     if not data_state:
         if start_step:
-            raise UserError("checkpoint: no stream position saved with it (written before streamed runs kept "
-                            "one); a streamed run resumes only from the position its checkpoint records")
+            raise UserError("checkpoint: it records no stream position; a streamed run resumes only from the "
+                            "position its checkpoint records")
         return None
     if len(data_state) != world_size:
         raise UserError(f"checkpoint: this streamed run was saved by {len(data_state)} rank(s); resume it with "

@@ -353,7 +353,7 @@ def _tokenizer_memory(cfg: TokenizerRunConfig, parts: TokenizerParts, workloads:
             (f"activations of {micro} image(s), checkpointing", format_bytes(ckpt)),
             (f"total (train.activation_checkpointing: {str(enabled).lower()})",
              format_bytes(states.total + (ckpt if enabled else acts)))]
-    chunk = min(getattr(cfg.train, "eval_batch_size", cfg.data.eval_images), cfg.data.eval_images)
+    chunk = min(cfg.train.eval_batch_size, cfg.data.eval_images)
     evaluation = tokenizer_eval_bytes(cfg, parts, chunk)
     rows += [(f"evaluation on rank 0, {chunk} of {cfg.data.eval_images:,} held-out images at a time",
               format_bytes(evaluation)),

@@ -179,7 +179,7 @@ class PriorTrainer(Trainer):
         return path
 
     def client_state(self) -> dict[str, Any]:
-        return {"tokenizer_hash": self.train_tokens.spec.tokenizer_hash, "name": self.cfg.name}
+        return {"tokenizer_hash": self.train_tokens.spec.tokenizer_hash}
 
     def export(self) -> Path:
         """Consolidate the last checkpoint (merging ZeRO shards, fp32) into Hub format at runs/<name>/final."""
