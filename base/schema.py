@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import check
-from .tracking import TRACKERS
+from .tracking import tracker_names_problem
 
 __all__ = ["DataConfig", "DistributedConfig", "MAX_DEPTH", "SamplingConfig", "SamplingOverrides",
            "TrainLoopConfig"]
@@ -125,7 +125,8 @@ class TrainLoopConfig:
         check(self.warmup_steps >= 0, "warmup_steps' must be >= 0", self.warmup_steps)
         for key in ("eval_every", "eval_batch_size", "checkpoint_every", "log_every"):
             check(getattr(self, key) > 0, f"{key}' must be positive", getattr(self, key))
-        check(set(self.trackers) <= set(TRACKERS), f"trackers' must be some of {list(TRACKERS)}", self.trackers)
+        problem = tracker_names_problem(self.trackers)
+        check(problem is None, f"trackers': {problem}", self.trackers)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from PIL import Image
 from .errors import ConfigError, UserError
 from .files import MetricsLog
 
-__all__ = ["TRACKERS", "Trackers", "open_trackers"]
+__all__ = ["TRACKERS", "Trackers", "open_trackers", "tracker_names_problem"]
 
 TRACKERS = ("jsonl", "tensorboard", "trackio")  # the names a config's `trackers` may list
 
@@ -104,12 +104,15 @@ def _markdown_yaml(config: dict[str, Any]) -> str:
     return "    " + body.rstrip("\n").replace("\n", "\n    ")
 
 
-def _check_names(names: list[str]) -> None:
+def tracker_names_problem(names: list[str]) -> str | None:
+    """What is wrong with a `trackers` list (an unknown or repeated name), or None: the one check that both
+    the config section and `open_trackers` apply."""
     for name in names:
         if name not in TRACKERS:
-            raise ConfigError(f"trackers: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
+            return f"unknown tracker {name!r} (known: {', '.join(TRACKERS)})"
         if names.count(name) > 1:
-            raise ConfigError(f"trackers: {name!r} is listed twice")
+            return f"{name!r} is listed twice"
+    return None
 
 
 class Trackers:
@@ -143,7 +146,8 @@ def open_trackers(names: list[str], run_dir: Path, *, run_name: str, config: dic
     """Open the trackers `names` (from `TRACKERS`) for the run in `run_dir` that starts at `start_step`
     (0 for a fresh run); `config` (the resolved config as a plain dict) is logged where a tracker keeps one.
     A tracker that fails to open closes the ones opened before it."""
-    _check_names(list(names))
+    if problem := tracker_names_problem(list(names)):
+        raise ConfigError(f"trackers: {problem}")
     run_dir = Path(run_dir)
     openers = {
         "jsonl": lambda: _Jsonl(run_dir, start_step=start_step),

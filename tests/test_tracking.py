@@ -156,3 +156,15 @@ def test_tokenizer_run_writes_tensorboard_events(tmp_path):
     [grid] = reader.Images("samples")
     with Image.open(tmp_path / "tracked" / "samples" / "step_0000002.png") as written:
         assert (grid.step, grid.width, grid.height) == (2, *written.size)
+
+
+def test_a_config_with_an_unknown_or_repeated_tracker_is_one_line_naming_the_key():
+    from base.config import load_config
+    from flextok.schema import TokenizerRunConfig
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "1d_tiny.yaml"
+    for override, problem in (("train.trackers=[jsonl,jsonl]", "'jsonl' is listed twice"),
+                              ("train.trackers=[wandb]", "unknown tracker 'wandb'")):
+        with pytest.raises(ConfigError, match=rf"'train\.trackers': {problem}") as err:
+            load_config(config, [override], cls=TokenizerRunConfig)
+        assert "\n" not in str(err.value)
