@@ -38,7 +38,7 @@ from evaluation.schema import ExperimentConfig
 from flextok.schema import TokenizerRunConfig
 from priors.schema import PriorRunConfig
 
-__all__ = ["STAGE_CONFIG", "Stage", "bpe_stage", "evaluate_stage", "load_stage_config", "prior_stage", "run_stages",
+__all__ = ["STAGE_CONFIG", "Stage", "bpe_stage", "classifier_stage", "evaluate_stage", "load_stage_config", "prior_stage", "run_stages",
            "scaled", "stage_stamps", "tokenizer_stage"]
 
 ROOT = Path(__file__).resolve().parent
@@ -127,6 +127,13 @@ def prior_stage(cfg: PriorRunConfig, out: Path, name: str, steps: int, *, train_
     return Stage(name, "train_prior.py", cfg, f"{name}/final/model.safetensors",
                  launcher=["deepspeed", "--num_gpus", str(available_ranks())], scaled=("prior_train.steps",),
                  train_scale=train_scale, resumable=True)
+
+
+def classifier_stage(cfg: ExperimentConfig, out: Path, name: str) -> Stage:
+    """Train a dataset classifier (a REPA teacher) into <out>/<name>/final/."""
+    cfg = replace(cfg, out_dir=str(out), name=name)
+    return Stage(name, "train_classifier.py", cfg, f"{name}/final/model.safetensors",
+                 args=["--out", str(out / name / "final")], scaled=("eval.classifier_steps",))
 
 
 def evaluate_stage(cfg: ExperimentConfig, out: Path) -> Stage:

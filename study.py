@@ -24,6 +24,7 @@ from pipeline import (
     ROOT,
     Stage,
     bpe_stage,
+    classifier_stage,
     evaluate_stage,
     load_stage_config,
     prior_stage,
@@ -39,7 +40,7 @@ class StudyStage:
     """One stage. In `overrides`, `{stage}` stands for that earlier stage's saved model folder."""
 
     name: str = ""
-    kind: Literal["tokenizer", "bpe", "prior"] = "tokenizer"
+    kind: Literal["tokenizer", "bpe", "prior", "classifier"] = "tokenizer"  # classifier: a REPA teacher
     steps: int = 0  # train.steps (tokenizer) or prior_train.steps (prior) at full size
     overrides: list[str] = field(default_factory=list)
     tokenizer: str = ""  # bpe and prior stages: the tokenizer stage whose codes they use
@@ -59,6 +60,10 @@ class StudyConfig:
     # prior stages whose codec (`codec.ImageCodec`) the evaluation measures against JPEG and WebP
     # (eval.codec.priors); the experiment's eval.codec section says on which images and at which settings
     codec_priors: list[str] = field(default_factory=list)
+    # applied to every stage and to the evaluation before the command line's (e.g. eval.adaptive_psnr=null)
+    overrides: list[str] = field(default_factory=list)
+    # an ablation: the tokenizer stage every other one is compared with, paired over the same images (eval.baseline)
+    baseline: str = ""
 
 
 def load_study(path: Path) -> tuple[StudyConfig, Path]:
@@ -75,12 +80,15 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
         references = needed + [ref for item in s.overrides for ref in re.findall(r"{(\w+)}", item)]
         unknown = [ref for ref in references if ref not in earlier]
         check(not unknown, f"stages[{i}]' ({s.name}) refers to no earlier stage {unknown}", references)
-        check(s.kind == "bpe" or s.steps > 0, f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
+        check(s.kind in ("bpe", "classifier") or s.steps > 0, f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
         check(s.kind != "bpe" or s.vocab_size > 0, f"stages[{i}].vocab_size' must be positive", s.vocab_size)
     check(study.train_scale > 0, "train_scale' must be positive", study.train_scale)
     priors = {s.name for s in study.stages if s.kind == "prior" and s.evaluate}
     unknown = [name for name in study.codec_priors if name not in priors]
     check(not unknown, "codec_priors' must name evaluated prior stages", unknown)
+    tokenizers = {s.name for s in study.stages if s.kind == "tokenizer" and s.evaluate}
+    check(not study.baseline or study.baseline in tokenizers, "baseline' must name an evaluated tokenizer stage",
+          study.baseline)
     return study, experiment
 
 
@@ -91,6 +99,7 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
     from flextok.schema import TokenizerRunConfig
     from priors.schema import PriorRunConfig
 
+    overrides = [*study.overrides, *overrides]
     cfg = load_stage_config(experiment, overrides, cls=ExperimentConfig)
     out = Path(cfg.out_dir)
     folder = lambda name: out / name / "final"  # noqa: E731
@@ -102,6 +111,9 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
 
     stages, tokenizers, priors = [], [], []
     for s in study.stages:
+        if s.kind == "classifier":  # never a report row; its steps are eval.classifier_steps
+            stages.append(classifier_stage(stage_cfg(s, ExperimentConfig), out, s.name))
+            continue
         if s.kind == "tokenizer":
             stages.append(tokenizer_stage(stage_cfg(s, TokenizerRunConfig), out, s.name, s.steps,
                                           train_scale=study.train_scale))
@@ -120,7 +132,8 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
         if s.evaluate:
             entries.append(entry)
     codec = replace(cfg.eval.codec, priors=study.codec_priors)
-    evaluation = replace(cfg, eval=replace(cfg.eval, tokenizers=tokenizers, priors=priors, codec=codec))
+    evaluation = replace(cfg, eval=replace(cfg.eval, tokenizers=tokenizers, priors=priors, codec=codec,
+                                           baseline=study.baseline or cfg.eval.baseline))
     stages.append(evaluate_stage(evaluation, out))
     return stages, out
 

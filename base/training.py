@@ -32,14 +32,15 @@ from .config import save_config
 from .data import micro_batch_size
 from .errors import UserError
 from .files import atomic_write, atomic_write_text, refuse_existing_run
-from .runtime import check_finite
+from .runtime import check_finite, matmul_gflops
 from .schema import TrainLoopConfig
 from .tracking import open_trackers
 
-__all__ = ["POINTER", "Backend", "TorchBackend", "Trainer", "autocast", "grouped", "launch", "read_pointer",
+__all__ = ["POINTER", "TRAINING_RECORD", "Backend", "TorchBackend", "Trainer", "autocast", "grouped", "launch", "read_pointer",
            "remove_stale_tags", "restore_rng_state", "rng_state", "step_seed"]
 
 POINTER = "latest.json"  # checkpoints/latest.json names the latest complete checkpoint
+TRAINING_RECORD = "training.json"  # beside the exported model: what training cost (`Trainer.training_record`)
 
 
 def step_seed(seed: int, step: int, rank: int = 0, micro: int = 0) -> int:
@@ -241,6 +242,7 @@ class Trainer:
         if device.type == "cpu":
             torch.set_num_threads(dist.threads_per_rank(loop.threads))
         self.step, self.last_eval, self.trackers = 0, {}, None
+        self.step_seconds, self.counted = 0.0, 0.0  # the training steps' own time and units, over resumes
         self.interrupted, self.stop_agreed, self.saved_step = False, False, None
 
     def join(self, timeout_minutes: float) -> tuple[int, int]:
@@ -255,6 +257,7 @@ class Trainer:
             client = self.backend.load(self.checkpoint_dir, self.pointer["tag"])
             self.step = self.saved_step = int(client["step"])
             restore_rng_state(client["rng"])
+            self.step_seconds, self.counted = float(client.get("step_seconds", 0)), float(client.get("counted", 0))
         if self.rank == 0:
             remove_stale_tags(self.checkpoint_dir, keep=self.pointer["tag"] if self.pointer else None)
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -291,7 +294,11 @@ class Trainer:
         previous = self._catch_interrupts()
         try:
             self._loop(bar)
-            return self.export() if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            final = self.export()
+            atomic_write_text(final / TRAINING_RECORD, json.dumps(self.training_record(), indent=2))
+            return final
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -313,20 +320,29 @@ class Trainer:
         except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
             return None
 
+    def training_record(self) -> dict[str, Any]:
+        """What training cost: steps, the units (images) they used over all ranks, and the seconds of the
+        training steps alone (no evaluation, samples or saves; summed over resumes), with the machine's
+        matmul speed at the end, so that runs compare at equal compute and the time can be read."""
+        return {"steps": self.step, "batch_size": self.loop.batch_size, self.unit: self.counted,
+                "step_seconds": round(self.step_seconds, 1), f"{self.unit}_per_s": round(self.counted / max(
+                    self.step_seconds, 1e-9), 1), "matmul_gflops": round(matmul_gflops(), 1),
+                "device": str(self.device), "world_size": self.world_size}
+
     def _loop(self, bar: tqdm) -> None:
-        counted, seconds = 0.0, 0.0  # throughput of training steps alone (no evaluation, samples, saves)
         for micro_batches in self.batches(self.step):
             started = time.perf_counter()
             logs = self.train_step(micro_batches)
             self.step += 1
             if logs is None:
                 continue
-            seconds += time.perf_counter() - started
-            counted += logs.pop("count")
+            self.step_seconds += time.perf_counter() - started
+            self.counted += logs.pop("count")
+            rate = self.counted / self.step_seconds
             bar.update(1)
-            bar.set_postfix({"loss": f"{logs['loss']:.4f}", f"{self.unit}/s": f"{counted / seconds:.0f}"})
+            bar.set_postfix({"loss": f"{logs['loss']:.4f}", f"{self.unit}/s": f"{rate:.0f}"})
             if self.due(self.loop.log_every):
-                self.log({f"{self.unit}_per_s": counted / seconds, "lr": self.backend.lr(), **logs})
+                self.log({f"{self.unit}_per_s": rate, "lr": self.backend.lr(), **logs})
             if self.evaluation_due():
                 self._evaluate()
             if self.due(self.loop.checkpoint_every):
@@ -387,7 +403,8 @@ class Trainer:
         if self.saved_step == self.step:  # never rewrite the checkpoint the pointer names
             return
         tag = f"step_{self.step:08d}"
-        client = {"step": self.step, "rng": rng_state(), **self.client_state()}
+        client = {"step": self.step, "rng": rng_state(), "step_seconds": self.step_seconds, "counted": self.counted,
+                  **self.client_state()}
         self.backend.save(self.checkpoint_dir, tag, client)
         dist.barrier()  # every rank's part is on disk before the pointer names it
         if self.rank == 0:

@@ -27,6 +27,7 @@ from .frechet import FeatureExtractor, batched_features
 __all__ = [
     "DatasetClassifierFeatures",
     "dataset_classifier_key",
+    "fit_dataset_classifier",
     "train_dataset_classifier",
 ]
 
@@ -127,6 +128,28 @@ def _save_classifier(network: DatasetClassifier, path: Path, config: Mapping[str
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     metadata = {"config": json.dumps(dict(config), sort_keys=True), "key": key}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def fit_dataset_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    width: int = 32,
+    feature_dim: int = 128,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[DatasetClassifier, str]:
+    """A dataset classifier trained on `images` `[N, 3, H, W]` in [-1, 1] (H, W >= 16) and int `labels` `[N]`,
+    and the key that hashes its training inputs and config."""
+    _check_labelled_images(images, labels, num_classes)
+    config = _classifier_config(num_classes, steps, seed, batch_size, lr, width, feature_dim)
+    network = _new_classifier(config)
+    _fit_classifier(network, images, labels.long(), config, torch.device(device), progress)
+    return network, dataset_classifier_key(images, labels, config)
 
 
 def train_dataset_classifier(

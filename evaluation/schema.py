@@ -84,6 +84,8 @@ class EvalConfig:
     decoder_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     prior_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     codec: EvalCodecConfig = field(default_factory=EvalCodecConfig)
+    # a tokenizers entry every other one is compared with, paired over the same held-out images (an ablation)
+    baseline: Optional[str] = None
     gfid_samples: int = 64
     batch_size: int = 32
     grid_rows: int = 8  # held-out images shown in reconstructions.png
@@ -102,6 +104,8 @@ class EvalConfig:
             check(len(set(names)) == len(names), f"{key}' names must be unique", names)
         unknown = [name for name in self.codec.priors if name not in {p.name for p in self.priors}]
         check(not unknown, "codec.priors' must name eval.priors entries", unknown)
+        check(self.baseline is None or self.baseline in {t.name for t in self.tokenizers},
+              "baseline' must name an eval.tokenizers entry", self.baseline)
 
 
 @dataclass
