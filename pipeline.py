@@ -8,7 +8,8 @@ A stage holds the config its script reads, loaded once. At run time the stage's 
 run with `--config` on that file: what the script runs with is exactly what the stamp covers. The launcher
 stays a subprocess (torchrun and deepspeed start the ranks).
 
-A stage's folder keeps a stamp of what made it: its resolved config, its other arguments, and the stamps of
+A stage's folder keeps a stamp of what made it: its resolved config (the settings that differ from
+their defaults, `settings`), its other arguments, and the stamps of
 the earlier stages whose folders they name. A stage whose stamp changed (an edited config or command line,
 a --scale that gives other counts, a changed upstream stage) is made afresh, never reused or resumed, so a
 report never mixes models from different settings. Neither the launcher (interpreter, rank count) nor the
@@ -38,8 +39,8 @@ from evaluation.schema import ExperimentConfig
 from flextok.schema import TokenizerRunConfig
 from priors.schema import PriorRunConfig
 
-__all__ = ["STAGE_CONFIG", "Stage", "bpe_stage", "classifier_stage", "evaluate_stage", "load_stage_config", "prior_stage", "run_stages",
-           "scaled", "stage_stamps", "tokenizer_stage"]
+__all__ = ["STAGE_CONFIG", "Stage", "bpe_stage", "classifier_stage", "evaluate_stage", "load_stage_config",
+           "prior_stage", "run_stages", "scaled", "settings", "stage_stamps", "tokenizer_stage"]
 
 ROOT = Path(__file__).resolve().parent
 STAMP = ".stage_stamp"  # what made the stage's folder (see the module docstring)
@@ -161,13 +162,30 @@ def _names_folder(text: str, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def settings(cfg) -> dict[str, Any]:
+    """A config's fields that differ from their defaults, sections recursively: what a stamp covers, so that a
+    new config field (at its default) leaves finished stages valid, as other code changes do."""
+    found = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            if section := settings(value):
+                found[f.name] = section
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is dataclasses.MISSING or value != default:
+            found[f.name] = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value] \
+                if isinstance(value, list) else value
+    return found
+
+
 def stage_stamps(stages: list[Stage], out: Path, scale: float) -> dict[str, str]:
     """Each stage's stamp: a digest of its script, its resolved config at `scale`, its other arguments, and
     the stamps of the earlier stages whose folders its config or arguments name."""
     stamps: dict[str, str] = {}
     folders: dict[str, Path] = {}
     for stage in stages:
-        config = dataclasses.asdict(stage.resolved(scale))
+        config = settings(stage.resolved(scale))
         texts = _strings([stage.args, config])
         reads = {name: stamps[name] for name, folder in folders.items() if any(_names_folder(t, folder) for t in texts)}
         payload = json.dumps({"script": stage.script, "config": config, "args": stage.args, "reads": reads},

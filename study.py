@@ -80,7 +80,8 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
         references = needed + [ref for item in s.overrides for ref in re.findall(r"{(\w+)}", item)]
         unknown = [ref for ref in references if ref not in earlier]
         check(not unknown, f"stages[{i}]' ({s.name}) refers to no earlier stage {unknown}", references)
-        check(s.kind in ("bpe", "classifier") or s.steps > 0, f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
+        check(s.kind in ("bpe", "classifier") or s.steps > 0,
+              f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
         check(s.kind != "bpe" or s.vocab_size > 0, f"stages[{i}].vocab_size' must be positive", s.vocab_size)
     check(study.train_scale > 0, "train_scale' must be positive", study.train_scale)
     priors = {s.name for s in study.stages if s.kind == "prior" and s.evaluate}

@@ -36,8 +36,8 @@ from .runtime import check_finite, matmul_gflops
 from .schema import TrainLoopConfig
 from .tracking import open_trackers
 
-__all__ = ["POINTER", "TRAINING_RECORD", "Backend", "TorchBackend", "Trainer", "autocast", "grouped", "launch", "read_pointer",
-           "remove_stale_tags", "restore_rng_state", "rng_state", "step_seed"]
+__all__ = ["POINTER", "TRAINING_RECORD", "Backend", "TorchBackend", "Trainer", "autocast", "grouped", "launch",
+           "read_pointer", "remove_stale_tags", "restore_rng_state", "rng_state", "step_seed"]
 
 POINTER = "latest.json"  # checkpoints/latest.json names the latest complete checkpoint
 TRAINING_RECORD = "training.json"  # beside the exported model: what training cost (`Trainer.training_record`)
@@ -325,7 +325,7 @@ class Trainer:
         training steps alone (no evaluation, samples or saves; summed over resumes), with the machine's
         matmul speed at the end, so that runs compare at equal compute and the time can be read."""
         return {"steps": self.step, "batch_size": self.loop.batch_size, self.unit: self.counted,
-                "step_seconds": round(self.step_seconds, 1), f"{self.unit}_per_s": round(self.counted / max(
+                "step_seconds": round(self.step_seconds, 3), f"{self.unit}_per_s": round(self.counted / max(
                     self.step_seconds, 1e-9), 1), "matmul_gflops": round(matmul_gflops(), 1),
                 "device": str(self.device), "world_size": self.world_size}
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from base.classifier import DatasetClassifier
 from base.data import (
     Batch,
     ImageDataset,
@@ -21,7 +22,7 @@ from base.data import (
     load_source,
     report_skipped,
 )
-from base.errors import UserError
+from base.errors import ConfigError, UserError
 from base.fingerprint import fingerprint_model
 from base.hub import load_model
 from base.lpips import LPIPS, LPIPS_WEIGHTS_ENV
@@ -30,7 +31,7 @@ from base.schema import DataConfig
 from priors import token_cache_dir
 
 from .cache import ResultCache, tensor_digest
-from .dataset_classifier import train_dataset_classifier
+from .dataset_classifier import DatasetClassifierFeatures, train_dataset_classifier
 from .frechet import FeatureExtractor, FeatureStats, compute_feature_stats
 from .inception import InceptionV3Features
 from .schema import ExperimentConfig
@@ -69,6 +70,8 @@ class EvalContext:
         self.token_memo: dict[str, list[list[torch.Tensor]]] = {}  # BPE entries reuse their tokenizer's tokens
         self.prefix_memo: dict[str, dict[int, torch.Tensor]] = {}  # a 1D tokenizer's prefix rows, decoded at once
         self.backbone = self._build_backbone()
+        # the same classifier at other seeds, for the spread of each FID over backbones (eval.fid_seeds)
+        self.spread_backbones = [self._trained_classifier(self.cfg.seed + i) for i in range(1, cfg.eval.fid_seeds)]
         self.lpips_weights = self.settings.lpips_weights or os.environ.get(LPIPS_WEIGHTS_ENV)
         self.lpips = self._load_lpips()
         self._models: dict[str, tuple[nn.Module, str]] = {}
@@ -87,6 +90,19 @@ class EvalContext:
         """Backbone statistics of the training subset: the real side of every gFID (priors model that data)."""
         return compute_feature_stats(self.backbone, self.train_batch.images.split(self.settings.batch_size))
 
+    @cached_property
+    def spread_stats(self) -> list[tuple[FeatureExtractor, FeatureStats, FeatureStats]]:
+        """Per spread backbone: it, its held-out statistics (rFID's real side) and its reference statistics
+        (gFID's)."""
+        split = lambda images: images.split(self.settings.batch_size)  # noqa: E731
+        return [(b, compute_feature_stats(b, split(self.held_out.images)),
+                 compute_feature_stats(b, split(self.train_batch.images))) for b in self.spread_backbones]
+
+    @property
+    def spread_key(self) -> dict[str, list[str]]:
+        """Part of every FID record's key where spread backbones exist (none: the keys stay as they were)."""
+        return {"spread": [b.name for b in self.spread_backbones]} if self.spread_backbones else {}
+
     @property
     def reference_key(self) -> dict[str, Any]:
         return {"data": data_settings(self.cfg.data), "split": self.cfg.data.train_split,
@@ -95,6 +111,11 @@ class EvalContext:
     def _build_backbone(self) -> FeatureExtractor:
         if self.settings.fid_backbone == "inception":
             return InceptionV3Features(self.settings.inception_weights, device=self.device)
+        if self.settings.fid_classifier:
+            return self._saved_classifier(self.settings.fid_classifier)
+        return self._trained_classifier(self.cfg.seed)
+
+    def _trained_classifier(self, seed: int) -> FeatureExtractor:
         images, labels = self.train_batch.images, self.train_batch.labels
         if labels.min() < 0 or len(labels.unique()) < 2:
             raise UserError(
@@ -102,7 +123,7 @@ class EvalContext:
                 f"[{self.cfg.data.train_split}] (found {sorted(set(labels.tolist()))[:5]}); use inception"
             )
         extractor = train_dataset_classifier(
-            images, labels, int(labels.max()) + 1, self.settings.classifier_steps, self.cfg.seed,
+            images, labels, int(labels.max()) + 1, self.settings.classifier_steps, seed,
             self.cache_root / "fid", device=self.device, progress=self.progress,
         )
         # the classifier is named after its training inputs, but CPU training also depends on the thread
@@ -117,24 +138,45 @@ class EvalContext:
         model = LPIPS.from_pretrained(self.lpips_weights)
         return model.to(self.device), fingerprint_model(model)
 
+    def _saved_classifier(self, reference: str) -> DatasetClassifierFeatures:
+        """A dataset classifier saved earlier, named after its weights alone: FIDs from the same weights share
+        a name (and cache records) whoever trained them."""
+        try:
+            network = load_model(reference)
+        except UserError as err:
+            raise UserError(f"eval.fid_classifier: {err}") from None
+        if not isinstance(network, DatasetClassifier):
+            raise ConfigError(f"eval.fid_classifier: {reference} holds a '{network.model_type}' model, not a "
+                              "dataset classifier (save one with train_classifier.py)")
+        fingerprint = fingerprint_model(network)[:12]
+        extractor = DatasetClassifierFeatures(network, f"saved-{fingerprint}", device=self.device)
+        extractor.name = f"dataset_classifier:weights-{fingerprint}"
+        return extractor
+
     def backbone_info(self) -> dict[str, Any]:
         """Which backbone made every FID here, and how to read it (reports state it next to the numbers)."""
-        info: dict[str, Any] = {"backbone": self.backbone.name, "kind": self.settings.fid_backbone}
+        info: dict[str, Any] = {"backbone": self.backbone.name, "kind": self.settings.fid_backbone,
+                                "spread_backbones": [b.name for b in self.spread_backbones]}
         if self.settings.fid_backbone == "inception":
             info["note"] = "standard FID features (TF-ported Inception-v3 pool3 at 299x299)"
             return info
-        labels = self.train_batch.labels
         info["note"] = ("dataset FID: features of a small classifier trained on this dataset's labels; comparable "
                         "only with FIDs from this same backbone, never with Inception FID")
+        if self.settings.fid_classifier:
+            network = self.backbone.network
+            info["classifier"] = {"saved": self.settings.fid_classifier, "classes": network.num_classes,
+                                  **self._classifier_accuracy(network.num_classes)}
+            return info
+        labels = self.train_batch.labels
         info["classifier"] = {"train_images": len(labels), "classes": int(labels.max()) + 1,
-                              "steps": self.settings.classifier_steps, **self._classifier_accuracy()}
+                              "steps": self.settings.classifier_steps,
+                              **self._classifier_accuracy(int(labels.max()) + 1)}
         return info
 
     @torch.no_grad()
-    def _classifier_accuracy(self) -> dict[str, Any]:
+    def _classifier_accuracy(self, classes: int) -> dict[str, Any]:
         """The dataset classifier's accuracy on the held-out images whose labels are among its classes (a
         held-out split of unseen classes, like the embedded photographs', has none)."""
-        classes = int(self.train_batch.labels.max()) + 1
         images, labels = self.held_out.images, self.held_out.labels
         known = (labels >= 0) & (labels < classes)
         if not bool(known.any()):

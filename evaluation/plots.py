@@ -12,11 +12,12 @@ from matplotlib.figure import Figure
 from base.files import atomic_write
 from base.visualize import save_image_grid
 
+from .ablation import Comparison
 from .rows import CodecRow, EvaluationResult, PriorRow, TokenizerRow
 from .tail import TailDiagnostics
 
-__all__ = ["modelability_figure", "plot_adaptive_lengths", "plot_codec_rate_distortion", "plot_generation",
-           "plot_modelability", "plot_tail", "plot_tradeoff", "save_codec_examples", "save_reconstruction_grid",
+__all__ = ["modelability_figure", "plot_ablation", "plot_adaptive_lengths", "plot_codec_rate_distortion",
+           "plot_generation", "plot_modelability", "plot_tail", "plot_tradeoff", "save_codec_examples", "save_reconstruction_grid",
            "tradeoff_figure"]
 
 FAMILY_COLOURS = {  # BPE variants get a related colour, a dashed line and hollow markers
@@ -341,4 +342,27 @@ def plot_tail(tails: list[TailDiagnostics], path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     figure.suptitle("Tail diagnostics: what each further register carries and buys (held-out images)")
+    return _save(figure, path)
+
+
+def plot_ablation(comparisons: list[Comparison], path: Path) -> Path:
+    """Each entry's PSNR difference from the baseline against k, with its paired 95% interval (posterior
+    means solid, samples dotted), and the baseline's zero line."""
+    figure = Figure(figsize=(8, 5.2), layout="constrained")
+    ax = figure.subplots()
+    others = [c for c in comparisons if c.effects]
+    for comparison, colour in zip(others, TAIL_COLOURS * len(others)):
+        for decoding in dict.fromkeys(e.decoding for e in comparison.effects):
+            effects = sorted((e for e in comparison.effects if e.decoding == decoding and e.k is not None),
+                             key=lambda e: e.k)
+            spans = [[e.delta_db - e.delta_ci[0] for e in effects], [e.delta_ci[1] - e.delta_db for e in effects]]
+            ax.errorbar([e.k for e in effects], [e.delta_db for e in effects], yerr=spans, capsize=3, markersize=4,
+                        fmt=":o" if decoding == "sample" else "-o", color=colour,
+                        label=f"{comparison.tokenizer} ({decoding})")
+    ax.axhline(0.0, color="gray", linewidth=1)
+    _log2_axis(ax, "tokens k")
+    ax.set_ylabel(f"PSNR - {comparisons[0].baseline}'s PSNR at the same k (dB)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    figure.suptitle(f"Against {comparisons[0].baseline}, paired over the same held-out images (95% intervals)")
     return _save(figure, path)

@@ -107,12 +107,14 @@ def nll_record(tested: PriorUnderTest, ctx: EvalContext) -> dict[str, Any]:
             values.append(positions[-1].sum(1))
         else:
             values.append(tested.prior.nll_bits(**inputs))
-    mean = torch.cat(values).mean().item()
+    per_image = torch.cat(values)
+    mean = per_image.mean().item()
     position_bits = torch.cat(positions).mean(0) if ks else None
     prefix_bits = dict(zip(map(str, ks), position_bits.cumsum(0)[[k - 1 for k in ks]].tolist())) if ks else None
     return {"nll_bits_per_image": None if flow else mean, "flow_val_loss": mean if flow else None,
             "nll_prefix_bits": prefix_bits, "nll_position_bits": None if position_bits is None else
-            position_bits.tolist(), "nll_images": len(data), "tokens_per_image": float(data.lengths.mean())}
+            position_bits.tolist(), "nll_per_image": None if flow else per_image.tolist(), "nll_images": len(data),
+            "tokens_per_image": float(data.lengths.mean())}
 
 
 class Sampling:
@@ -141,7 +143,11 @@ class Sampling:
         fake = compute_feature_stats(self.ctx.backbone, images.split(self.sampler.batch_size))
         result = fid_from_stats(self.ctx.reference_stats, fake)
         kid = kernel_inception_distance(self.ctx.reference_stats.features, fake.features, seed=self.sampler.seed)
-        return {"gfid": result.value, "gfid_backbone": result.backbone, "gfid_num_real": result.num_real,
+        split = images.split(self.sampler.batch_size)
+        spread = [fid_from_stats(reference, compute_feature_stats(backbone, split)).value
+                  for backbone, _, reference in self.ctx.spread_stats]
+        return {"gfid_backbones": [result.value, *spread] if spread else None,
+                "gfid": result.value, "gfid_backbone": result.backbone, "gfid_num_real": result.num_real,
                 "gfid_num_fake": result.num_fake, "gkid": kid.value, "gkid_std": kid.std, "sampling_seconds": seconds,
                 "sampling_images_per_s": len(images) / seconds}
 
@@ -154,11 +160,11 @@ def evaluate_prior(entry: EvalPriorConfig, ctx: EvalContext) -> tuple[PriorRow, 
     sampling = Sampling(tested, sampler, ctx)
     gfid_inputs = {**base, "sampler": sampler, "backbone": ctx.backbone.name, "reference": ctx.reference_key,
                    "timed_on": {"device": str(ctx.device), "threads": torch.get_num_threads()}}  # images/s is measured
-    # "positions" keys nll records anew: older ones lack the per-position bits
+    # "positions" and "per_image" key nll records anew: older ones lack the per-position and per-image bits
     nll_inputs = {**base, "metric": "nll", "prefixes": prefix_lengths(tested), "held_out": ctx.held_out_key,
-                  "data": data_settings(ctx.cfg.data), "positions": True}
+                  "data": data_settings(ctx.cfg.data), "positions": True, "per_image": True}
     nll, nll_fresh = ctx.cache.record(nll_inputs, lambda: nll_record(tested, ctx))
-    gfid, gfid_fresh = ctx.cache.record({**gfid_inputs, "metric": "gfid"}, sampling.record)
+    gfid, gfid_fresh = ctx.cache.record({**gfid_inputs, **ctx.spread_key, "metric": "gfid"}, sampling.record)
     count = min(SAMPLE_PREVIEW, sampler.samples)
     preview, preview_fresh = ctx.cache.images({**gfid_inputs, "metric": "samples", "count": count},
                                               lambda: sampling.run[0][:count])

@@ -14,10 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from base.files import atomic_write_text
 from base.visualize import class_columns, save_image_grid
 
+from .ablation import Comparison, comparisons
+from .ablation import csv_rows as ablation_csv_rows
 from .plots import (
+    plot_ablation,
     plot_adaptive_lengths,
     plot_codec_rate_distortion,
     plot_generation,
@@ -67,6 +72,10 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
     if tails:
         paths.append(atomic_write_text(directory / "tail.csv", _tail_csv_text(tails)))
         paths.append(plot_tail(tails, directory / "tail.png"))
+    compared = comparisons(result)
+    if compared:
+        paths.append(atomic_write_text(directory / "ablation.csv", _ablation_csv_text(compared)))
+        paths.append(plot_ablation(compared, directory / "ablation.png"))
     if result.codec_rows:
         paths.append(atomic_write_text(directory / "codec.csv", _codec_csv_text(result)))
         paths.append(plot_codec_rate_distortion(result.codec_rows, backbone, result.codec_meta["tile"],
@@ -85,9 +94,11 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
 def _json_report(result: EvaluationResult) -> dict[str, Any]:
     rows = lambda items: [dataclasses.asdict(item) for item in items]  # noqa: E731
     tokenizers = [{k: v for k, v in row.items() if k != "psnr_per_image"} for row in rows(result.tokenizer_rows)]
-    return {"meta": result.meta, "tokenizers": tokenizers, "priors": rows(result.prior_rows),
+    priors = [{k: v for k, v in row.items() if k != "nll_per_image"} for row in rows(result.prior_rows)]
+    ablation = [{k: v for k, v in row.items() if k != "full"} for row in rows(comparisons(result))]
+    return {"meta": result.meta, "tokenizers": tokenizers, "priors": priors,
             "codec": {**result.codec_meta, "rows": rows(result.codec_rows)}, "errors": rows(result.errors),
-            "tail": rows(tail_diagnostics(result))}
+            "tail": rows(tail_diagnostics(result)), "ablation": ablation}
 
 
 def _csv_text(result: EvaluationResult) -> str:
@@ -110,6 +121,17 @@ def _tail_csv_text(tails: list[TailDiagnostics]) -> str:
     writer = csv.DictWriter(buffer, TAIL_CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(row for tail in tails for row in csv_rows(tail))
+    return buffer.getvalue()
+
+
+ABLATION_CSV_COLUMNS = ("tokenizer", "baseline", "quantity", "decoding", "k", "value", "ci_low", "ci_high", "images")
+
+
+def _ablation_csv_text(compared: list[Comparison]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ABLATION_CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(row for comparison in compared for row in ablation_csv_rows(comparison))
     return buffer.getvalue()
 
 
@@ -137,6 +159,16 @@ def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _fid_text(value: float | None, backbones: list[float] | None) -> str:
+    """A FID, with its standard deviation over the eval.fid_seeds backbones where there are several."""
+    if value is None:
+        return "—"
+    if not backbones:
+        return f"{value:.2f}"
+    spread = float(np.std(backbones, ddof=1))
+    return f"{value:.2f} (sd {spread:.2f}, {len(backbones)} backbones)"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -161,7 +193,7 @@ def _tokenizer_table(rows: list[TokenizerRow]) -> str:
         ssim = f"{r.ssim:.3f} [{r.ssim_ci[0]:.3f}, {r.ssim_ci[1]:.3f}]"
         decoder = _decoder_text(r.decoder) if r.decoder else "—"
         body.append([f"`{r.name}`", r.family, r.mode, r.decoding, tokens, _fmt(r.bits_per_image, ".0f"),
-                     r.bits_basis, psnr, ssim, _fmt(r.lpips, ".3f"), _fmt(r.rfid, ".2f"),
+                     r.bits_basis, psnr, ssim, _fmt(r.lpips, ".3f"), _fid_text(r.rfid, r.rfid_backbones),
                      f"{r.rkid:.3g} ± {r.rkid_std:.2g}", decoder])
     return _table(header, body)
 
@@ -188,7 +220,7 @@ def _prior_table(rows: list[PriorRow]) -> str:
         nll = f"— (flow prior; velocity loss {r.flow_val_loss:.4f})" if flow else f"{r.nll_bits_per_image:.1f}"
         source = f"{r.tokenizer_family} ({r.tokens}{', ' + r.bpe if r.bpe else ''})"
         body.append([f"`{r.name}`", source, f"{nll} (n={r.nll_images})", _fmt(r.tokens_per_image, ".1f"),
-                     _fmt(r.gfid, ".2f"), f"{r.gkid:.3g} ± {r.gkid_std:.2g}",
+                     _fid_text(r.gfid, r.gfid_backbones), f"{r.gkid:.3g} ± {r.gkid_std:.2g}",
                      f"{r.gfid_num_fake} / {r.gfid_num_real}",
                      _fmt(r.sampling_images_per_s, ".1f"), _sampler_text(r.sampler)])
     return _table(header, body)
@@ -306,6 +338,65 @@ def _tail_section(tails: list[TailDiagnostics]) -> list[str]:
     return lines
 
 
+def _interval_text(value: float, ci: list[float] | None, spec: str, sign: str = "") -> str:
+    return f"{value:{sign}{spec}} [{ci[0]:{sign}{spec}}, {ci[1]:{sign}{spec}}]" if ci else f"{value:{sign}{spec}}"
+
+
+def _ablation_section(compared: list[Comparison]) -> list[str]:
+    """Two tables: reconstruction (PSNR differences at the baseline's longest three prefixes and full-length
+    samples, each doubling's gain, rFID/rKID) and modelability, generation and training cost."""
+    baseline = compared[0]
+    main = "mean" if any(d.decoding == "mean" for d in baseline.doublings) else "deterministic"
+    ks = sorted({e.k for c in compared for e in c.effects if e.decoding == main and e.k is not None})[-3:]
+    samples_k = max((e.k for c in compared for e in c.effects if e.decoding == "sample" and e.k), default=None)
+    points = [(main, k) for k in ks] + ([("sample", samples_k)] if samples_k else [])
+    steps = [d for d in baseline.doublings if d.decoding == main][-2:]
+    header = ["entry", *[f"{d} k={k}" for d, k in points], *[f"{d.k} → {d.next_k} ({main})" for d in steps],
+              "rFID (full)", "rKID (full)"]
+    base_psnr = {(e.decoding, e.k): e.baseline_psnr for c in compared for e in c.effects}
+    body = []
+    for c in compared:
+        effects = {(e.decoding, e.k): e for e in c.effects}
+        cells = [f"`{c.tokenizer}`"]
+        for key in points:
+            e = effects.get(key)
+            if c is baseline:  # its own PSNR
+                cells.append(_fmt(base_psnr.get(key), ".2f"))
+            else:
+                cells.append("—" if e is None else _interval_text(e.delta_db, e.delta_ci, ".2f", "+"))
+        gains = {(d.k, d.next_k): d for d in c.doublings if d.decoding == main}
+        for step in steps:
+            d = gains.get((step.k, step.next_k))
+            cells.append("—" if d is None else _interval_text(d.gain_db, d.gain_ci, ".2f", "+"))
+        full = c.full
+        cells += ["—" if full is None else _fid_text(full.rfid, full.rfid_backbones),
+                  "—" if full is None else f"{full.rkid:.3g} ± {full.rkid_std:.2g}"]
+        body.append(cells)
+    cost_header = ["entry", "prior", "held-out bits/img [95% CI]", "Δ bits [paired 95% CI]", "gFID", "gKID",
+                   "steps", "training images", "step seconds", "images/s", "matmul GFLOP/s"]
+    cost = []
+    for c in compared:
+        t = c.training or {}
+        cost.append([f"`{c.tokenizer}`", f"`{c.prior}`" if c.prior else "—",
+                     "—" if c.nll_bits is None else _interval_text(c.nll_bits, c.nll_ci, ".1f"),
+                     "—" if c.nll_delta_bits is None else _interval_text(c.nll_delta_bits, c.nll_delta_ci, ".1f", "+"),
+                     _fid_text(c.gfid, c.gfid_backbones), "—" if c.gkid is None else f"{c.gkid:.3g} ± {c.gkid_std:.2g}",
+                     _fmt(t.get("steps"), "d"), _fmt(t.get("images"), ".0f"), _fmt(t.get("step_seconds"), ".0f"),
+                     _fmt(t.get("images_per_s"), ".0f"), _fmt(t.get("matmul_gflops"), ".0f")])
+    return ["## Ablation against the baseline", "",
+            f"Every entry against `{baseline.tokenizer}` (its row gives its own values). PSNR differences are "
+            "means over the same held-out images with 95% paired bootstrap intervals (both entries' per-image "
+            "PSNRs resampled together); an interval that excludes 0 is a difference these images resolve. "
+            "The doubling columns are each entry's own gain from k to 2k tokens (paired the same way). rFID, "
+            "rKID, gFID and gKID are point values with no paired test (KID ± its spread over subsets; FIDs with "
+            "their standard deviation over the FID backbones of `eval.fid_seeds`, where several). The prior "
+            "columns: the held-out bits per image of each entry's prior over its full token stream, the "
+            "difference paired over the images. Training cost from each model's `training.json`: the seconds "
+            "of its training steps alone (no evaluation or saving), only comparable between runs made alone on "
+            "one machine. All operating points: `ablation.csv`; plot: `ablation.png`.", "",
+            _table(header, body), "", _table(cost_header, cost), ""]
+
+
 def _lpips_line(lpips: dict[str, str] | None) -> str:
     if lpips is None:
         return "- LPIPS: not measured (no local weights: set FLEXTOK_LPIPS_WEIGHTS or eval.lpips_weights)."
@@ -327,8 +418,17 @@ def summary_markdown(result: EvaluationResult) -> str:
         c = fid["classifier"]
         accuracy = ("" if c["test_accuracy"] is None else
                     f"; accuracy {c['test_accuracy']:.1%} on {c['test_images']} held-out images")
-        lines.append(f"  Classifier trained on {c['train_images']} `{data['train_split']}` images, {c['classes']} "
-                     f"classes, {c['steps']} steps{accuracy}.")
+        if "saved" in c:
+            lines.append(f"  A saved classifier, `{c['saved']}` (the same weights for every rerun), {c['classes']} "
+                         f"classes{accuracy}.")
+        else:
+            lines.append(f"  Classifier trained on {c['train_images']} `{data['train_split']}` images, "
+                         f"{c['classes']} classes, {c['steps']} steps{accuracy}.")
+    spread = fid.get("spread_backbones") or []
+    if spread:
+        lines.append(f"  Every rFID and gFID is also computed under {len(spread)} more classifiers, trained alike with "
+                     f"seeds {meta['seed'] + 1}..{meta['seed'] + len(spread)} (`eval.fid_seeds`); tables give the "
+                     "first backbone's value and the standard deviation over all of them.")
     lines += [
         f"- rFID: {n} held-out images vs their {n} reconstructions. gFID: samples vs a seeded subset of "
         f"`{data['train_split']}` (counts per prior below). FID is biased upward at such small counts: compare "
@@ -358,6 +458,9 @@ def summary_markdown(result: EvaluationResult) -> str:
             lines += ["An ordered 1D stream can stop after any k tokens. Its prior's bits for the first k tokens "
                       "(the prior's exact marginal likelihood of the prefix, no length code: k is the operating "
                       "point) against the reconstruction from those k tokens:", "", prefixes, ""]
+    compared = comparisons(result)
+    if compared:
+        lines += _ablation_section(compared)
     tails = tail_diagnostics(result)
     if tails:
         lines += _tail_section(tails)

@@ -50,6 +50,7 @@ class TokenizerRow:
     lpips: Optional[float] = None
     target_met: Optional[float] = None  # adaptive rows: share of images that reached the target PSNR
     length_counts: Optional[dict[str, int]] = None  # adaptive rows: images per chosen length
+    rfid_backbones: Optional[list[float]] = None  # rFID under each backbone of eval.fid_seeds (the first: rfid)
     psnr_per_image: Optional[list[float]] = None  # for paired comparisons of rows; left out of report.json
     code_entropy_bits: Optional[list[float]] = None  # 1D k = R rows: each position's held-out code entropy
     computed: list[str] = field(default_factory=list)  # metrics computed in this run (the rest came from cache)
@@ -60,7 +61,8 @@ class TokenizerRow:
 
     def flat(self) -> dict[str, Any]:
         """The row as one level of columns (the decoder's settings as decoder_steps, decoder_guidance_scale)."""
-        nested = ("decoder", "psnr_ci", "ssim_ci", "length_counts", "psnr_per_image", "code_entropy_bits")
+        nested = ("decoder", "psnr_ci", "ssim_ci", "length_counts", "psnr_per_image", "code_entropy_bits",
+                  "rfid_backbones")
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in nested}
         for metric in ("psnr", "ssim"):
             out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = getattr(self, f"{metric}_ci")
@@ -111,6 +113,8 @@ class PriorRow:
     sampling_seconds: float
     sampling_images_per_s: float
     nll_position_bits: Optional[list[float]] = None  # ordered 1D streams: held-out bits of each position
+    nll_per_image: Optional[list[float]] = None  # for paired comparisons of priors; left out of report.json
+    gfid_backbones: Optional[list[float]] = None  # gFID under each backbone of eval.fid_seeds (the first: gfid)
     computed: list[str] = field(default_factory=list)
 
 

@@ -79,6 +79,12 @@ class EvalConfig:
     inception_weights: Optional[str] = None  # None = $FLEXTOK_INCEPTION_WEIGHTS; never downloaded
     lpips_weights: Optional[str] = None  # None = $FLEXTOK_LPIPS_WEIGHTS; no weights: no LPIPS column
     classifier_steps: int = 500  # dataset classifier training steps (trained once, cached)
+    # a saved dataset classifier (folder or hf:owner/name, e.g. from train_classifier.py) as the dataset-FID
+    # backbone instead of training one here: the same weights for every rerun, wherever it runs
+    fid_classifier: Optional[str] = None
+    # dataset classifiers trained here with seeds seed, seed + 1, ...: every rFID and gFID is also computed under
+    # the others, and reports give its spread over them (the first one's value stays the reported one)
+    fid_seeds: int = 1
     adaptive_psnr: Optional[float] = 25.0  # 1D tokenizers' adaptive-length target in dB; null = no adaptive row
     # Replace fields of each model's own sampling settings (`flextok.sampling`, `prior.sampling`)
     decoder_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
@@ -104,6 +110,12 @@ class EvalConfig:
             check(len(set(names)) == len(names), f"{key}' names must be unique", names)
         unknown = [name for name in self.codec.priors if name not in {p.name for p in self.priors}]
         check(not unknown, "codec.priors' must name eval.priors entries", unknown)
+        check(self.fid_seeds >= 1, "fid_seeds' must be at least 1", self.fid_seeds)
+        check(self.fid_seeds == 1 or (self.fid_backbone == "dataset_classifier" and not self.fid_classifier),
+              "fid_seeds' > 1 needs classifiers trained here (fid_backbone: dataset_classifier, no fid_classifier)",
+              self.fid_seeds)
+        check(self.fid_classifier is None or self.fid_backbone == "dataset_classifier",
+              "fid_classifier' needs fid_backbone: dataset_classifier", self.fid_classifier)
         check(self.baseline is None or self.baseline in {t.name for t in self.tokenizers},
               "baseline' must name an eval.tokenizers entry", self.baseline)
 

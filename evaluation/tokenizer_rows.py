@@ -295,8 +295,11 @@ def rfid_record(rec: Reconstruction, ctx: EvalContext) -> dict[str, Any]:
     fake = compute_feature_stats(ctx.backbone, rec.images.split(ctx.settings.batch_size))
     result = fid_from_stats(ctx.held_out_stats, fake)
     kid = kernel_inception_distance(ctx.held_out_stats.features, fake.features, seed=ctx.cfg.seed)
+    spread = [fid_from_stats(real, compute_feature_stats(backbone, rec.images.split(ctx.settings.batch_size))).value
+              for backbone, real, _ in ctx.spread_stats]
     return {"rfid": result.value, "rfid_backbone": result.backbone, "rfid_num_real": result.num_real,
-            "rfid_num_fake": result.num_fake, "rkid": kid.value, "rkid_std": kid.std}
+            "rfid_num_fake": result.num_fake, "rkid": kid.value, "rkid_std": kid.std,
+            "rfid_backbones": [result.value, *spread] if spread else None}
 
 
 def evaluate_mode(tested: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> tuple[TokenizerRow, torch.Tensor]:
@@ -309,7 +312,7 @@ def evaluate_mode(tested: TokenizerUnderTest, mode: Mode, ctx: EvalContext) -> t
         # "per_image" keys psnr records anew: older ones lack the per-image values
         "psnr": ({"per_image": True}, lambda: quality_record(psnr, "psnr", rec, originals)),
         "ssim": ({}, lambda: quality_record(ssim, "ssim", rec, originals)),
-        "rfid": ({"backbone": ctx.backbone.name}, lambda: rfid_record(rec, ctx)),
+        "rfid": ({"backbone": ctx.backbone.name, **ctx.spread_key}, lambda: rfid_record(rec, ctx)),
     }
     if ctx.lpips is not None:
         jobs["lpips"] = ({"lpips_weights": ctx.lpips[1]}, lambda: lpips_record(rec, ctx))

@@ -54,6 +54,10 @@ COVERAGE = {
         "tests/test_mini_recipe.py::test_miniature_recipe_runs_from_the_docs_on_two_ranks",
     "python export_parquet.py": "tests/test_mini_recipe.py::test_miniature_recipe_runs_from_the_docs_on_two_ranks",
     "python evaluate.py": "tests/test_evaluate.py::test_report_files_schema_and_error_rows",
+    "python evaluate.py --config configs/eval_tiny.yaml eval.fid_classifier":
+        "tests/test_evaluate.py::test_a_saved_classifier_is_the_backbone_of_every_rerun",
+    "python train_classifier.py":
+        "tests/test_train_classifier.py::test_a_saved_classifier_is_a_teacher_and_its_seed_makes_another_network",
     "python train_bpe.py --tokenizer":
         "tests/test_bpe_io.py::test_cli_trains_on_a_tokenizers_codes_of_a_configs_images",
     "python train_bpe.py --codes": "tests/test_bpe_io.py::test_cli_trains_saves_and_prints_stats",

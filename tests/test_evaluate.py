@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 import evaluate
+from base.classifier import ClassifierConfig, DatasetClassifier
 from base.config import load_config
 from base.data import load_images
 from base.errors import ConfigError
@@ -354,6 +355,41 @@ def test_lpips_is_measured_when_local_weights_are_given(artifacts, first_run):
     (row,) = report["tokenizers"]
     assert code == 0 and row["lpips"] > 0 and row["computed"] == ["lpips"]  # the other metrics were cached
     assert report["meta"]["lpips"]["weights"] == str(root / "lpips.safetensors")
+
+
+def test_a_saved_classifier_is_the_backbone_of_every_rerun(artifacts, first_run, capsys):
+    """eval.fid_classifier: no classifier is trained; two fresh caches give the same backbone and rFID."""
+    root, _ = artifacts
+    torch.manual_seed(3)
+    DatasetClassifier(ClassifierConfig(num_classes=2, width=8, feature_dim=16)).save_pretrained(root / "fid_net")
+    entries = [{"name": "vq", "path": str(root / "vq")}]
+    reports = [run(write_config(root, f"saved{i}", entries, [], cache=f"cache_saved{i}"),
+                   [f"eval.fid_classifier={root / 'fid_net'}"])[1] for i in range(2)]
+    backbones = {r["meta"]["fid"]["backbone"] for r in reports}
+    assert len(backbones) == 1 and backbones.pop().startswith("dataset_classifier:weights-")
+    assert reports[0]["meta"]["fid"]["classifier"]["saved"] == str(root / "fid_net")
+    assert reports[0]["tokenizers"][0]["rfid"] == reports[1]["tokenizers"][0]["rfid"]
+    assert reports[0]["meta"]["fid"]["backbone"] != first_run[2]["meta"]["fid"]["backbone"]
+    config = write_config(root, "not_a_classifier", entries, [], cache="cache_saved0")
+    assert evaluate.main(["--config", str(config), f"eval.fid_classifier={root / 'vq'}"]) == 2
+    assert "eval.fid_classifier" in capsys.readouterr().err
+
+
+def test_fid_seeds_give_each_fid_its_spread_over_backbones(artifacts, first_run):
+    root, _ = artifacts
+    entries = [{"name": "vq", "path": str(root / "vq")}]
+    priors = [e for e in prior_entries(root) if e["name"] == "prior_1d"]
+    config = write_config(root, "spread", entries, priors)  # the first run's cache: its first backbone is reused
+    code, report = run(config, ["eval.fid_seeds=3"])
+    (row,), (prior,) = report["tokenizers"], report["priors"]
+    first = {r["name"]: r for r in first_run[2]["tokenizers"]}["vq"]
+    assert code == 0 and len(report["meta"]["fid"]["spread_backbones"]) == 2
+    assert len(row["rfid_backbones"]) == 3 and row["rfid_backbones"][0] == row["rfid"] == first["rfid"]
+    assert len(set(row["rfid_backbones"])) == 3  # other seeds, other classifiers, other FIDs
+    assert len(prior["gfid_backbones"]) == 3 and prior["gfid_backbones"][0] == prior["gfid"]
+    summary = (config.parent / "runs" / "spread" / "report" / "summary.md").read_text()
+    assert "2 more classifiers" in summary and "backbones)" in summary
+    assert evaluate.main(["--config", str(config), "eval.fid_seeds=2", f"eval.fid_classifier={root / 'vq'}"]) == 2
 
 
 @pytest.mark.parametrize("entry, message", [

@@ -43,6 +43,42 @@ def test_stages_reference_each_other_and_the_evaluation_lists_them():
     assert evaluation.data.train_images == 100  # the command line reaches the evaluation too
 
 
+def test_the_shaping_study_trains_a_teacher_and_compares_every_row_with_its_baseline():
+    config, experiment = study.load_study(ROOT / "configs/study_shaping.yaml")
+    stages, out = study.study_stages(config, experiment, [])
+    by_name = {s.name: s for s in stages}
+    assert out == Path("runs/study_shaping")  # the study file's own overrides, before the command line's
+    teacher = by_name["teacher"]
+    assert teacher.script == "train_classifier.py" and teacher.args == ["--out", str(out / "teacher" / "final")]
+    assert teacher.resolved(1.0).seed == 1 and teacher.scaled == ("eval.classifier_steps",)
+    repa = by_name["1d_repa"].resolved(1.0).repa
+    assert (repa.weight, repa.teacher) == (0.5, str(out / "teacher" / "final"))
+    assert by_name["1d_eq"].resolved(1.0).flextok.autoencoder == str(out / "kl_f4_eq" / "final")
+    rows = [s for s in config.stages if s.kind == "tokenizer" and s.evaluate]
+    assert {s.steps for s in rows} == {1000}  # the same image-steps for every row (batch from the experiment)
+    evaluation = stages[-1].resolved(1.0)
+    assert evaluation.eval.baseline == "1d" and evaluation.eval.adaptive_psnr is None
+    assert [e.name for e in evaluation.eval.tokenizers] == [s.name for s in rows]  # kl_f4, kl_f4_eq: not rows
+    assert len(evaluation.eval.priors) == len(rows) and evaluation.seed == 0  # the FID backbone's seed is not 1
+    overridden = study.study_stages(config, experiment, ["out_dir=runs/elsewhere"])[1]
+    assert overridden == Path("runs/elsewhere")  # the command line comes last
+    photos, photos_experiment = study.load_study(ROOT / "configs/study_shaping_photos.yaml")
+    photo_stages, photo_out = study.study_stages(photos, photos_experiment, [])
+    assert photo_out == Path("runs/study_shaping_photos") and photos_experiment.name == "photos.yaml"
+    assert [s.name for s in photo_stages] == [s.name for s in stages]
+    assert photo_stages[-1].resolved(1.0).eval.baseline == "1d"
+
+
+def test_a_study_baseline_must_be_an_evaluated_tokenizer(tmp_path):
+    (tmp_path / "exp.yaml").write_text("name: e\n")
+    bad = tmp_path / "study.yaml"
+    bad.write_text("experiment: exp.yaml\nbaseline: t\nstages: [{name: t, steps: 5, evaluate: false}]\n")
+    with pytest.raises(ConfigError, match="baseline"):
+        study.load_study(bad)
+    bad.write_text("experiment: exp.yaml\nstages: [{name: c, kind: classifier}]\n")
+    assert study.load_study(bad)[0].stages[0].steps == 0  # a classifier's steps are eval.classifier_steps
+
+
 def test_train_scale_shortens_training_stages_but_not_the_evaluation():
     unscaled = study.load_study(ROOT / "configs/study_fmnist.yaml")
     unscaled[0].train_scale = 1.0
@@ -90,6 +126,22 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
     bad.write_text("experiment: exp.yaml\nstages: [{name: t, overrides: ['flextok.autoencoder={kl}']}]\n")
     with pytest.raises(ConfigError, match=r"\['kl'\]"):
         study.load_study(bad)
+
+
+def test_a_stamp_covers_what_differs_from_the_defaults():
+    """A new config field at its default (a code change) leaves every finished stage's stamp as it was."""
+    cfg = pipeline.load_stage_config(ROOT / "configs/fmnist.yaml", ["tokenizer=flextok"], cls=TokenizerRunConfig)
+    found = pipeline.settings(cfg)
+    assert found["train"]["lr"] == 4e-3 and found["tokenizer"] == "flextok" and "seed" not in found
+    assert "repa" not in found and "prefixes_per_example" not in found["flextok"]  # sections at their defaults
+
+    @dataclass
+    class Extended(TokenizerRunConfig):
+        added: int = 3
+
+    assert pipeline.settings(Extended(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})) == found
+    assert pipeline.settings(Extended(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, added=4)) == {
+        **found, "added": 4}
 
 
 def test_stamps_follow_settings_and_upstream_stages(tmp_path):

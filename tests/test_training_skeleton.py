@@ -3,6 +3,7 @@ one per-micro-step seed, and one meaning of `batch_size` (the global batch of an
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from base.config import load_config
 from base.data import EpochOrder
 from base.distributed import ensure_launch_env
 from base.errors import UserError
-from base.training import POINTER, read_pointer, step_seed
+from base.training import POINTER, TRAINING_RECORD, read_pointer, step_seed
 from evaluation.schema import ExperimentConfig
 from flextok.schema import TokenizerRunConfig
 from flextok.training import TokenizerTrainer
@@ -65,6 +66,13 @@ def test_both_trainers_write_one_pointer_and_resume_through_one_guard(tmp_path, 
         assert {key: pointer[key] for key in ("tag", "step", "kind")} == {"tag": "step_00000002", "step": 2,
                                                                           "kind": kind}
     assert pointers["prior"]["tokenizer_hash"]  # string client state goes into the pointer too
+    # beside each exported model, what its training cost: steps, units over all ranks, the steps' own seconds
+    records = {name: json.loads((tmp_path / name / "final" / TRAINING_RECORD).read_text()) for name in ("tok", "prior")}
+    assert {k: records["tok"][k] for k in ("steps", "batch_size", "images", "world_size")} == {
+        "steps": 2, "batch_size": 4, "images": 8, "world_size": 1}
+    assert records["prior"]["steps"] == 2 and records["prior"]["tokens"] > 0
+    for record in records.values():
+        assert record["step_seconds"] > 0 and record["matmul_gflops"] > 0
 
     # the one guard: a fresh run refuses a folder that holds a run, whichever trainer wrote it
     with pytest.raises(UserError, match="already holds a run"):
@@ -80,6 +88,12 @@ def test_both_trainers_write_one_pointer_and_resume_through_one_guard(tmp_path, 
     assert TokenizerTrainer(tokenizer_config(tmp_path, "tok"), resume=True).step == 2
     assert PriorTrainer(prior_config(tmp_path, "prior", tokenizer), resume=True).step == 2
     assert TokenizerTrainer(tokenizer_config(tmp_path, "fresh_tok"), resume=True).step == 0
+    # a resumed run's record counts the steps before the resume too
+    longer = load_config("configs/grid_vq.yaml", [*TOKENIZER, f"out_dir={tmp_path}", "name=tok", "train.steps=3"],
+                         cls=TokenizerRunConfig)
+    TokenizerTrainer(longer, resume=True).train()
+    record = json.loads((tmp_path / "tok" / "final" / TRAINING_RECORD).read_text())
+    assert (record["steps"], record["images"]) == (3, 12) and record["step_seconds"] > records["tok"]["step_seconds"]
     assert PriorTrainer(prior_config(tmp_path, "fresh_prior", tokenizer), resume=True).step == 0
 
 
