@@ -17,8 +17,8 @@ from .rows import CodecRow, EvaluationResult, PriorRow, TokenizerRow
 from .tail import TailDiagnostics
 
 __all__ = ["modelability_figure", "plot_ablation", "plot_adaptive_lengths", "plot_codec_rate_distortion",
-           "plot_generation", "plot_modelability", "plot_tail", "plot_tradeoff", "save_codec_examples", "save_reconstruction_grid",
-           "tradeoff_figure"]
+           "plot_generation", "plot_modelability", "plot_tail", "plot_tradeoff", "save_codec_examples",
+           "save_reconstruction_grid", "tradeoff_figure"]
 
 FAMILY_COLOURS = {  # BPE variants get a related colour, a dashed line and hollow markers
     "1d": "tab:blue", "1d+bpe": "tab:cyan", "token_set": "tab:purple", "token_set+bpe": "tab:pink",
