@@ -50,7 +50,7 @@ def test_the_shaping_study_trains_a_teacher_and_compares_every_row_with_its_base
     assert out == Path("runs/study_shaping")  # the study file's own overrides, before the command line's
     teacher = by_name["teacher"]
     assert teacher.script == "train_classifier.py" and teacher.args == ["--out", str(out / "teacher" / "final")]
-    assert teacher.resolved(1.0).seed == 1 and teacher.scaled == ("eval.classifier_steps",)
+    assert teacher.resolved(1.0).seed == 100 and teacher.scaled == ("eval.classifier_steps",)
     repa = by_name["1d_repa"].resolved(1.0).repa
     assert (repa.weight, repa.teacher) == (0.5, str(out / "teacher" / "final"))
     assert by_name["1d_eq"].resolved(1.0).flextok.autoencoder == str(out / "kl_f4_eq" / "final")
