@@ -5,15 +5,14 @@ chain for CI).
 
 A stage holds the config its script reads, loaded once. At run time the stage's counts are scaled
 (`scaled`), the resolved config is written to the stage's folder (`stage_config.yaml`) and the script is
-run with `--config` on that file: what the script runs with is exactly what the stamp covers. The launcher
-stays a subprocess (torchrun and deepspeed start the ranks).
+run with `--config` on that file. The launcher stays a subprocess (torchrun and deepspeed start the ranks).
 
-A stage's folder keeps a stamp of what made it: its resolved config (the settings that differ from
-their defaults, `settings`), its other arguments, and the stamps of
-the earlier stages whose folders they name. A stage whose stamp changed (an edited config or command line,
-a --scale that gives other counts, a changed upstream stage) is made afresh, never reused or resumed, so a
-report never mixes models from different settings. Neither the launcher (interpreter, rank count) nor the
-code is part of the stamp: after changing the code, re-run with --force.
+A stage's folder keeps a stamp of what made it: its resolved config's settings that differ from their
+defaults (`settings`), its other arguments, and the stamps of the earlier stages whose folders they name. A
+stage whose stamp changed (an edited config or command line, a --scale that gives other counts, a changed
+upstream stage) is made afresh, never reused or resumed, so a report never mixes models from different
+settings. Neither the launcher (interpreter, rank count) nor the code (a changed default included) is part
+of the stamp: after changing the code, re-run with --force.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from base.config import load_config, save_config
 from base.distributed import available_ranks
 from base.files import atomic_write_text
 from base.runtime import matmul_gflops  # the same figure every benchmark prints
-from evaluation.schema import ExperimentConfig
+from evaluation.schema import EvalConfig, ExperimentConfig
 from flextok.schema import TokenizerRunConfig
 from priors.schema import PriorRunConfig
 
@@ -131,8 +130,12 @@ def prior_stage(cfg: PriorRunConfig, out: Path, name: str, steps: int, *, train_
 
 
 def classifier_stage(cfg: ExperimentConfig, out: Path, name: str) -> Stage:
-    """Train a dataset classifier (a REPA teacher) into <out>/<name>/final/."""
-    cfg = replace(cfg, out_dir=str(out), name=name)
+    """Train a dataset classifier (a REPA teacher) into <out>/<name>/final/. Its config keeps only what
+    `train_classifier.py` reads, so that no other setting retrains it (and the stages that read it)."""
+    ev = cfg.eval
+    cfg = ExperimentConfig(name=name, out_dir=str(out), seed=cfg.seed, data=cfg.data,
+                           eval=EvalConfig(num_images=ev.num_images, train_images=ev.train_images,
+                                           classifier_steps=ev.classifier_steps, device=ev.device))
     return Stage(name, "train_classifier.py", cfg, f"{name}/final/model.safetensors",
                  args=["--out", str(out / name / "final")], scaled=("eval.classifier_steps",))
 
@@ -163,20 +166,34 @@ def _names_folder(text: str, folder: Path) -> bool:
 
 
 def settings(cfg) -> dict[str, Any]:
-    """A config's fields that differ from their defaults, sections recursively: what a stamp covers, so that a
-    new config field (at its default) leaves finished stages valid, as other code changes do."""
+    """A config's fields that differ from their defaults, sections recursively (in lists and dicts too): what a
+    stamp covers, so that a new config field at its default leaves finished stages valid. A changed default is
+    a code change, as any other: re-run with --force."""
     found = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if _is_section(value) and _is_section(default):
             if section := settings(value):
                 found[f.name] = section
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if default is dataclasses.MISSING or value != default:
-            found[f.name] = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value] \
-                if isinstance(value, list) else value
+        elif default is dataclasses.MISSING or value != default:
+            found[f.name] = _plain(value)
     return found
+
+
+def _is_section(value) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _plain(value):
+    """`value` with every section in it as its non-default settings."""
+    if _is_section(value):
+        return settings(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def stage_stamps(stages: list[Stage], out: Path, scale: float) -> dict[str, str]:

@@ -80,6 +80,9 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
         references = needed + [ref for item in s.overrides for ref in re.findall(r"{(\w+)}", item)]
         unknown = [ref for ref in references if ref not in earlier]
         check(not unknown, f"stages[{i}]' ({s.name}) refers to no earlier stage {unknown}", references)
+        if s.kind == "classifier":  # eval.classifier_steps counts its steps; it is never a report row
+            check(s.steps == 0, f"stages[{i}].steps' must be left out: a classifier trains eval.classifier_steps",
+                  s.steps)
         check(s.kind in ("bpe", "classifier") or s.steps > 0,
               f"stages[{i}].steps' must be positive for a {s.kind} stage", s.steps)
         check(s.kind != "bpe" or s.vocab_size > 0, f"stages[{i}].vocab_size' must be positive", s.vocab_size)
@@ -96,6 +99,7 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
 def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> tuple[list[Stage], Path]:
     """The pipeline stages of a study, the evaluation of its models last, and its output folder. Every stage
     loads the experiment file with the command line's `overrides` and then its own."""
+    from base.config import check
     from evaluation.schema import EvalPriorConfig, EvalTokenizerConfig, ExperimentConfig
     from flextok.schema import TokenizerRunConfig
     from priors.schema import PriorRunConfig
@@ -112,8 +116,13 @@ def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> 
 
     stages, tokenizers, priors = [], [], []
     for s in study.stages:
-        if s.kind == "classifier":  # never a report row; its steps are eval.classifier_steps
-            stages.append(classifier_stage(stage_cfg(s, ExperimentConfig), out, s.name))
+        if s.kind == "classifier":
+            classifier = stage_cfg(s, ExperimentConfig)
+            fid_seeds = range(cfg.seed, cfg.seed + cfg.eval.fid_seeds)
+            check(cfg.eval.fid_backbone != "dataset_classifier" or classifier.seed not in fid_seeds,
+                  f"stages' ({s.name}): seed {classifier.seed} trains one of the evaluation's FID backbones (seeds "
+                  f"{fid_seeds.start}..{fid_seeds.stop - 1}); give the classifier another seed", classifier.seed)
+            stages.append(classifier_stage(classifier, out, s.name))
             continue
         if s.kind == "tokenizer":
             stages.append(tokenizer_stage(stage_cfg(s, TokenizerRunConfig), out, s.name, s.steps,

@@ -31,18 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     from base.errors import UserError
     from base.hub import ModelCardInfo
     from base.runtime import pick_device
-    from evaluation.context import load_subset
+    from evaluation.context import classifier_training_set
     from evaluation.dataset_classifier import fit_dataset_classifier
     from evaluation.schema import ExperimentConfig
 
     try:
         cfg = load_config(args.config, args.overrides, cls=ExperimentConfig)
         device = pick_device(cfg.eval.device, "eval.device")
-        train = load_subset(cfg.data, cfg.data.train_split, cfg.eval.train_images, cfg.seed)
-        labels = train.labels
-        if labels.min() < 0 or len(labels.unique()) < 2:
-            raise UserError(f"data.train_split: a classifier needs at least two label classes in {cfg.data.source}")
-        network, key = fit_dataset_classifier(train.images, labels, int(labels.max()) + 1, cfg.eval.classifier_steps,
+        images, labels = classifier_training_set(cfg)
+        network, key = fit_dataset_classifier(images, labels, int(labels.max()) + 1, cfg.eval.classifier_steps,
                                               cfg.seed, device=device)
         held_out = load_images(cfg.data, cfg.data.eval_split, cfg.eval.num_images, cfg.seed)
     except UserError as err:

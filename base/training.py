@@ -218,8 +218,8 @@ class Trainer:
     `self.backend`, then calls `self.start()`. It supplies its task: `batches(start)` (this rank's micro-batches
     of each step from `start` on, one list per step), `count(batch)` (the `unit`s of a micro-batch, for the
     throughput; 0 on any rank skips the step), `loss(model, batch)` -> (loss, logs), `evaluate(model)` (rank 0's
-    held-out metrics; a PNG grid goes to `samples_path`) and `export()` (rank 0: the final model's folder);
-    where needed `before_step`, `client_state`, `evaluation_due` and `join`."""
+    held-out metrics; a PNG grid goes to `samples_path`) and `export()` (rank 0: the final model's folder,
+    `run_dir / "final"`); where needed `before_step`, `client_state`, `evaluation_due` and `join`."""
 
     kind = ""  # recorded in the checkpoint pointer: a run folder holds one kind of run
     unit = "images"  # what `count` counts; the throughput is logged as `<unit>_per_s`
@@ -296,9 +296,9 @@ class Trainer:
             self._loop(bar)
             if self.rank != 0:
                 return None
-            final = self.export()
-            atomic_write_text(final / TRAINING_RECORD, json.dumps(self.training_record(), indent=2))
-            return final
+            # before the weights: a stage is finished once they exist, so its record must be there by then
+            atomic_write_text(self.run_dir / "final" / TRAINING_RECORD, json.dumps(self.training_record(), indent=2))
+            return self.export()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -323,7 +323,8 @@ class Trainer:
     def training_record(self) -> dict[str, Any]:
         """What training cost: steps, the units (images) they used over all ranks, and the seconds of the
         training steps alone (no evaluation, samples or saves; summed over resumes), with the machine's
-        matmul speed at the end, so that runs compare at equal compute and the time can be read."""
+        fp32 CPU matmul speed at the end (the figure every benchmark prints, also on GPU runs), so that runs
+        compare at equal compute and the time can be read."""
         return {"steps": self.step, "batch_size": self.loop.batch_size, self.unit: self.counted,
                 "step_seconds": round(self.step_seconds, 3), f"{self.unit}_per_s": round(self.counted / max(
                     self.step_seconds, 1e-9), 1), "matmul_gflops": round(matmul_gflops(), 1),

@@ -84,8 +84,9 @@ def _prior_of(result: EvaluationResult, row: TokenizerRow | None) -> PriorRow | 
 
 def comparisons(result: EvaluationResult) -> list[Comparison]:
     """The baseline first, then every other tokenizer entry (BPE entries excluded: their reconstructions are
-    their tokenizer's), when `eval.baseline` is set and its rows were measured."""
-    baseline = result.meta["settings"].get("baseline")
+    their tokenizer's), when `eval.baseline` is set and its rows were measured. Rows pair over the same
+    held-out images (one evaluation's); a pair whose image counts differ is left out."""
+    baseline = result.meta.get("settings", {}).get("baseline")
     entries = {}
     for row in result.tokenizer_rows:
         if row.bpe is None:
@@ -101,7 +102,7 @@ def comparisons(result: EvaluationResult) -> list[Comparison]:
                                 training=training_record(rows[0].path))
         if name != baseline:
             for key, row in _points(rows).items():
-                if key in base_points:
+                if key in base_points and len(row.psnr_per_image) == len(base_points[key].psnr_per_image):
                     before, after = np.array(base_points[key].psnr_per_image), np.array(row.psnr_per_image)
                     comparison.effects.append(Effect(key[0], key[1], row.psnr, base_points[key].psnr,
                                                      float((after - before).mean()),
@@ -109,7 +110,7 @@ def comparisons(result: EvaluationResult) -> list[Comparison]:
         if prior is not None and prior.nll_per_image:
             values = np.array(prior.nll_per_image)
             comparison.nll_bits, comparison.nll_ci = float(values.mean()), list(bootstrap_interval(values))
-            if name != baseline and base_prior is not None and base_prior.nll_per_image:
+            if name != baseline and base_prior is not None and len(base_prior.nll_per_image or []) == len(values):
                 before = np.array(base_prior.nll_per_image)
                 comparison.nll_delta_bits = float((values - before).mean())
                 comparison.nll_delta_ci = list(paired_difference_interval(before, values))

@@ -32,11 +32,11 @@ from priors import token_cache_dir
 
 from .cache import ResultCache, tensor_digest
 from .dataset_classifier import DatasetClassifierFeatures, train_dataset_classifier
-from .frechet import FeatureExtractor, FeatureStats, compute_feature_stats
+from .frechet import FeatureExtractor, FeatureStats, compute_feature_stats, fid_from_stats
 from .inception import InceptionV3Features
 from .schema import ExperimentConfig
 
-__all__ = ["EvalContext", "load_subset"]
+__all__ = ["EvalContext", "classifier_training_set", "load_subset"]
 
 
 def load_subset(data: DataConfig, split: str, count: int, seed: int) -> Batch:
@@ -49,6 +49,18 @@ def load_subset(data: DataConfig, split: str, count: int, seed: int) -> Batch:
     if batch.images.numel() == 0:
         raise UserError(f"data: {data.source} [{split}] yielded no usable image")
     return batch
+
+
+def classifier_training_set(cfg: ExperimentConfig, batch: Batch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labelled images a dataset classifier trains on: `eval.train_images` of `data.train_split` (`batch`,
+    where already loaded), with a one-line error where they have fewer than two classes."""
+    batch = batch or load_subset(cfg.data, cfg.data.train_split, cfg.eval.train_images, cfg.seed)
+    labels = batch.labels
+    if labels.min() < 0 or len(labels.unique()) < 2:
+        raise UserError(f"eval.fid_backbone: a dataset classifier needs at least two label classes in "
+                        f"{cfg.data.source} [{cfg.data.train_split}] (found {sorted(set(labels.tolist()))[:5]}); "
+                        "use inception")
+    return batch.images, labels
 
 
 class EvalContext:
@@ -98,6 +110,13 @@ class EvalContext:
         return [(b, compute_feature_stats(b, split(self.held_out.images)),
                  compute_feature_stats(b, split(self.train_batch.images))) for b in self.spread_backbones]
 
+    def spread_fids(self, images: torch.Tensor, side: str) -> list[float]:
+        """The FID of `images` under each spread backbone, against its held-out ("held_out": rFID) or reference
+        ("reference": gFID) statistics."""
+        column = {"held_out": 1, "reference": 2}[side]
+        return [fid_from_stats(stats[column], compute_feature_stats(stats[0], images.split(self.settings.batch_size)))
+                .value for stats in self.spread_stats]
+
     @property
     def spread_key(self) -> dict[str, list[str]]:
         """Part of every FID record's key where spread backbones exist (none: the keys stay as they were)."""
@@ -116,12 +135,7 @@ class EvalContext:
         return self._trained_classifier(self.cfg.seed)
 
     def _trained_classifier(self, seed: int) -> FeatureExtractor:
-        images, labels = self.train_batch.images, self.train_batch.labels
-        if labels.min() < 0 or len(labels.unique()) < 2:
-            raise UserError(
-                f"eval.fid_backbone: dataset_classifier needs at least two label classes in {self.cfg.data.source} "
-                f"[{self.cfg.data.train_split}] (found {sorted(set(labels.tolist()))[:5]}); use inception"
-            )
+        images, labels = classifier_training_set(self.cfg, self.train_batch)
         extractor = train_dataset_classifier(
             images, labels, int(labels.max()) + 1, self.settings.classifier_steps, seed,
             self.cache_root / "fid", device=self.device, progress=self.progress,
@@ -148,10 +162,7 @@ class EvalContext:
         if not isinstance(network, DatasetClassifier):
             raise ConfigError(f"eval.fid_classifier: {reference} holds a '{network.model_type}' model, not a "
                               "dataset classifier (save one with train_classifier.py)")
-        fingerprint = fingerprint_model(network)[:12]
-        extractor = DatasetClassifierFeatures(network, f"saved-{fingerprint}", device=self.device)
-        extractor.name = f"dataset_classifier:weights-{fingerprint}"
-        return extractor
+        return DatasetClassifierFeatures(network, f"weights-{fingerprint_model(network)[:12]}", device=self.device)
 
     def backbone_info(self) -> dict[str, Any]:
         """Which backbone made every FID here, and how to read it (reports state it next to the numbers)."""

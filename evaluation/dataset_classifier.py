@@ -177,10 +177,11 @@ def train_dataset_classifier(
     config = _classifier_config(num_classes, steps, seed, batch_size, lr, width, feature_dim)
     key = dataset_classifier_key(images, labels, config)
     path = Path(cache_dir) / f"dataset_classifier-{key}.safetensors"
-    network = _new_classifier(config)
     if path.is_file():
+        network = _new_classifier(config)
         network.load_state_dict(load_file(path), strict=True)
     else:
-        _fit_classifier(network, images, labels.long(), config, torch.device(device), progress)
+        network, _ = fit_dataset_classifier(images, labels, num_classes, steps, seed, batch_size, lr, width,
+                                            feature_dim, device, progress)
         _save_classifier(network, path, config, key)
     return DatasetClassifierFeatures(network, key, device=device)

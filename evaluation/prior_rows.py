@@ -143,9 +143,7 @@ class Sampling:
         fake = compute_feature_stats(self.ctx.backbone, images.split(self.sampler.batch_size))
         result = fid_from_stats(self.ctx.reference_stats, fake)
         kid = kernel_inception_distance(self.ctx.reference_stats.features, fake.features, seed=self.sampler.seed)
-        split = images.split(self.sampler.batch_size)
-        spread = [fid_from_stats(reference, compute_feature_stats(backbone, split)).value
-                  for backbone, _, reference in self.ctx.spread_stats]
+        spread = self.ctx.spread_fids(images, "reference")
         return {"gfid_backbones": [result.value, *spread] if spread else None,
                 "gfid": result.value, "gfid_backbone": result.backbone, "gfid_num_real": result.num_real,
                 "gfid_num_fake": result.num_fake, "gkid": kid.value, "gkid_std": kid.std, "sampling_seconds": seconds,

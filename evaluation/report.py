@@ -350,8 +350,10 @@ def _ablation_section(compared: list[Comparison]) -> list[str]:
     ks = sorted({e.k for c in compared for e in c.effects if e.decoding == main and e.k is not None})[-3:]
     samples_k = max((e.k for c in compared for e in c.effects if e.decoding == "sample" and e.k), default=None)
     points = [(main, k) for k in ks] + ([("sample", samples_k)] if samples_k else [])
+    if any(e.decoding == main and e.k is None for c in compared for e in c.effects):  # single-rate entries
+        points.insert(0, (main, None))
     steps = [d for d in baseline.doublings if d.decoding == main][-2:]
-    header = ["entry", *[f"{d} k={k}" for d, k in points], *[f"{d.k} → {d.next_k} ({main})" for d in steps],
+    header = ["entry", *[f"{d} k={k}" if k else f"{d}, full" for d, k in points], *[f"{d.k} → {d.next_k} ({main})" for d in steps],
               "rFID (full)", "rKID (full)"]
     base_psnr = {(e.decoding, e.k): e.baseline_psnr for c in compared for e in c.effects}
     body = []
@@ -461,6 +463,9 @@ def summary_markdown(result: EvaluationResult) -> str:
     compared = comparisons(result)
     if compared:
         lines += _ablation_section(compared)
+    elif baseline := meta.get("settings", {}).get("baseline"):
+        lines += ["## Ablation against the baseline", "",
+                  f"No comparison: the baseline `{baseline}` has no measured rows (see Errors).", ""]
     tails = tail_diagnostics(result)
     if tails:
         lines += _tail_section(tails)

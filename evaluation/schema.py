@@ -116,8 +116,8 @@ class EvalConfig:
               self.fid_seeds)
         check(self.fid_classifier is None or self.fid_backbone == "dataset_classifier",
               "fid_classifier' needs fid_backbone: dataset_classifier", self.fid_classifier)
-        check(self.baseline is None or self.baseline in {t.name for t in self.tokenizers},
-              "baseline' must name an eval.tokenizers entry", self.baseline)
+        check(self.baseline is None or self.baseline in {t.name for t in self.tokenizers if t.bpe is None},
+              "baseline' must name an eval.tokenizers entry without bpe", self.baseline)
 
 
 @dataclass

@@ -87,6 +87,8 @@ def doublings(rows: list[TokenizerRow]) -> list[Doubling]:
         ks = sorted(by_k)
         for k, next_k in pairwise(ks):
             before, after = np.array(by_k[k].psnr_per_image), np.array(by_k[next_k].psnr_per_image)
+            if len(before) != len(after):  # not the same images: nothing to pair
+                continue
             found.append(Doubling(decoding, k, next_k, float((after - before).mean()),
                                   list(paired_difference_interval(before, after)), len(before)))
     return found

@@ -295,8 +295,7 @@ def rfid_record(rec: Reconstruction, ctx: EvalContext) -> dict[str, Any]:
     fake = compute_feature_stats(ctx.backbone, rec.images.split(ctx.settings.batch_size))
     result = fid_from_stats(ctx.held_out_stats, fake)
     kid = kernel_inception_distance(ctx.held_out_stats.features, fake.features, seed=ctx.cfg.seed)
-    spread = [fid_from_stats(real, compute_feature_stats(backbone, rec.images.split(ctx.settings.batch_size))).value
-              for backbone, real, _ in ctx.spread_stats]
+    spread = ctx.spread_fids(rec.images, "held_out")
     return {"rfid": result.value, "rfid_backbone": result.backbone, "rfid_num_real": result.num_real,
             "rfid_num_fake": result.num_fake, "rkid": kid.value, "rkid_std": kid.std,
             "rfid_backbones": [result.value, *spread] if spread else None}

@@ -73,9 +73,19 @@ def test_each_entry_is_compared_with_the_baseline_paired_over_the_images(tmp_pat
 
 def test_no_baseline_no_ablation(tmp_path):
     assert comparisons(ablation_result(tmp_path, baseline=None)) == []
-    result = ablation_result(tmp_path / "b", baseline="absent")
-    assert comparisons(result) == []
+    result = ablation_result(tmp_path / "b", baseline=None)
     assert "## Ablation" not in summary_markdown(result)
+    result = ablation_result(tmp_path / "c", baseline="absent")  # e.g. every row of the baseline failed
+    assert comparisons(result) == [] and "No comparison: the baseline `absent`" in summary_markdown(result)
+
+
+def test_rows_over_other_images_are_not_paired(tmp_path):
+    result = ablation_result(tmp_path)
+    for row in result.tokenizer_rows:
+        if row.name == "worse" and row.k == 4:
+            row.psnr_per_image = row.psnr_per_image[:-1]
+    worse = comparisons(result)[2]
+    assert {e.k for e in worse.effects} == {1, 2}
 
 
 def test_the_report_has_the_ablation_section_csv_and_plot(tmp_path):

@@ -75,8 +75,15 @@ def test_a_study_baseline_must_be_an_evaluated_tokenizer(tmp_path):
     bad.write_text("experiment: exp.yaml\nbaseline: t\nstages: [{name: t, steps: 5, evaluate: false}]\n")
     with pytest.raises(ConfigError, match="baseline"):
         study.load_study(bad)
-    bad.write_text("experiment: exp.yaml\nstages: [{name: c, kind: classifier}]\n")
-    assert study.load_study(bad)[0].stages[0].steps == 0  # a classifier's steps are eval.classifier_steps
+    bad.write_text("experiment: exp.yaml\nstages: [{name: c, kind: classifier, steps: 5}]\n")
+    with pytest.raises(ConfigError, match="eval.classifier_steps"):  # a classifier's steps are those
+        study.load_study(bad)
+    bad.write_text("experiment: exp.yaml\nstages: [{name: c, kind: classifier, overrides: [seed=2]}]\n")
+    config, experiment = study.load_study(bad)
+    stages = study.study_stages(config, experiment, ["eval.fid_seeds=2"])[0]  # FID backbones: seeds 0 and 1
+    assert stages[0].resolved(1.0).seed == 2 and not pipeline.settings(stages[0].resolved(1.0).eval).get("tokenizers")
+    with pytest.raises(ConfigError, match="trains one of the evaluation's FID backbones"):
+        study.study_stages(config, experiment, ["eval.fid_seeds=3"])
 
 
 def test_train_scale_shortens_training_stages_but_not_the_evaluation():
