@@ -353,7 +353,8 @@ def _ablation_section(compared: list[Comparison]) -> list[str]:
     if any(e.decoding == main and e.k is None for c in compared for e in c.effects):  # single-rate entries
         points.insert(0, (main, None))
     steps = [d for d in baseline.doublings if d.decoding == main][-2:]
-    header = ["entry", *[f"{d} k={k}" if k else f"{d}, full" for d, k in points], *[f"{d.k} → {d.next_k} ({main})" for d in steps],
+    header = ["entry", *[f"{d} k={k}" if k else f"{d}, full" for d, k in points],
+              *[f"{d.k} → {d.next_k} ({main})" for d in steps],
               "rFID (full)", "rKID (full)"]
     base_psnr = {(e.decoding, e.k): e.baseline_psnr for c in compared for e in c.effects}
     body = []
