@@ -54,7 +54,7 @@ COVERAGE = {
         "tests/test_mini_recipe.py::test_miniature_recipe_runs_from_the_docs_on_two_ranks",
     "python export_parquet.py": "tests/test_mini_recipe.py::test_miniature_recipe_runs_from_the_docs_on_two_ranks",
     "python evaluate.py": "tests/test_evaluate.py::test_report_files_schema_and_error_rows",
-    "python evaluate.py --config configs/eval_tiny.yaml eval.fid_classifier":
+    "python evaluate.py --config configs/eval_tiny.yaml eval.fid_classifier=runs/fid_backbone":
         "tests/test_evaluate.py::test_a_saved_classifier_is_the_backbone_of_every_rerun",
     "python train_classifier.py":
         "tests/test_train_classifier.py::test_a_saved_classifier_is_a_teacher_and_its_seed_makes_another_network",
