@@ -21,7 +21,7 @@ import yaml
 from .errors import ConfigError
 from .files import atomic_write_text
 
-__all__ = ["check", "from_dict", "load_config", "read_with_bases", "save_config"]
+__all__ = ["check", "config_changes", "from_dict", "load_config", "read_with_bases", "save_config"]
 
 
 class _FieldError(ConfigError):
@@ -87,6 +87,24 @@ def _over_field_default(field: dataclasses.Field, value: Any) -> Any:
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config (every default filled in) so a run can be reproduced from its folder."""
     atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def config_changes(path: str | Path, cfg) -> list[str]:
+    """`key: old -> new` for every setting (dotted key) in which `cfg` differs from the config saved at `path`
+    (nothing where no file is there)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    saved = yaml.safe_load(path.read_text()) or {}
+    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))  # tuples as lists
+    return _differences(saved, current, "")
+
+
+def _differences(old: Any, new: Any, key: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for name in dict.fromkeys([*old, *new])
+                for line in _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
 
 
 def read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

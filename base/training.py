@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import shutil
 import signal
@@ -28,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist
-from .config import save_config
+from .config import config_changes, save_config
 from .data import micro_batch_size
 from .errors import UserError
 from .files import atomic_write, atomic_write_text, refuse_existing_run
@@ -260,10 +261,22 @@ class Trainer:
             self.step_seconds, self.counted = float(client.get("step_seconds", 0)), float(client.get("counted", 0))
         if self.rank == 0:
             remove_stale_tags(self.checkpoint_dir, keep=self.pointer["tag"] if self.pointer else None)
+            self._keep_changed_config()
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.trackers = open_trackers(self.loop.trackers, self.run_dir, run_name=self.run_dir.name,
                                           config=dataclasses.asdict(self.cfg), start_step=self.step)
         return client
+
+    def _keep_changed_config(self) -> None:
+        """A resume with other settings than the run's config.yaml: say which, and keep the earlier file as
+        config.step_XXXXXXXX.yaml (the step it ran to), so the run's history stays in its folder."""
+        path = self.run_dir / "config.yaml"
+        changes = config_changes(path, self.cfg) if self.pointer is not None else []
+        if changes:
+            kept = path.with_name(f"config.step_{self.step:08d}.yaml")
+            os.replace(path, kept)
+            print(f"--resume at step {self.step} with changed settings ({'; '.join(changes)}); the earlier config "
+                  f"is kept as {kept.name}")
 
     def before_step(self, micro_batches: list) -> None:
         """Called on every rank before each step's first micro-step."""

@@ -51,10 +51,11 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
     directory = Path(directory)
     rows = result.tokenizer_rows
     backbone = result.meta["fid"]["backbone"]
+    compared, tails = comparisons(result), tail_diagnostics(result)  # bootstraps: computed once for every file
     paths = [
-        atomic_write_text(directory / "report.json", json.dumps(_json_report(result), indent=2)),
+        atomic_write_text(directory / "report.json", json.dumps(_json_report(result, compared, tails), indent=2)),
         atomic_write_text(directory / "report.csv", _csv_text(result)),
-        atomic_write_text(directory / "summary.md", summary_markdown(result)),
+        atomic_write_text(directory / "summary.md", summary_markdown(result, compared=compared, tails=tails)),
     ]
     if rows:
         paths.append(plot_tradeoff(rows, "tokens_per_image", "tokens per image", backbone,
@@ -68,11 +69,9 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
         paths.append(plot_generation(result.prior_rows, backbone, directory / "generation.png"))
         if rows and any(r.nll_bits_per_image is not None for r in result.prior_rows):
             paths.append(plot_modelability(result, directory / "modelability.png"))
-    tails = tail_diagnostics(result)
     if tails:
         paths.append(atomic_write_text(directory / "tail.csv", _tail_csv_text(tails)))
         paths.append(plot_tail(tails, directory / "tail.png"))
-    compared = comparisons(result)
     if compared:
         paths.append(atomic_write_text(directory / "ablation.csv", _ablation_csv_text(compared)))
         paths.append(plot_ablation(compared, directory / "ablation.png"))
@@ -91,14 +90,15 @@ def write_report(result: EvaluationResult, directory: str | Path) -> list[Path]:
     return paths
 
 
-def _json_report(result: EvaluationResult) -> dict[str, Any]:
+def _json_report(result: EvaluationResult, compared: list[Comparison],
+                 tails: list[TailDiagnostics]) -> dict[str, Any]:
     rows = lambda items: [dataclasses.asdict(item) for item in items]  # noqa: E731
     tokenizers = [{k: v for k, v in row.items() if k != "psnr_per_image"} for row in rows(result.tokenizer_rows)]
     priors = [{k: v for k, v in row.items() if k != "nll_per_image"} for row in rows(result.prior_rows)]
-    ablation = [{k: v for k, v in row.items() if k != "full"} for row in rows(comparisons(result))]
+    ablation = [{k: v for k, v in row.items() if k != "full"} for row in rows(compared)]
     return {"meta": result.meta, "tokenizers": tokenizers, "priors": priors,
             "codec": {**result.codec_meta, "rows": rows(result.codec_rows)}, "errors": rows(result.errors),
-            "tail": rows(tail_diagnostics(result)), "ablation": ablation}
+            "tail": rows(tails), "ablation": ablation}
 
 
 def _csv_text(result: EvaluationResult) -> str:
@@ -406,8 +406,10 @@ def _lpips_line(lpips: dict[str, str] | None) -> str:
     return f"- LPIPS: VGG16 v0.1 from `{lpips['weights']}` (fingerprint {lpips['fingerprint'][:12]})."
 
 
-def summary_markdown(result: EvaluationResult) -> str:
-    """The readable report: what was measured on which data, with which FID backbone and sample counts."""
+def summary_markdown(result: EvaluationResult, *, compared: list[Comparison] | None = None,
+                     tails: list[TailDiagnostics] | None = None) -> str:
+    """The readable report: what was measured on which data, with which FID backbone and sample counts.
+    `compared` and `tails`: the result's `comparisons` and `tail_diagnostics` where already computed."""
     meta, fid = result.meta, result.meta["fid"]
     data = meta["data"]
     n = data["held_out_images"]
@@ -461,13 +463,13 @@ def summary_markdown(result: EvaluationResult) -> str:
             lines += ["An ordered 1D stream can stop after any k tokens. Its prior's bits for the first k tokens "
                       "(the prior's exact marginal likelihood of the prefix, no length code: k is the operating "
                       "point) against the reconstruction from those k tokens:", "", prefixes, ""]
-    compared = comparisons(result)
+    compared = comparisons(result) if compared is None else compared
     if compared:
         lines += _ablation_section(compared)
     elif baseline := meta.get("settings", {}).get("baseline"):
         lines += ["## Ablation against the baseline", "",
                   f"No comparison: the baseline `{baseline}` has no measured rows (see Errors).", ""]
-    tails = tail_diagnostics(result)
+    tails = tail_diagnostics(result) if tails is None else tails
     if tails:
         lines += _tail_section(tails)
     if result.codec_rows:

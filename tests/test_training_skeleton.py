@@ -51,7 +51,7 @@ def prior_config(tmp_path, name: str, tokenizer, *extra: str) -> PriorRunConfig:
                        cls=PriorRunConfig, within=ExperimentConfig)
 
 
-def test_both_trainers_write_one_pointer_and_resume_through_one_guard(tmp_path, one_process_group):
+def test_both_trainers_write_one_pointer_and_resume_through_one_guard(tmp_path, one_process_group, capsys):
     from priors.trainer import PriorTrainer
 
     tokenizer = TokenizerTrainer(tokenizer_config(tmp_path, "tok")).train()
@@ -91,7 +91,13 @@ def test_both_trainers_write_one_pointer_and_resume_through_one_guard(tmp_path, 
     # a resumed run's record counts the steps before the resume too
     longer = load_config("configs/grid_vq.yaml", [*TOKENIZER, f"out_dir={tmp_path}", "name=tok", "train.steps=3"],
                          cls=TokenizerRunConfig)
+    assert not list((tmp_path / "tok").glob("config.step_*.yaml"))  # the same settings: nothing to keep
     TokenizerTrainer(longer, resume=True).train()
+    # other settings on --resume: named, and the earlier config.yaml kept under the step it ran to
+    assert "changed settings (train.steps: 2 -> 3)" in capsys.readouterr().out
+    kept = load_config(tmp_path / "tok" / "config.step_00000002.yaml", cls=TokenizerRunConfig)
+    assert kept.train.steps == 2
+    assert load_config(tmp_path / "tok" / "config.yaml", cls=TokenizerRunConfig).train.steps == 3
     record = json.loads((tmp_path / "tok" / "final" / TRAINING_RECORD).read_text())
     assert (record["steps"], record["images"]) == (3, 12) and record["step_seconds"] > records["tok"]["step_seconds"]
     assert PriorTrainer(prior_config(tmp_path, "fresh_prior", tokenizer), resume=True).step == 0
