@@ -42,14 +42,15 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .data import micro_batch_size
 from .errors import UserError
 
 __all__ = [
     "BF16", "DEFAULT_MFU", "DEFAULT_PEAK_TFLOPS", "FP32", "PRECISION_BYTES", "ZERO_STAGES", "Hardware", "ModelStates",
     "Workload",
-    "add_plan_arguments", "compute_lines", "conv_workload", "count", "format_bytes", "format_count", "format_flops",
-    "format_time", "hardware_from_args", "parameter_rows", "parameter_table", "per_token_weights", "plan_report",
-    "run_flops", "run_seconds", "step_flops", "table",
+    "add_plan_arguments", "batch_line", "compute_lines", "conv_workload", "count", "format_bytes", "format_count",
+    "format_flops", "format_time", "hardware_from_args", "parameter_rows", "parameter_table", "per_token_weights",
+    "plan_report", "run_flops", "run_seconds", "step_flops", "table",
     "transformer_workload", "zero_model_states",
 ]
 
@@ -328,6 +329,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str =
 def parameter_table(rows: list[tuple[str, int, int]]) -> list[str]:
     return ["parameters"] + table(["", "total", "trainable"],
                                   [(n, format_count(t), format_count(g)) for n, t, g in rows])
+
+
+def batch_line(key: str, batch_size: int, unit: str, accumulation: int, hw: Hardware) -> str:
+    """How the global batch `key` splits: per GPU, per accumulation micro-step, over the GPUs."""
+    micro = micro_batch_size(batch_size, hw.gpus, accumulation, key)
+    return (f"batch: {key} = {batch_size:,} {unit} per optimizer step = {micro} per GPU x {accumulation} "
+            f"accumulation step(s) x {hw.gpus} GPU(s)")
 
 
 def compute_lines(workloads: list[Workload], per_step: int, unit: str, steps: int, hw: Hardware) -> list[str]:

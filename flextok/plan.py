@@ -16,6 +16,7 @@ from base.plan import (
     Hardware,
     ModelStates,
     Workload,
+    batch_line,
     compute_lines,
     conv_workload,
     count,
@@ -85,8 +86,7 @@ def tokenizer_plan(cfg: TokenizerRunConfig, hw: Hardware) -> str:
     title = (f"plan: train_tokenizer.py, run '{cfg.name}' ({cfg.tokenizer} tokenizer, "
              f"{cfg.data.resolution}px) on {hw.gpus} GPU(s); nothing is trained or written")
     notes = [f"  {n}" for n in parts.notes]
-    batch = [f"batch: train.batch_size = {t.batch_size} images per optimizer step = {micro} per GPU x "
-             f"{accumulation} accumulation step(s) x {hw.gpus} GPU(s)"]
+    batch = [batch_line("train.batch_size", t.batch_size, "images", accumulation, hw)]
     memory = _tokenizer_memory(cfg, parts, workloads, micro, hw)
     compute = compute_lines(workloads, t.batch_size, "image", t.steps, hw)
     return plan_report("\n".join([title, *notes]),

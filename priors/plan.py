@@ -27,6 +27,7 @@ from base.plan import (
     ZERO_STAGES,
     Hardware,
     Workload,
+    batch_line,
     compute_lines,
     count,
     format_bytes,
@@ -135,12 +136,10 @@ def prior_plan(cfg: PriorRunConfig, hw: Hardware, deepspeed_json: str | None = N
     planned = planned_prior(cfg)
     t, seq = cfg.prior_train, sequence_length(planned.spec)
     sequences = t.batch_size
-    micro = micro_batch_size(t.batch_size, hw.gpus, t.grad_accumulation, "prior_train.batch_size")
     title = (f"plan: train_prior.py, run '{cfg.prior_train.run_name or cfg.name}' ({cfg.prior.kind} prior, "
              f"tokens: {cfg.prior.tokens}) on {hw.gpus} GPU(s); nothing is trained or written")
-    batch = [f"batch: prior_train.batch_size = {sequences:,} sequences per optimizer step = {micro} per GPU x "
-             f"{t.grad_accumulation} accumulation step(s) x {hw.gpus} GPU(s); x {seq} positions = "
-             f"{sequences * seq:,} tokens per optimizer step"]
+    batch = [batch_line("prior_train.batch_size", sequences, "sequences", t.grad_accumulation, hw)
+             + f"; x {seq} positions = {sequences * seq:,} tokens per optimizer step"]
     workload = prior_workload(cfg, planned)
     compute = compute_lines([workload], sequences, "sequence", t.steps, hw)
     return plan_report("\n".join([title, *(f"  {n}" for n in [*planned.notes, _sequence_note(planned)])]),
