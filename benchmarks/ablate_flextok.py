@@ -39,14 +39,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def train(config: str, out: Path, name: str, steps: int, overrides: list[str]) -> float:
     """Train one variant of any tokenizer family (`overrides` choose it) in its own `train_tokenizer.py`
-    process into OUT/NAME; returns its wall-clock seconds (0 when OUT/NAME/final exists and is reused)."""
+    process into OUT/NAME, resuming a run killed before it finished; returns its wall-clock seconds (0 when
+    OUT/NAME/final exists and is reused; a resumed run's count only this process's part: its training.json
+    sums the steps' time over every part)."""
     if (out / name / "final").exists():
         return 0.0
     command = [sys.executable, str(ROOT / "train_tokenizer.py"), "--config", str(Path(config).resolve()),
                f"name={name}", f"out_dir={out}", f"train.steps={steps}", f"train.eval_every={steps}", *overrides]
+    if (out / name / "checkpoints").is_dir():
+        command.append("--resume")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(out / f"{name}.log", "w") as log:  # the trainer's progress bar and lines
+    with open(out / f"{name}.log", "a") as log:  # the trainer's progress bar and lines, every part of the run
         subprocess.run(command, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     return time.perf_counter() - started
 

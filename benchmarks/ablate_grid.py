@@ -1,8 +1,9 @@
 """Learning-rate sweep of a study's grid tokenizers: train each named tokenizer stage of a study file (its own
 overrides, as `study.py` trains it) at every learning rate for the same number of steps, then score the
 deterministic reconstruction of the first held-out images: mean PSNR with a 95% bootstrap interval, beside
-training time and img/s. The study's grids train at lr 4e-3, the highest rate their first trials reached
-(1e-3, 2e-3, 4e-3: `benchmarks/RESULTS.md`); the default rates go two doublings past it.
+the training steps' seconds and img/s (the model's training.json). The study's grids train at lr 4e-3, the
+highest rate their first trials reached (1e-3, 2e-3, 4e-3: `benchmarks/RESULTS.md`); the default rates go two
+doublings past it.
 
     python benchmarks/ablate_grid.py --study configs/study_fmnist.yaml --stage fsq_f8_1000 \
         --stage kl_f4 --steps 1000   # lr 1e-3 .. 1.6e-2, 1,000 steps each, scored on 500 test images
@@ -27,6 +28,7 @@ from base.config import load_config
 from base.data import load_images
 from base.errors import UserError
 from base.metrics import psnr
+from base.training import TRAINING_RECORD
 from evaluation.bootstrap import bootstrap_interval
 from evaluation.schema import ExperimentConfig
 from flextok.schema import TokenizerRunConfig
@@ -83,11 +85,14 @@ def main() -> None:
             model = GridAutoencoder.from_pretrained(out / name / "final").eval()
             values = psnr_per_image(model, images).numpy()
             low, high = bootstrap_interval(values)
-            trained = (f"trained {seconds:.0f} s ({args.steps * cfg.train.batch_size / seconds:.0f} img/s)"
-                       if seconds else "trained earlier (reused)")
+            record = json.loads((out / name / "final" / TRAINING_RECORD).read_text())
+            trained = (f"trained now, {seconds:.0f} s wall" if seconds else "trained earlier (reused)")
+            trained += (f"; training steps {record['step_seconds']:.0f} s, {record['images_per_s']:.0f} img/s at "
+                        f"matmul {record['matmul_gflops']:.0f}")
             print(f"{stage} at lr {lr:g} ({args.steps} steps): {trained}; PSNR {values.mean():.2f} dB "
                   f"[{low:.2f}, {high:.2f}] on {len(images)} held-out images", flush=True)
             rows.append({"stage": stage, "lr": lr, "steps": args.steps, "seconds": seconds,
+                         "step_seconds": record["step_seconds"], "images_per_s": record["images_per_s"],
                          "psnr": float(values.mean()), "psnr_ci": [low, high], "images": len(images)})
     print(f"matmul after: {matmul_gflops():.1f} GFLOP/s")
     print(json.dumps(rows))
