@@ -18,7 +18,7 @@ import numpy as np
 from base.training import TRAINING_RECORD
 
 from .bootstrap import bootstrap_interval, paired_difference_interval
-from .rows import EvaluationResult, PriorRow, TokenizerRow
+from .rows import EvaluationResult, PriorRow, TokenizerRow, same_model
 from .tail import Doubling, doublings
 
 __all__ = ["Comparison", "Effect", "comparisons", "csv_rows", "training_record"]
@@ -78,8 +78,8 @@ def _prior_of(result: EvaluationResult, row: TokenizerRow | None) -> PriorRow | 
     """The prior over a tokenizer's full token stream (no BPE), the first one listed."""
     if row is None:
         return None
-    return next((p for p in result.prior_rows if p.tokenizer == row.path and p.bpe is None and p.tokens == "full"),
-                None)
+    return next((p for p in result.prior_rows
+                 if same_model(p.tokenizer, row.path) and p.bpe is None and p.tokens == "full"), None)
 
 
 def comparisons(result: EvaluationResult) -> list[Comparison]:

@@ -6,16 +6,28 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
 
 from base.errors import UserError
+from base.hub import HUB_PREFIX
 from base.schema import SamplingConfig
 
-__all__ = ["CodecRow", "ErrorRow", "EvaluationResult", "PriorRow", "SamplerSettings", "TokenizerRow"]
+__all__ = ["CodecRow", "ErrorRow", "EvaluationResult", "PriorRow", "SamplerSettings", "TokenizerRow", "same_model"]
 
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references (a prior's `tokenizer`, a tokenizer row's `path`) name the same model: the
+    same hub id, or folders that resolve to the same place however they are written."""
+    if a == b:
+        return True
+    if a.startswith(HUB_PREFIX) or b.startswith(HUB_PREFIX):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
 
 @dataclass
 class TokenizerRow:
@@ -195,7 +207,7 @@ class EvaluationResult:
         """The tokenizer row whose tokens a prior models (with `k`: its first k tokens): same tokenizer and
         codec, the prior's token count (adaptive priors: the adaptive row), the posterior mean preferred where
         the decoder is generative."""
-        matches = [r for r in self.tokenizer_rows if r.path == prior.tokenizer and r.bpe == prior.bpe
+        matches = [r for r in self.tokenizer_rows if same_model(r.path, prior.tokenizer) and r.bpe == prior.bpe
                    and r.adaptive == (prior.tokens == "adaptive") and r.target_psnr == prior.target_psnr]
         if k is not None:
             matches = [r for r in matches if r.k == k]

@@ -17,7 +17,7 @@ import numpy as np
 from flextok.nested_dropout import powers_of_two_upto
 
 from .bootstrap import paired_difference_interval
-from .rows import EvaluationResult, TokenizerRow
+from .rows import EvaluationResult, TokenizerRow, same_model
 
 __all__ = ["Doubling", "TailDiagnostics", "code_entropy_bits", "csv_rows", "doublings", "group_means",
            "position_groups", "tail_diagnostics"]
@@ -101,7 +101,7 @@ def _of_tokenizer(result: EvaluationResult, name: str) -> TailDiagnostics | None
         return None
     entropy = next((r.code_entropy_bits for r in rows if r.code_entropy_bits), None)
     priors = {p.name: p.nll_position_bits for p in result.prior_rows
-              if p.tokenizer == rows[0].path and p.nll_position_bits}
+              if same_model(p.tokenizer, rows[0].path) and p.nll_position_bits}
     found = doublings(rows)
     if entropy is None and not found and not priors:
         return None

@@ -107,3 +107,14 @@ def test_the_report_has_the_ablation_section_csv_and_plot(tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [a["tokenizer"] for a in report["ablation"]] == ["base", "better", "worse"]
     assert all("nll_per_image" not in p for p in report["priors"])
+
+
+def test_a_prior_finds_its_tokenizer_however_the_folder_is_written(tmp_path):
+    from evaluation.rows import same_model
+
+    result = ablation_result(tmp_path)
+    other = str(tmp_path / "base" / ".." / "better")  # the folder of `better`, written another way
+    result.prior_rows[1] = dataclasses.replace(result.prior_rows[1], tokenizer=other)
+    assert comparisons(result)[1].prior == "prior_better"
+    assert same_model("hf:owner/name", "hf:owner/name") and not same_model("hf:owner/name", "owner/name")
+    assert not same_model(str(tmp_path / "base"), str(tmp_path / "better"))
