@@ -6,8 +6,10 @@ for each token stream, then one evaluation of all of them side by side (`runs/<s
 A study file names an `experiment` YAML (the data, the evaluation settings and every stage's defaults; its
 `out_dir` holds the study) and lists `stages`. Overrides on the command line apply to every stage and
 to the evaluation (e.g. `data.train_images=2000` for a quick run). Finished stages are reused, an
-interrupted one resumes, and `--scale` multiplies every step count. A study file's `train_scale` multiplies
-its tokenizer and prior steps only (0.7 for Fashion-MNIST, 0.6 for photographs: their 2-hour budgets).
+interrupted one resumes, and `--scale` multiplies every step count. `--stages a,b` runs only those stages, the
+baseline and what they read (the report then covers them alone: a quick check of a few rows). A study file's
+`train_scale` multiplies its tokenizer and prior steps only (0.7 for Fashion-MNIST, 0.6 for photographs: their
+2-hour budgets).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pipeline import (
     tokenizer_stage,
 )
 
-__all__ = ["StudyConfig", "StudyStage", "main", "study_stages"]
+__all__ = ["StudyConfig", "StudyStage", "main", "select_stages", "stage_needs", "study_stages"]
 
 
 @dataclass
@@ -76,8 +78,7 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
     check(len(set(names)) == len(names) and all(names), "stages' need unique, non-empty names", names)
     for i, s in enumerate(study.stages):
         earlier = names[:i]
-        needed = {"bpe": [s.tokenizer], "prior": [s.tokenizer] + ([s.bpe] if s.bpe else [])}.get(s.kind, [])
-        references = needed + [ref for item in s.overrides for ref in re.findall(r"{(\w+)}", item)]
+        references = stage_needs(s)
         unknown = [ref for ref in references if ref not in earlier]
         check(not unknown, f"stages[{i}]' ({s.name}) refers to no earlier stage {unknown}", references)
         if s.kind == "classifier":  # eval.classifier_steps counts its steps; it is never a report row
@@ -94,6 +95,31 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
     check(not study.baseline or study.baseline in tokenizers, "baseline' must name an evaluated tokenizer stage",
           study.baseline)
     return study, experiment
+
+
+def stage_needs(stage: StudyStage) -> list[str]:
+    """The earlier stages whose models `stage` reads: its tokenizer and BPE, and every `{stage}` in its overrides."""
+    needed = {"bpe": [stage.tokenizer], "prior": [stage.tokenizer] + ([stage.bpe] if stage.bpe else [])}
+    return needed.get(stage.kind, []) + [ref for item in stage.overrides for ref in re.findall(r"{(\w+)}", item)]
+
+
+def select_stages(study: StudyConfig, names: list[str]) -> StudyConfig:
+    """The study narrowed to the stages `names`, the baseline, and every stage they read (transitively); its
+    codec priors narrowed alike. An unknown name is a one-line error."""
+    from base.errors import UserError
+
+    by_name = {s.name: s for s in study.stages}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise UserError(f"--stages: the study has no stage {unknown} (it has {list(by_name)})")
+    keep, todo = set(), [*names, *([study.baseline] if study.baseline else [])]
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo += stage_needs(by_name[name])
+    return replace(study, stages=[s for s in study.stages if s.name in keep],
+                   codec_priors=[p for p in study.codec_priors if p in keep])
 
 
 def study_stages(study: StudyConfig, experiment: Path, overrides: list[str]) -> tuple[list[Stage], Path]:
@@ -154,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every stage")
     parser.add_argument("--force", action="store_true", help="retrain every stage")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--stages", type=lambda text: [name for name in text.split(",") if name], default=None,
+                        metavar="A,B,...", help="only these stages, the baseline and the stages they read; the "
+                        "report covers them alone")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     from base.errors import UserError
 
     try:
         study, experiment = load_study(args.config)
+        if args.stages is not None:
+            study = select_stages(study, args.stages)
         stages, out = study_stages(study, experiment, args.overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ import yaml
 
 import pipeline
 import study
-from base.errors import ConfigError
+from base.errors import ConfigError, UserError
 from evaluation.schema import ExperimentConfig
 from flextok.schema import TokenizerRunConfig
 from priors.schema import PriorRunConfig
@@ -67,6 +67,23 @@ def test_the_shaping_study_trains_a_teacher_and_compares_every_row_with_its_base
     assert photo_out == Path("runs/study_shaping_photos") and photos_experiment.name == "photos.yaml"
     assert [s.name for s in photo_stages] == [s.name for s in stages]
     assert photo_stages[-1].resolved(1.0).eval.baseline == "1d"
+
+
+def test_a_subset_of_a_study_keeps_the_baseline_and_what_its_stages_read(monkeypatch):
+    config, experiment = study.load_study(ROOT / "configs/study_shaping.yaml")
+    subset = study.select_stages(config, ["prior_1d_tail_repa", "1d_eq"])
+    assert [s.name for s in subset.stages] == ["kl_f4", "kl_f4_eq", "teacher", "1d", "1d_eq", "1d_tail_repa",
+                                               "prior_1d_tail_repa"]  # in the study's order
+    stages = study.study_stages(subset, experiment, [])[0]
+    evaluation = stages[-1].resolved(1.0).eval
+    assert [e.name for e in evaluation.tokenizers] == ["1d", "1d_eq", "1d_tail_repa"] and evaluation.baseline == "1d"
+    assert [e.name for e in evaluation.priors] == ["prior_1d_tail_repa"]
+    fmnist = study.select_stages(study.load_study(ROOT / "configs/study_fmnist.yaml")[0], ["prior_1d_bpe"])
+    assert fmnist.codec_priors == ["prior_1d_bpe"] and "1d_bpe" in [s.name for s in fmnist.stages]
+    with pytest.raises(UserError, match=r"--stages: the study has no stage \['nope'\]"):
+        study.select_stages(config, ["1d", "nope"])
+    monkeypatch.chdir(ROOT)
+    assert study.main(["--config", str(ROOT / "configs/study_shaping.yaml"), "--stages", "nope"]) == 2
 
 
 def test_a_study_baseline_must_be_an_evaluated_tokenizer(tmp_path):
