@@ -268,8 +268,8 @@ class Trainer:
         return client
 
     def _keep_changed_config(self) -> None:
-        """A resume with other settings than the run's config.yaml: say which, and keep the earlier file as
-        config.step_XXXXXXXX.yaml (the step it ran to), so the run's history stays in its folder."""
+        """A resume with other settings than the run's config.yaml: say which, and keep the earlier file under
+        the step it ran to (config.step_00001200.yaml for step 1,200), so the run's history stays in its folder."""
         path = self.run_dir / "config.yaml"
         changes = config_changes(path, self.cfg) if self.pointer is not None else []
         if changes:

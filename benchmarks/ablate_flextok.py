@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def train(config: str, out: Path, name: str, steps: int, overrides: list[str]) -> float:
     """Train one variant of any tokenizer family (`overrides` choose it) in its own `train_tokenizer.py`
     process into OUT/NAME, resuming a run killed before it finished; returns its wall-clock seconds (0 when
-    OUT/NAME/final exists and is reused; a resumed run's count only this process's part: its training.json
-    sums the steps' time over every part)."""
+    OUT/NAME/final exists and is reused; for a resumed run, only this process's part: its training.json sums
+    the steps' time over every part)."""
     if (out / name / "final").exists():
         return 0.0
     command = [sys.executable, str(ROOT / "train_tokenizer.py"), "--config", str(Path(config).resolve()),

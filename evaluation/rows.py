@@ -19,7 +19,6 @@ from base.schema import SamplingConfig
 __all__ = ["CodecRow", "ErrorRow", "EvaluationResult", "PriorRow", "SamplerSettings", "TokenizerRow", "same_model"]
 
 
-
 def same_model(a: str, b: str) -> bool:
     """Whether two model references (a prior's `tokenizer`, a tokenizer row's `path`) name the same model: the
     same hub id, or folders that resolve to the same place however they are written."""
