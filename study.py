@@ -9,7 +9,8 @@ to the evaluation (e.g. `data.train_images=2000` for a quick run). Finished stag
 interrupted one resumes, and `--scale` multiplies every step count. `--stages a,b` runs only those stages, the
 baseline and what they read (the report then covers them alone: a quick check of a few rows). A study file's
 `train_scale` multiplies its tokenizer and prior steps only (0.7 for Fashion-MNIST, 0.6 for photographs: their
-2-hour budgets).
+2-hour budgets); its `stage_overrides` add overrides to named stages, so that a study extending another with
+`base:` changes one stage without restating the list.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)
     # an ablation: the tokenizer stage every other one is compared with, paired over the same images (eval.baseline)
     baseline: str = ""
+    # more overrides for named stages, after their own: a study that extends another (`base:`) changes a stage
+    # without restating the list, e.g. {1d: [repa.weight=0]}
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_study(path: Path) -> tuple[StudyConfig, Path]:
@@ -76,6 +80,10 @@ def load_study(path: Path) -> tuple[StudyConfig, Path]:
     check(experiment.is_file(), f"experiment' must name an experiment YAML (looked for {experiment})", study.experiment)
     names = [s.name for s in study.stages]
     check(len(set(names)) == len(names) and all(names), "stages' need unique, non-empty names", names)
+    unknown = [name for name in study.stage_overrides if name not in names]
+    check(not unknown, f"stage_overrides' names no stage {unknown}", list(study.stage_overrides))
+    study = replace(study, stage_overrides={}, stages=[
+        replace(s, overrides=[*s.overrides, *study.stage_overrides.get(s.name, [])]) for s in study.stages])
     for i, s in enumerate(study.stages):
         earlier = names[:i]
         references = stage_needs(s)

@@ -172,6 +172,11 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__}")
         return [_coerce(inner, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+            raise ConfigError(f"{source}: '{key}' must be a mapping with string keys, got {value!r}")
+        return {name: _coerce(inner, v, source, f"{key}.{name}") for name, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{key}' must be true/false, got {value!r}")

@@ -149,6 +149,23 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
     bad.write_text("experiment: exp.yaml\nstages: [{name: t, overrides: ['flextok.autoencoder={kl}']}]\n")
     with pytest.raises(ConfigError, match=r"\['kl'\]"):
         study.load_study(bad)
+    bad.write_text("experiment: exp.yaml\nstages: [{name: t, steps: 5}]\nstage_overrides: {u: [seed=1]}\n")
+    with pytest.raises(ConfigError, match=r"stage_overrides' names no stage \['u'\]"):
+        study.load_study(bad)
+    bad.write_text("experiment: exp.yaml\nstages: [{name: t, steps: 5}]\nstage_overrides: [seed=1]\n")
+    with pytest.raises(ConfigError, match="stage_overrides' must be a mapping"):
+        study.load_study(bad)
+
+
+def test_a_study_that_extends_another_changes_one_stage_with_stage_overrides():
+    fmnist, experiment = study.load_study(ROOT / "configs/study_fmnist.yaml")
+    photos, photos_experiment = study.load_study(ROOT / "configs/study_photos.yaml")
+    assert [s.name for s in photos.stages] == [s.name for s in fmnist.stages] and not photos.stage_overrides
+    changed = [s.name for s, t in zip(fmnist.stages, photos.stages, strict=True) if s.overrides != t.overrides]
+    assert changed == ["1d"]
+    resolved = {s.name: s.resolved(1.0) for s in study.study_stages(photos, photos_experiment, [])[0]}
+    assert resolved["1d"].repa.weight == 0 and resolved["1d"].repa.teacher is None  # after the stage's own REPA
+    assert resolved["1d"].flextok.nested_dropout == "linear" and resolved["1d_set"].repa.weight == 0.5
 
 
 def test_a_stamp_covers_what_differs_from_the_defaults():
