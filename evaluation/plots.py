@@ -303,7 +303,9 @@ def save_codec_examples(result: EvaluationResult, path: Path) -> Path:
                            min_cell=160)
 
 
-TAIL_COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:olive")  # one per tokenizer
+# one per tokenizer: ten, so that an ablation of up to ten rows never draws two rows alike
+TAIL_COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:orange", "tab:cyan",
+                "tab:pink", "tab:gray")
 PRIOR_MARKERS = ("s", "^", "D", "v")  # one per prior of a tokenizer
 
 
