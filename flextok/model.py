@@ -395,9 +395,9 @@ class FlexTokObjective(nn.Module):
         return loss, logs
 
     def _decoder_estimate(self, x0: torch.Tensor, codes: torch.Tensor) -> DecoderEstimate:
-        """The decoder's loss averaged over `prefixes_per_example` copies of the batch, stacked copy after copy,
-        with each row's x̂0 and t."""
-        n = self.model.config.prefixes_per_example
+        """The decoder's loss averaged over `prefixes_per_example` copies of the batch (one for a token set),
+        stacked copy after copy, with each row's x̂0 and t."""
+        n = self.model.config.decoder_rows_per_image
         keep = self._keep_counts(n * len(x0), x0.device)
         cond = self.model.condition(codes.repeat(n, 1, 1), keep)
         return self.model.decoder.estimate(x0.repeat(n, 1, 1), cond, layer=self.repa_layer)

@@ -226,7 +226,7 @@ def _repa_workloads(cfg: TokenizerRunConfig, parts: TokenizerParts) -> list[Work
     if cfg.tokenizer == "grid":
         rows = {"latents": m.grid_size**2}
     else:
-        rows = {"decoder": cfg.flextok.prefixes_per_example * m.grid**2, "encoder": m.grid**2}
+        rows = {"decoder": cfg.flextok.decoder_rows_per_image * m.grid**2, "encoder": m.grid**2}
     for name, projector in alignment.projectors.items():
         work.append(conv_workload(f"REPA projector ({name})", projector, (rows[name], alignment.widths[name])))
     return work
@@ -260,7 +260,7 @@ def _flextok_workloads(cfg: TokenizerRunConfig, m: nn.Module) -> list[Workload]:
     work.append(transformer_workload("encoder", encoder_w, f.depth, f.dim, f.heads, seq))
     decoder = transformer_workload(f"decoder ({f.decoder})", per_token_weights(m.decoder), f.decoder_depth,
                                    f.decoder_dim, f.decoder_heads, seq)
-    n = f.prefixes_per_example
+    n = f.decoder_rows_per_image
     if n > 1:  # n decoder rows per image: its passes and kept activations n-fold
         decoder = dataclasses.replace(decoder, name=f"{decoder.name} x {n} prefixes per image",
                                       passes=n * decoder.passes, activations=n * decoder.activations,
@@ -279,7 +279,7 @@ def _flextok_term_workloads(cfg: TokenizerRunConfig, parts: TokenizerParts) -> l
     from .joint_prior import JointPrior
 
     m, f, res, work = parts.model, cfg.flextok, cfg.data.resolution, []
-    n = f.prefixes_per_example
+    n = f.decoder_rows_per_image
     if cfg.pixel_loss.weight > 0 and m.autoencoder is not None:
         ae, side = m.autoencoder, m.autoencoder.grid_size
         probe = conv_workload("autoencoder decode (frozen, pixel_loss)", ae.decoder,

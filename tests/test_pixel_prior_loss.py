@@ -31,6 +31,7 @@ from grid.schema import GridConfig, QuantizerConfig
 
 SMALL = dict(input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2, decoder_dim=32,
              decoder_depth=1, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]), nested_dropout="uniform",
+             prefixes_per_example=1,
              sampling=SamplingConfig(steps=2))
 TINY_AE = GridConfig(downsample=4, latent_channels=4, channels=8, num_res_blocks=0)  # a 4x4 latent grid at 16px
 PRIOR = dict(dim=32, depth=1, heads=2)

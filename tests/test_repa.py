@@ -31,6 +31,7 @@ import train_tokenizer  # noqa: E402
 # 16x16 pixels in 4x4 patches: a 4x4 patch grid, like a teacher at f4; three decoder blocks (REPA: block 1)
 SMALL = dict(input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2, decoder_dim=32,
              decoder_depth=3, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]), nested_dropout="uniform",
+             prefixes_per_example=1,
              sampling=SamplingConfig(steps=2))
 
 

@@ -30,6 +30,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 R = 32
 SMALL = dict(input="pixels", patch_size=4, num_registers=8, dim=32, depth=1, heads=2, decoder_dim=32,
              decoder_depth=1, decoder_heads=2, quantizer=QuantizerConfig(fsq_levels=[5, 3]), nested_dropout="uniform",
+             prefixes_per_example=1,
              sampling=SamplingConfig(steps=2))
 
 
@@ -147,6 +148,14 @@ def test_prefixes_per_example_share_one_encoder_pass():
     loss.backward()
     grad = sum(p.grad.abs().sum().item() for p in model.encoder.parameters() if p.grad is not None)
     assert grad > 0
+
+
+def test_a_token_set_decodes_one_row_per_image_whatever_prefixes_per_example():
+    model, images = tokenizer(prefixes_per_example=3, token_set=True), images16(4)
+    rows = []
+    model.decoder.trunk.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    FlexTokObjective(model)(images, 0)
+    assert rows == [4]  # the set has no prefixes to vary: more rows would only repeat the noise draw
 
 
 def test_keep_all_fraction_reaches_the_objective():
@@ -299,11 +308,14 @@ def workloads(config: str, *overrides: str) -> dict[str, object]:
 
 
 def test_the_plan_counts_n_decoder_passes_per_image():
-    one, four = workloads("1d_tiny.yaml"), workloads("1d_tiny.yaml", "flextok.prefixes_per_example=4")
+    one, four = (workloads("1d_tiny.yaml", f"flextok.prefixes_per_example={n}") for n in (1, 4))
     assert four["decoder"].train_flops == 4 * one["decoder"].train_flops
     assert four["decoder"].activations == 4 * one["decoder"].activations
     assert four["decoder"].checkpointed == 4 * one["decoder"].checkpointed
     assert four["encoder"] == one["encoder"]  # one encoder pass serves every prefix
+    # a token set has no prefixes: one decoder row per image whatever the setting
+    sets = (workloads("1d_tiny.yaml", "flextok.token_set=true", f"flextok.prefixes_per_example={n}") for n in (1, 4))
+    assert next(sets)["decoder"] == next(sets)["decoder"] == one["decoder"]
 
 
 def test_the_plan_counts_the_equivariance_decoder_pass():

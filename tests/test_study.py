@@ -173,7 +173,7 @@ def test_a_stamp_covers_what_differs_from_the_defaults():
     cfg = pipeline.load_stage_config(ROOT / "configs/fmnist.yaml", ["tokenizer=flextok"], cls=TokenizerRunConfig)
     found = pipeline.settings(cfg)
     assert found["train"]["lr"] == 4e-3 and found["tokenizer"] == "flextok" and "seed" not in found
-    assert "repa" not in found and "prefixes_per_example" not in found["flextok"]  # sections at their defaults
+    assert "repa" not in found and "keep_all_fraction" not in found["flextok"]  # sections and keys at their defaults
 
     @dataclass
     class Extended(TokenizerRunConfig):
