@@ -47,7 +47,7 @@ class FlexTokConfig:
     # nested dropout's keep-count distribution (`flextok.nested_dropout.KEEP_DISTRIBUTIONS`). The default is the
     # tail schedule the shaping ablation adopted: "linear" (P(k) ~ k) with two prefixes per image gave +1.01 dB
     # at k = 32 on Fashion-MNIST and +0.85 on photographs over "uniform" (paired; docs/shaping.md), which in
-    # turn beat FlexTok's "pow2" on the tail (configs/1d_tiny.yaml); it costs 1.5x the step time and 1-2.7 dB
+    # turn beat FlexTok's "pow2" on the tail (configs/1d_tiny.yaml); it costs 1.5x the step time and 0.4-1.9 dB
     # at k <= 4
     nested_dropout: Literal["uniform", "pow2", "uniform_pow2", "linear"] = "linear"
     keep_all_fraction: float = 0.0  # fraction of the images that keep all R registers instead (tail supervision)
