@@ -131,7 +131,7 @@ def test_a_bad_override_fails_before_any_stage_runs(monkeypatch):
     assert study.main(["--config", str(ROOT / "configs/study_fmnist.yaml"), "train.steps=0"]) == 2
 
 
-def test_a_bad_study_file_names_the_problem(tmp_path):
+def test_a_bad_study_file_names_the_problem(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "study.yaml"
     bad.write_text("experiment: nowhere.yaml\nstages: []\n")
     with pytest.raises(ConfigError, match="experiment"):
@@ -155,6 +155,9 @@ def test_a_bad_study_file_names_the_problem(tmp_path):
     bad.write_text("experiment: exp.yaml\nstages: [{name: t, steps: 5}]\nstage_overrides: [seed=1]\n")
     with pytest.raises(ConfigError, match="stage_overrides' must be a mapping"):
         study.load_study(bad)
+    monkeypatch.chdir(tmp_path)  # study.main moves to the repository root; this puts the test's folder back
+    assert study.main(["--config", str(bad)]) == 2  # from the command line: one line, exit 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
 
 
 def test_a_study_that_extends_another_changes_one_stage_with_stage_overrides():
